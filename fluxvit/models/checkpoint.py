@@ -1,0 +1,164 @@
+"""Checkpoint I/O: the official FluxViT ``.pth`` files and the project's own safetensors files.
+
+Nothing here unpickles arbitrary objects: ``.pth`` files are read with ``torch.load(weights_only=True)``
+and the project's own checkpoints are safetensors with the model config stored as JSON metadata.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Union
+
+import torch
+
+from .fluxvit import FluxViT, FluxViTConfig
+from .pos_embed import resize_pos_grid
+
+__all__ = ["LoadReport", "load_model", "load_official_checkpoint", "read_state_dict", "save_model"]
+
+log = logging.getLogger(__name__)
+_PREFIXES = ("module.", "backbone.", "encoder.")
+CONFIG_KEY = "fluxvit_config"
+
+
+@dataclass
+class LoadReport:
+    """What ``load_official_checkpoint`` did: keys loaded, resized, skipped (shape), missing, unexpected."""
+
+    loaded: list = field(default_factory=list)
+    resized: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    missing: list = field(default_factory=list)
+    unexpected: list = field(default_factory=list)
+
+
+def read_state_dict(path: Union[str, os.PathLike]) -> dict:
+    """Tensors of a ``.safetensors`` or ``.pth``/``.pt``/``.bin`` file (weights only, never pickled objects)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle with non-tensor objects, or a corrupt file
+        raise ValueError(f"cannot read {path} as a weights-only checkpoint: {err}") from err
+
+
+def _unwrap(obj) -> dict:
+    for key in ("model", "module", "state_dict"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            return _unwrap(obj[key])
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"checkpoint holds a {type(obj).__name__}, expected a state dict")
+    out = {}
+    for name, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if name.startswith(prefix):
+                    name, changed = name[len(prefix):], True
+        out[name] = value
+    return out
+
+
+def load_official_checkpoint(model: FluxViT, path_or_state_dict, strict: bool = True) -> LoadReport:
+    """Load released FluxViT weights into ``model``.
+
+    Accepts a path (``.pth``, ``.bin``, ``.safetensors``) or a state dict; weights may sit under ``model``,
+    ``module`` or ``state_dict`` and carry ``module.`` / ``backbone.`` / ``encoder.`` prefixes. A pos-embed
+    stored for another grid is resized to the model's grid (linear in time, bicubic in space).
+
+    With ``strict`` (default) any missing, unexpected or wrongly shaped key raises ``ValueError``; without
+    it, classifier heads of another class count and similar mismatches are skipped and reported.
+    """
+    src = path_or_state_dict
+    if isinstance(src, (str, os.PathLike)):
+        src = read_state_dict(src)
+    state = _unwrap(src)
+    own = model.state_dict()
+    report = LoadReport()
+    to_load = {}
+    for name, value in state.items():
+        if name not in own:
+            report.unexpected.append(name)
+            continue
+        target = own[name]
+        if name == "pos_embed" and value.shape != target.shape and value.shape[-1] == target.shape[-1]:
+            value = _resize_official_pos_embed(value, model)
+            report.resized.append(name)
+        if value.shape != target.shape:
+            report.skipped.append(f"{name}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}")
+            continue
+        to_load[name] = value.to(target.dtype)
+        report.loaded.append(name)
+    report.missing = sorted(set(own) - set(to_load))
+    if strict and (report.missing or report.unexpected or report.skipped):
+        raise ValueError(
+            "checkpoint does not match the model: "
+            f"missing {report.missing[:8]}{'...' if len(report.missing) > 8 else ''}, "
+            f"unexpected {report.unexpected[:8]}, shape mismatches {report.skipped[:8]} "
+            "(pass strict=False to load what fits)"
+        )
+    model.load_state_dict(to_load, strict=False)
+    log.info("loaded %d tensors (%d resized, %d skipped, %d missing, %d unexpected)", len(report.loaded),
+             len(report.resized), len(report.skipped), len(report.missing), len(report.unexpected))
+    return report
+
+
+def _resize_official_pos_embed(value: torch.Tensor, model: FluxViT) -> torch.Tensor:
+    """(1, 1 + T0*S*S, D) -> the model's (1, 1 + T*H*W, D); T0 is guessed as the one leaving a square grid."""
+    D = value.shape[-1]
+    n = value.shape[1] - 1
+    candidates = [t for t in range(1, n + 1) if n % t == 0 and round((n // t) ** 0.5) ** 2 == n // t]
+    if not candidates:
+        raise ValueError(f"cannot infer the grid of a pos_embed with {n} positions")
+    t0 = min(candidates, key=lambda t: abs(t - model.pos_grid[0]))
+    s = round((n // t0) ** 0.5)
+    grid = resize_pos_grid(value[0, 1:].reshape(t0, s, s, D).float(), *model.pos_grid)
+    return torch.cat([value[0, :1].float(), grid.reshape(-1, D)], dim=0)[None].to(value.dtype)
+
+
+def save_model(model: FluxViT, path: Union[str, os.PathLike], metadata: Union[dict, None] = None) -> Path:
+    """Write ``model``'s weights as safetensors with its config embedded; atomic (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {CONFIG_KEY: json.dumps(model.config.to_dict())}
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def read_metadata(path: Union[str, os.PathLike]) -> dict:
+    """The string metadata stored in a safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_model(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu", **overrides) -> FluxViT:
+    """Rebuild a FluxViT saved by ``save_model`` from its file alone (config overrides optional,
+    e.g. ``drop_path_rate`` or ``attn_backend``)."""
+    meta = read_metadata(path)
+    if CONFIG_KEY not in meta:
+        raise ValueError(f"{path} has no embedded FluxViT config; was it written by fluxvit.models.save_model?")
+    cfg = json.loads(meta[CONFIG_KEY])
+    cfg.update(overrides)
+    model = FluxViT(FluxViTConfig(**cfg))
+    state = read_state_dict(path)
+    model.load_state_dict(state, strict=True)
+    return model.to(map_location)

@@ -1,0 +1,248 @@
+"""FluxViT building blocks, written for packed token sequences.
+
+All token tensors here are packed: (N_total, dim) with ``cu_seqlens`` (num_seqs + 1,) marking where each
+sequence (one clip's kept tokens, cls first) starts. Parameter names and shapes follow the official release
+so that its checkpoints load without renaming (see ``fluxvit.models.checkpoint``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import varlen_attention
+
+__all__ = [
+    "AlignDecoder",
+    "Attention",
+    "AttentionPoolingHead",
+    "Block",
+    "ChannelAffine",
+    "DualNormPatchEmbed",
+    "LayerScale",
+    "Mlp",
+    "RMSNorm",
+    "packed_drop_path",
+    "segment_ids",
+]
+
+
+def segment_ids(cu_seqlens: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """(N_total,) int64 index of the sequence each packed token belongs to."""
+    lengths = torch.diff(cu_seqlens).to(torch.int64)
+    return torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths, output_size=total)
+
+
+def packed_drop_path(x: torch.Tensor, seg: torch.Tensor, num_seqs: int, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth per sequence (= per sample) on packed tokens x (N, D); seg (N,) from ``segment_ids``."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(num_seqs).bernoulli_(1.0 - p).div_(1.0 - p)
+    return x * keep[seg].unsqueeze(-1)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a weight and no bias, computed in fp32. (..., dim) -> (..., dim)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual scale ``gamma`` (init 1e-5), applied in fp32 as released. (..., dim) -> (..., dim)."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() * self.gamma.float()).to(x.dtype)
+
+
+class ChannelAffine(nn.Module):
+    """Per-channel scale and shift ``x * w + b`` (init 1, 0) stored as the release's depthwise Conv3d k=(1,1,1).
+
+    Used for the global positional encoding (``gpe_proj``) and the local one inside attention (``lpe``).
+    The Conv3d is kept only for its parameter names and shapes: (dim, 1, 1, 1, 1) and (dim,).
+    (..., dim) -> (..., dim).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.depthwise_conv = nn.Conv3d(dim, dim, kernel_size=1, groups=dim)
+        nn.init.ones_(self.depthwise_conv.weight)
+        nn.init.zeros_(self.depthwise_conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.depthwise_conv.weight.view(-1) + self.depthwise_conv.bias
+
+
+class DualNormPatchEmbed(nn.Module):
+    """Dual patch norm (DPN) embedding: RMSNorm on raw patches, linear projection, RMSNorm on embeddings.
+
+    Each 14x14 patch of each frame is flattened in (h, w, c) order (588 values for RGB), normalised by
+    ``norm_before``, projected by ``proj`` (a Conv3d kernel = stride = (1, p, p) in the release, applied
+    here as the equivalent matrix product) and normalised by ``norm``.
+
+    Input (B, C, T, H, W) with H, W multiples of ``patch_size``; output (B, T, H/p * W/p, dim).
+    """
+
+    def __init__(self, patch_size: int = 14, in_chans: int = 3, embed_dim: int = 768):
+        super().__init__()
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=(1, patch_size, patch_size),
+                              stride=(1, patch_size, patch_size))
+        self.norm_before = RMSNorm(patch_size * patch_size * in_chans)
+        self.norm = RMSNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, T, H, W = x.shape
+        p = self.patch_size
+        h, w = H // p, W // p
+        x = x.reshape(B, C, T, h, p, w, p).permute(0, 2, 3, 5, 4, 6, 1).reshape(B, T, h * w, p * p * C)
+        x = self.norm_before(x)
+        # Conv3d weight (dim, C, 1, p, p) -> (dim, p*p*C) in the (hp, wp, c) order of the flattened patches.
+        weight = self.proj.weight.squeeze(2).permute(0, 2, 3, 1).reshape(self.proj.out_channels, -1)
+        x = F.linear(x, weight.to(x.dtype), self.proj.bias.to(x.dtype))
+        return self.norm(x)
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2, both with bias. (..., dim) -> (..., dim)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over packed sequences with qk-norm and local PE (LPE).
+
+    out = proj(softmax(q k^T / sqrt(d)) v + lpe(v)), where q and k are RMS-normed over the full dim before
+    the head split and ``lpe`` is a per-channel affine map of v. (N, dim), cu_seqlens -> (N, dim).
+    """
+
+    def __init__(self, dim: int, num_heads: int, attn_backend: str | None = None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_backend = attn_backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.proj = nn.Linear(dim, dim)
+        self.lpe = ChannelAffine(dim)
+        self.q_norm = RMSNorm(dim)
+        self.k_norm = RMSNorm(dim)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> torch.Tensor:
+        N, D = x.shape
+        q, k, v = self.qkv(x).view(N, 3, D).unbind(1)
+        q, k = self.q_norm(q), self.k_norm(k)
+        heads = (N, self.num_heads, self.head_dim)
+        out = varlen_attention(q.reshape(heads), k.reshape(heads), v.reshape(heads), cu_seqlens,
+                               max_seqlen=max_seqlen, backend=self.attn_backend)
+        return self.proj(out.reshape(N, D) + self.lpe(v))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x += ls1 * Attn(RMSNorm(x)); x += ls2 * MLP(RMSNorm(x)). (N, dim) -> (N, dim)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, init_values: float = 1e-5,
+                 drop_path: float = 0.0, attn_backend: str | None = None):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, num_heads, attn_backend=attn_backend)
+        self.ls1 = LayerScale(dim, init_values)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, init_values)
+        self.drop_path = drop_path
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, seg: torch.Tensor,
+                max_seqlen: int | None = None) -> torch.Tensor:
+        n = len(cu_seqlens) - 1
+        x = x + packed_drop_path(self.ls1(self.attn(self.norm1(x), cu_seqlens, max_seqlen)), seg, n,
+                                 self.drop_path, self.training)
+        return x + packed_drop_path(self.ls2(self.mlp(self.norm2(x))), seg, n, self.drop_path, self.training)
+
+
+class _PoolingCrossAttention(nn.Module):
+    """Single-query cross-attention used by ``AttentionPoolingHead`` (names as released)."""
+
+    def __init__(self, dim: int, num_heads: int, out_dim: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by attn_pool_num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.k_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, out_dim)
+
+
+class AttentionPoolingHead(nn.Module):
+    """Attention pooling with one query per sequence: the mean of all its tokens (cls included).
+
+    Separate LayerNorms on the q, k and v inputs, bias-free q/k/v projections plus learned biases,
+    ``num_heads`` heads, output projection to ``out_dim``; no residual, no MLP.
+    (N, dim), cu_seqlens -> (num_seqs, out_dim).
+    """
+
+    def __init__(self, dim: int, num_heads: int, out_dim: int):
+        super().__init__()
+        self.norm1_q = nn.LayerNorm(dim, eps=1e-5)
+        self.norm1_k = nn.LayerNorm(dim, eps=1e-5)
+        self.norm1_v = nn.LayerNorm(dim, eps=1e-5)
+        self.cross_attn = _PoolingCrossAttention(dim, num_heads, out_dim)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        ca = self.cross_attn
+        S, (N, D) = len(cu_seqlens) - 1, x.shape
+        H = ca.num_heads
+        counts = torch.diff(cu_seqlens).to(x.dtype).unsqueeze(-1)
+        mean = x.new_zeros(S, D).index_add_(0, seg, x) / counts
+        q = F.linear(self.norm1_q(mean), ca.q.weight, ca.q_bias).view(S, H, -1)
+        k = F.linear(self.norm1_k(x), ca.k.weight, ca.k_bias).view(N, H, -1)
+        v = F.linear(self.norm1_v(x), ca.v.weight, ca.v_bias).view(N, H, -1)
+        logits = (q[seg] * k).sum(-1).float() * ca.scale  # (N, H)
+        seg_h = seg.unsqueeze(-1).expand(N, H)
+        peak = logits.new_full((S, H), -math.inf).scatter_reduce(0, seg_h, logits, "amax", include_self=True)
+        weights = torch.exp(logits - peak[seg])
+        denom = logits.new_zeros(S, H).index_add_(0, seg, weights)
+        weights = (weights / denom[seg]).to(v.dtype)
+        pooled = v.new_zeros(S, H, v.shape[-1]).index_add_(0, seg, weights.unsqueeze(-1) * v)
+        return ca.proj(pooled.reshape(S, D))
+
+
+class AlignDecoder(nn.Module):
+    """Alignment decoder of a pooled feature: Linear -> LayerNorm -> L2 normalise. (B, dim) -> (B, dim)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.head = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.head(x))
+        return x / x.norm(dim=-1, keepdim=True)
