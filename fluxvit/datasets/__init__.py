@@ -1,0 +1,36 @@
+"""Video data pipeline: WebDataset shards, decoding, Flux sampling grids, augmentation, synthetic corpus.
+
+Typical use (the training stages)::
+
+    from fluxvit.datasets import DataConfig, FluxGrid, build_video_loader, stats
+
+    cfg = DataConfig(shards="data/synth/train/{00000..00007}.tar", grid=FluxGrid.preset("distill"))
+    loader = build_video_loader(cfg)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:          # batch["video"]: (B, 3, T, H, W) float, or a list when shapes differ
+            ...
+        log(stats().as_dict())        # delivered / skipped samples, shard errors
+
+Modules: :mod:`.shards` (spec syntax, tar reading/writing), :mod:`.decoders` (decord / PyAV / torchcodec),
+:mod:`.sampling` (frame indices), :mod:`.transforms` (crops, eval views), :mod:`.grid` (Flux),
+:mod:`.loader` (streaming, resume), :mod:`.synth` (synthetic corpus), :mod:`.cli` (``fluxvit-data``).
+decord, torchcodec and PyAV are imported only when a video is decoded.
+"""
+from .config import DataConfig
+from .decoders import BACKENDS, DecodeError, available_backends, decode_clips, open_video
+from .grid import FluxGrid
+from .loader import (DataStats, VideoLoader, build_video_loader, collate_videos, loader_state, process_sample,
+                     stats)
+from .sampling import multi_clip_indices, sample_middle_indices, sample_tsn_indices
+from .shards import ShardWriter, parse_shard_spec
+from .transforms import (EvalTransform, MultiScaleCrop, RandomResizedCrop, VideoTransform, center_crop_box,
+                         three_crop_boxes)
+
+__all__ = [
+    "BACKENDS", "DataConfig", "DataStats", "DecodeError", "EvalTransform", "FluxGrid", "MultiScaleCrop",
+    "RandomResizedCrop", "ShardWriter", "VideoLoader", "VideoTransform", "available_backends", "build_video_loader",
+    "center_crop_box", "collate_videos", "decode_clips", "loader_state", "multi_clip_indices", "open_video",
+    "parse_shard_spec", "process_sample", "sample_middle_indices", "sample_tsn_indices", "stats",
+    "three_crop_boxes",
+]

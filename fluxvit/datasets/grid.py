@@ -1,0 +1,78 @@
+"""Flux: the flexible sampling grid of frame counts and resolutions (FLUXVIT.md section 3).
+
+Flux draws a frame count ``F`` and a square resolution ``R`` at random and keeps only pairs whose token count
+``F * (R // patch_size) ** 2`` lies inside a threshold ``(lo, hi)``. The release draws one ``(F, R)`` per per-GPU
+batch; packed batches may draw one per sample (``per_sample_grid`` in :class:`~fluxvit.datasets.DataConfig`).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+__all__ = ["FluxGrid"]
+
+
+def _as_tuple(values: Iterable[int]) -> tuple[int, ...]:
+    out = tuple(int(v) for v in values)
+    if not out:
+        raise ValueError("FluxGrid needs at least one frame count and one resolution")
+    return out
+
+
+@dataclass(frozen=True)
+class FluxGrid:
+    """A set of frame counts and resolutions filtered by a token threshold.
+
+    Args:
+        frames: candidate frame counts ``F`` (a ``range`` or list).
+        resolutions: candidate square resolutions ``R`` in pixels (multiples of ``patch_size`` in practice).
+        threshold: ``(lo, hi)``; a pair is valid when ``lo <= F * (R // patch_size) ** 2 <= hi``.
+        patch_size: spatial patch size (14 for FluxViT).
+
+    ``sample(rng)`` draws uniformly over :meth:`valid_pairs`, so every valid pair has probability ``1 / len(pairs)``.
+    """
+
+    frames: Sequence[int] = field(default=tuple(range(4, 25, 2)))
+    resolutions: Sequence[int] = field(default=tuple(range(168, 253, 28)))
+    threshold: tuple[int, int] = (2048, 4096)
+    patch_size: int = 14
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "frames", _as_tuple(self.frames))
+        object.__setattr__(self, "resolutions", _as_tuple(self.resolutions))
+        lo, hi = (int(v) for v in self.threshold)
+        if lo > hi:
+            raise ValueError(f"FluxGrid threshold lo > hi: {self.threshold}")
+        object.__setattr__(self, "threshold", (lo, hi))
+        if not self.valid_pairs():
+            raise ValueError(f"FluxGrid has no (frames, resolution) pair inside threshold {self.threshold}: {self}")
+
+    def tokens(self, frames: int, resolution: int) -> int:
+        """Number of patch tokens of a ``(frames, resolution)`` clip (cls excluded): ``F * (R // p) ** 2``."""
+        return int(frames) * (int(resolution) // self.patch_size) ** 2
+
+    def valid_pairs(self) -> list[tuple[int, int]]:
+        """All ``(F, R)`` pairs whose token count lies inside ``threshold`` (inclusive), sorted."""
+        lo, hi = self.threshold
+        return [(f, r) for f in sorted(set(self.frames)) for r in sorted(set(self.resolutions))
+                if lo <= self.tokens(f, r) <= hi]
+
+    def sample(self, rng: random.Random | None = None) -> tuple[int, int]:
+        """Draw one valid ``(F, R)`` uniformly; ``rng`` is a :class:`random.Random` (module RNG when ``None``)."""
+        pairs = self.valid_pairs()
+        return (rng or random).choice(pairs)
+
+    @classmethod
+    def preset(cls, name: str) -> "FluxGrid":
+        """The grids of the three stages (FLUXVIT.md section 3): ``distill``, ``videotext``, ``finetune``."""
+        presets = {
+            # Stage 1: the paper gives the grid; the threshold is assumed equal to stage 2's.
+            "distill": dict(frames=range(4, 25, 2), resolutions=range(168, 253, 28), threshold=(2048, 4096)),
+            "videotext": dict(frames=range(4, 25, 2), resolutions=range(168, 253, 28), threshold=(2048, 4096)),
+            # The public finetuning release.
+            "finetune": dict(frames=range(6, 25, 2), resolutions=range(112, 337, 28), threshold=(2048, 6144)),
+        }
+        if name not in presets:
+            raise KeyError(f"unknown FluxGrid preset {name!r}; choose from {sorted(presets)}")
+        return cls(**presets[name])

@@ -1,0 +1,424 @@
+"""Streaming video loader over WebDataset shards: split, shuffle, decode, Flux-sample, augment, batch.
+
+Data flow per rank and DataLoader worker (one *stream*)::
+
+    shard list --(epoch-seeded shuffle, split by node then by worker | or weighted resampling)-->
+    tar samples --(shuffle buffer)--> decode + frame sampling + crop/resize --(batch, one Flux (T, H) per batch)-->
+
+Batching happens inside the worker because the Flux grid draws one ``(T, H)`` per batch (as released): every
+clip of a batch is decoded at that frame count and resized to that resolution. A sample that cannot be read is
+logged (rate-limited), counted and skipped; the counts travel with the batches to the main process, where
+:func:`stats` and :attr:`VideoLoader.stats` expose them to the training loop.
+
+**Resume bound.** :meth:`VideoLoader.state_dict` records ``(epoch, samples_seen)``. On restore every stream
+skips the samples it had delivered: whole shards whose size is known from ``sizes.json`` are not opened, the
+rest of a partial shard is read without decoding. Because a stream reads ``shuffle_buffer`` samples ahead of
+what it delivers, a restored run repeats at most ``shuffle_buffer`` samples and never sees at most
+``shuffle_buffer`` samples, per stream (``world_size * num_workers`` streams), plus the samples that failed to
+decode before the save. This holds while no stream runs out of shards before the others (always true in
+resampled mode, and with equal shard counts per worker otherwise).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .config import DataConfig
+from .decoders import DecodeError, clean_reason, decode_clips
+from .shards import TruncatedShard, VIDEO_EXTENSIONS, iter_tar_samples, open_shard, parse_shard_spec, shard_sizes
+from .transforms import EvalTransform, VideoTransform
+
+__all__ = [
+    "DataStats", "SampleError", "VideoShardDataset", "VideoLoader", "build_video_loader", "collate_videos",
+    "loader_state", "process_sample", "stats",
+]
+
+log = logging.getLogger(__name__)
+
+
+class SampleError(Exception):
+    """A sample was skipped; ``str(err)`` is the reason."""
+
+
+@dataclass
+class DataStats:
+    """Counters the training loop logs: delivered and skipped samples, shard errors, skip reasons."""
+
+    samples: int = 0
+    skipped: int = 0
+    shard_errors: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    recent: deque = field(default_factory=lambda: deque(maxlen=32))  # (key, reason) of the last skips
+
+    def update(self, report: dict) -> None:
+        """Merge a per-batch report ``{"samples", "skipped": {reason: n}, "shard_errors", "keys"}``."""
+        self.samples += int(report.get("samples", 0))
+        for reason, n in report.get("skipped", {}).items():
+            self.skipped += n
+            self.reasons[reason] += n
+        self.shard_errors += int(report.get("shard_errors", 0))
+        self.recent.extend(report.get("keys", ()))
+
+    def as_dict(self, prefix: str = "data/") -> dict[str, int]:
+        """Flat scalars for a tracker: ``{prefix+"samples", prefix+"skipped", prefix+"shard_errors"}``."""
+        return {f"{prefix}samples": self.samples, f"{prefix}skipped": self.skipped,
+                f"{prefix}shard_errors": self.shard_errors}
+
+
+_STATS = DataStats()
+
+
+def stats() -> DataStats:
+    """Process-wide counters summed over every :class:`VideoLoader` iterated in this process."""
+    return _STATS
+
+
+class _RateLimitedLog:
+    """Log the first ``burst`` skips, then at most one line per ``interval`` seconds with the count in between."""
+
+    def __init__(self, burst: int = 5, interval: float = 30.0) -> None:
+        self.burst, self.interval = burst, interval
+        self.count, self.suppressed, self.last = 0, 0, 0.0
+
+    def __call__(self, msg: str, *args: Any) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if self.count <= self.burst or now - self.last >= self.interval:
+            extra = f" ({self.suppressed} more skipped since the last message)" if self.suppressed else ""
+            log.warning(msg + extra, *args)
+            self.last, self.suppressed = now, 0
+        else:
+            self.suppressed += 1
+
+
+def _caption(sample: dict, meta: dict, rng: random.Random, train: bool) -> str:
+    if "txt" in sample:
+        return sample["txt"].decode("utf-8", "replace").strip()
+    cap = meta.get("caption", "")
+    if isinstance(cap, list):
+        cap = (rng.choice(cap) if train else cap[0]) if cap else ""
+    return str(cap or "")
+
+
+def _label(sample: dict, meta: dict) -> int:
+    for raw in (sample.get("cls"), meta.get("label")):
+        if raw is None:
+            continue
+        try:
+            return int(raw.decode().strip() if isinstance(raw, bytes) else raw)
+        except (ValueError, TypeError):
+            continue
+    return -1
+
+
+def process_sample(sample: dict, cfg: DataConfig, *, num_frames: int, size: int, rng: random.Random,
+                   flip_allowed: bool = True) -> dict:
+    """Turn one raw tar sample into a training / evaluation example.
+
+    Args:
+        sample: ``{"__key__", ext: bytes}`` from :func:`~fluxvit.datasets.shards.iter_tar_samples`.
+        cfg: decoder, mode and augmentation settings.
+        num_frames: frames ``T``; size: output side ``S``.
+        rng: randomness for frame sampling, crops, flips and caption choice.
+        flip_allowed: whether this sample's source may be flipped.
+
+    Returns:
+        ``{"video", "caption", "label", "key"}``; ``video`` is ``(3, T, S, S)`` float, or ``(V, 3, T, S, S)`` in
+        evaluation with ``eval_clips * eval_crops = V > 1`` views (clip-major).
+
+    Raises:
+        SampleError: no video member, empty or undecodable video.
+    """
+    ext = next((e for e in VIDEO_EXTENSIONS if e in sample), None)
+    if ext is None:
+        raise SampleError("no video")
+    data = sample[ext]
+    if not data:
+        raise SampleError("empty video")
+    meta: dict = {}
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+            meta = meta if isinstance(meta, dict) else {}
+        except ValueError:
+            meta = {}
+    try:
+        if cfg.train:
+            clips = decode_clips(data, num_frames, backend=cfg.decoder, sampling="tsn", rng=rng,
+                                 num_threads=cfg.decoder_threads)
+            video = VideoTransform(cfg.crop, cfg.flip, cfg.normalize, cfg.antialias)(clips[0], size, rng, flip_allowed)
+        else:
+            clips = decode_clips(data, num_frames, backend=cfg.decoder, sampling="middle", num_clips=cfg.eval_clips,
+                                 num_threads=cfg.decoder_threads)
+            views = EvalTransform(cfg.eval_crops, cfg.normalize)
+            out = [v for clip in clips for v in views(clip, size)]
+            video = out[0] if len(out) == 1 else torch.stack(out)
+    except DecodeError as exc:
+        raise SampleError(f"decode error: {exc}") from None
+    except (ValueError, RuntimeError) as exc:
+        raise SampleError(f"decode error: {clean_reason(exc)}") from None
+    return {"video": video, "caption": _caption(sample, meta, rng, cfg.train), "label": _label(sample, meta),
+            "key": sample["__key__"]}
+
+
+def collate_videos(examples: list[dict]) -> dict:
+    """Batch examples: ``video`` stacks to ``(B, 3, T, H, W)`` (or ``(B, V, 3, T, H, W)``) when all shapes agree,
+    otherwise stays a list of ``B`` tensors (the packed input the model accepts); ``caption`` list[str],
+    ``label`` LongTensor ``(B,)`` (-1 = none), ``key`` list[str]."""
+    videos = [e["video"] for e in examples]
+    same = all(v.shape == videos[0].shape for v in videos)
+    return {
+        "video": torch.stack(videos) if same else videos,
+        "caption": [e["caption"] for e in examples],
+        "label": torch.tensor([e["label"] for e in examples], dtype=torch.long),
+        "key": [e["key"] for e in examples],
+    }
+
+
+def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _worker_batches_delivered(batches_per_rank: int, worker: int, num_workers: int) -> int:
+    """Batches worker ``worker`` delivered when its rank consumed ``batches_per_rank`` (DataLoader round-robin)."""
+    return max(0, math.ceil((batches_per_rank - worker) / num_workers))
+
+
+class VideoShardDataset(IterableDataset):
+    """An iterable of ready batches (dicts from :func:`collate_videos`) for one rank; see the module docstring.
+
+    Set :attr:`epoch` and :attr:`resume_samples` before each iteration (the :class:`VideoLoader` does it).
+    """
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__()
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.sources = parse_shard_spec(cfg.shards)
+        self.urls = [u for s in self.sources for u in s.urls]
+        self._flip_of = {u: s.flip for s in self.sources for u in s.urls}
+        self.sizes = shard_sizes(self.urls) or {}
+        self.epoch_size = cfg.epoch_size
+        if self.epoch_size is None and len(self.sizes) == len(self.urls):
+            self.epoch_size = sum(self.sizes.values())
+        if cfg.resampled and self.epoch_size is None:
+            raise ValueError("resampled mode needs epoch_size (no sizes.json beside the shards)")
+        if not cfg.resampled and any(s.weight != 1.0 for s in self.sources):
+            log.warning("shard weights apply in resampled mode only; reading every shard once per epoch")
+        self.epoch = 0
+        self.resume_samples = 0
+
+    # -- sizes ---------------------------------------------------------------------------------------------------
+    def num_workers(self) -> int:
+        return max(1, self.cfg.num_workers)
+
+    def batches_per_worker(self) -> int | None:
+        """Batch quota of every stream in training (``ceil(epoch_size / (B * world)) / workers``), else ``None``."""
+        if not self.cfg.train or self.epoch_size is None:
+            return None
+        per_rank = math.ceil(self.epoch_size / (self.cfg.batch_size * self.world_size))
+        return math.ceil(per_rank / self.num_workers())
+
+    # -- streams -------------------------------------------------------------------------------------------------
+    def stream_shards(self, worker: int, num_workers: int) -> Iterator[str]:
+        """Shard URLs of stream ``(rank, worker)`` for the current epoch (infinite in resampled mode)."""
+        cfg = self.cfg
+        if cfg.resampled:
+            rng = random.Random(f"shards:{cfg.seed}:{self.epoch}:{self.rank}:{worker}")
+            weights = [s.weight for s in self.sources]
+            while True:
+                source = rng.choices(self.sources, weights)[0]
+                yield rng.choice(source.urls)
+        urls = list(self.urls)
+        if cfg.train:
+            random.Random(f"order:{cfg.seed}:{self.epoch}").shuffle(urls)  # identical on every rank
+        node = urls[self.rank::self.world_size]
+        yield from node[worker::num_workers]
+
+    def stream_samples(self, worker: int, num_workers: int, skip: int, report: dict) -> Iterator[dict]:
+        """Raw samples of one stream, skipping the first ``skip`` (whole shards unopened when sizes are known)."""
+        for url in self.stream_shards(worker, num_workers):
+            size = self.sizes.get(url)
+            if skip and size is not None and size <= skip:
+                skip -= size
+                continue
+            try:
+                with open_shard(url) as stream:
+                    for sample in iter_tar_samples(stream, url, skip=skip):
+                        sample["__flip__"] = self._flip_of.get(url, True)
+                        yield sample
+                skip = 0
+            except TruncatedShard as exc:
+                skip = 0
+                report["shard_errors"] += 1
+                report["keys"].append((url, "truncated shard"))
+                log.warning("truncated or corrupt shard, continuing with the next: %s", clean_reason(str(exc), 300))
+            except OSError as exc:
+                skip = 0
+                report["shard_errors"] += 1
+                report["keys"].append((url, clean_reason(exc)))
+                log.warning("cannot open shard %s: %s", url, clean_reason(exc))
+
+    @staticmethod
+    def _shuffle(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+        if size <= 1:
+            yield from samples
+            return
+        buf: list[dict] = []
+        for sample in samples:
+            if len(buf) < size:
+                buf.append(sample)
+                continue
+            k = rng.randrange(size)
+            out, buf[k] = buf[k], sample
+            yield out
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self) -> Iterator[dict]:
+        cfg = self.cfg
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if not cfg.resampled and len(self.urls) < self.world_size * num_workers and worker == 0 and self.rank == 0:
+            log.warning("%d shards for %d ranks x %d workers: some streams get no shard", len(self.urls),
+                        self.world_size, num_workers)
+        tag = f"{cfg.seed}:{self.epoch}:{self.rank}:{worker}"
+        sample_rng, grid_rng = random.Random(f"sample:{tag}"), random.Random(f"grid:{tag}")
+        shuffle_rng = random.Random(f"shuffle:{tag}")
+        delivered = _worker_batches_delivered(self.resume_samples // (cfg.batch_size * self.world_size), worker,
+                                              num_workers)
+        quota = self.batches_per_worker()
+        if quota is not None:
+            quota = max(0, quota - delivered)
+        report = {"samples": 0, "skipped": Counter(), "shard_errors": 0, "keys": []}
+        samples = self.stream_samples(worker, num_workers, delivered * cfg.batch_size, report)
+        if cfg.train:
+            samples = self._shuffle(samples, cfg.shuffle_buffer, shuffle_rng)
+        skip_log = _RateLimitedLog()
+        made = 0
+        while quota is None or made < quota:
+            frames, size = cfg.num_frames, cfg.img_size
+            if cfg.grid is not None and not cfg.per_sample_grid:
+                frames, size = cfg.grid.sample(grid_rng)
+            batch: list[dict] = []
+            for sample in samples:
+                if cfg.grid is not None and cfg.per_sample_grid:
+                    frames, size = cfg.grid.sample(grid_rng)
+                try:
+                    batch.append(process_sample(sample, cfg, num_frames=frames, size=size, rng=sample_rng,
+                                                flip_allowed=sample["__flip__"]))
+                except SampleError as exc:
+                    reason = str(exc)
+                    report["skipped"][reason.split(":")[0]] += 1
+                    report["keys"].append((sample["__key__"], reason))
+                    skip_log("skipped sample %s (%s): %s", sample["__key__"], sample.get("__url__", ""), reason)
+                    continue
+                if len(batch) == cfg.batch_size:
+                    break
+            if not batch or (len(batch) < cfg.batch_size and cfg.train):
+                break  # stream exhausted; training drops the last partial batch
+            out = collate_videos(batch)
+            report["samples"] = len(batch)
+            out["_report"] = {**report, "skipped": dict(report["skipped"]), "keys": report["keys"][-32:]}
+            report = {"samples": 0, "skipped": Counter(), "shard_errors": 0, "keys": []}
+            made += 1
+            yield out
+            if len(batch) < cfg.batch_size:
+                break
+        if report["skipped"] or report["shard_errors"]:  # skips after the last batch still reach the counters
+            yield {"_report": {**report, "skipped": dict(report["skipped"]), "keys": report["keys"][-32:]}}
+
+
+def loader_state(epoch: int, samples_seen: int) -> dict[str, int]:
+    """The data position a checkpoint stores: ``{"epoch", "samples_seen"}`` (samples over all ranks this epoch)."""
+    return {"epoch": int(epoch), "samples_seen": int(samples_seen)}
+
+
+class VideoLoader:
+    """The iterable :func:`build_video_loader` returns: a DataLoader over :class:`VideoShardDataset` plus epoch,
+    resume and statistics handling.
+
+    Iterating yields batches ``{"video": (B, 3, T, H, W) float | list[(3, T_i, H_i, W_i)], "caption": list[str],
+    "label": LongTensor (B,), "key": list[str]}``.
+
+    * ``set_epoch(e)`` before each epoch: shard order, shuffles and draws are seeded by ``(seed, e)``.
+    * ``state_dict()`` / ``load_state_dict(sd)``: ``{"epoch", "samples_seen"}``; the next iteration resumes there.
+    * ``stats`` (this loader) and :func:`stats` (process-wide): delivered / skipped samples and skip reasons.
+    """
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1) -> None:
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.dataset = VideoShardDataset(cfg, rank, world_size)
+        self.stats = DataStats()
+        self.epoch = 0
+        self.samples_seen = 0
+
+    @property
+    def num_batches(self) -> int | None:
+        """Batches per epoch on this rank in training (``None`` when the epoch length is unknown)."""
+        per_worker = self.dataset.batches_per_worker()
+        return None if per_worker is None else per_worker * self.dataset.num_workers()
+
+    @property
+    def num_samples(self) -> int | None:
+        """Samples per epoch over all ranks (``epoch_size`` or ``sizes.json``), ``None`` when unknown."""
+        return self.dataset.epoch_size
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("loader length unknown: set DataConfig.epoch_size or provide sizes.json")
+        return self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` from its beginning at the next iteration."""
+        self.epoch, self.samples_seen = int(epoch), 0
+
+    def state_dict(self) -> dict[str, int]:
+        """Current data position, see :func:`loader_state`."""
+        return loader_state(self.epoch, self.samples_seen)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at ``state`` (from :meth:`state_dict`) at the next iteration; see the module docstring's bound."""
+        self.epoch, self.samples_seen = int(state["epoch"]), int(state["samples_seen"])
+
+    def _dataloader(self) -> DataLoader:
+        cfg = self.cfg
+        self.dataset.epoch, self.dataset.resume_samples = self.epoch, self.samples_seen
+        kwargs: dict[str, Any] = {}
+        if cfg.num_workers > 0:
+            kwargs.update(prefetch_factor=cfg.prefetch_factor, persistent_workers=False)
+        return DataLoader(self.dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
+                          **kwargs)
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self._dataloader():
+            report = batch.pop("_report", None)
+            if report is not None:
+                self.stats.update(report)
+                _STATS.update(report)
+            if "video" not in batch:
+                continue
+            self.samples_seen += self.cfg.batch_size * self.world_size
+            yield batch
+
+
+def build_video_loader(cfg: DataConfig, *, rank: int | None = None, world_size: int | None = None) -> VideoLoader:
+    """Build the loader of one rank. ``rank`` / ``world_size`` default to torch.distributed, then the
+    ``RANK`` / ``WORLD_SIZE`` environment variables, then 0 / 1. See :class:`VideoLoader`."""
+    rank, world_size = _dist_info(rank, world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    return VideoLoader(cfg, rank, world_size)

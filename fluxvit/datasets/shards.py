@@ -1,0 +1,252 @@
+"""WebDataset shards: source specs, ``sizes.json``, streaming tar reading (truncation-safe) and writing.
+
+Shard spec syntax (``DataConfig.shards``)::
+
+    SOURCE[::WEIGHT][::noflip] [; SOURCE[::WEIGHT][::noflip] ...]
+
+* ``SOURCE`` is a local path, a ``pipe:COMMAND`` (its stdout is read) or a URL webdataset's ``gopen`` understands,
+  with brace ranges: ``data/k400/{00000..00099}.tar``. Several brace groups and comma lists ``{a,b}`` work.
+* ``WEIGHT`` (float, default 1) is the source's share of the samples drawn in resampled mode.
+* ``noflip`` turns horizontal flipping off for that source (direction-sensitive data such as SSv2).
+* Sources are separated by ``;`` (so a ``pipe:`` command cannot contain ``;``).
+
+Samples are read in the video2dataset layout: members ``KEY.mp4`` (or another video extension), ``KEY.txt``,
+``KEY.json`` and optional ``KEY.cls``, grouped by key in tar order. ``sizes.json`` beside the shards maps shard
+basenames to sample counts (open_clip convention); video2dataset's ``NNNNN_stats.json`` is the fallback.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterator
+
+from braceexpand import braceexpand
+
+__all__ = [
+    "ShardSource", "parse_shard_spec", "expand_urls", "shard_sizes", "open_shard", "iter_tar_samples",
+    "TruncatedShard", "ShardWriter", "VIDEO_EXTENSIONS",
+]
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v", "gif")
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """One source of a shard spec: expanded ``urls``, sampling ``weight``, whether ``flip`` is allowed."""
+
+    urls: tuple[str, ...]
+    weight: float = 1.0
+    flip: bool = True
+    spec: str = ""
+
+
+def expand_urls(pattern: str) -> list[str]:
+    """Brace-expand one shard pattern (``a/{000..009}.tar`` -> 10 paths)."""
+    return [u for u in braceexpand(pattern.strip()) if u]
+
+
+def parse_shard_spec(spec: str) -> list[ShardSource]:
+    """Parse ``SOURCE[::WEIGHT][::noflip];...`` (see module docstring) into :class:`ShardSource` objects.
+
+    Raises:
+        ValueError: empty spec, bad weight or unknown option.
+    """
+    sources = []
+    for part in (p.strip() for p in str(spec).split(";")):
+        if not part:
+            continue
+        pattern, *options = part.split("::")
+        weight, flip = 1.0, True
+        for opt in (o.strip() for o in options):
+            if opt == "noflip":
+                flip = False
+            else:
+                try:
+                    weight = float(opt)
+                except ValueError:
+                    raise ValueError(f"bad shard option {opt!r} in {part!r}: expected a weight or 'noflip'") from None
+                if weight <= 0:
+                    raise ValueError(f"shard weight must be > 0, got {weight} in {part!r}")
+        urls = expand_urls(pattern)
+        if not urls:
+            raise ValueError(f"shard pattern {pattern!r} expands to nothing")
+        sources.append(ShardSource(tuple(urls), weight, flip, part))
+    if not sources:
+        raise ValueError("empty shard spec")
+    return sources
+
+
+def _local_path(url: str) -> str | None:
+    if url.startswith("file:"):
+        return url[5:]
+    if "://" in url or url.startswith("pipe:"):
+        return None
+    return url
+
+
+def shard_sizes(urls: list[str]) -> dict[str, int] | None:
+    """Sample count of every shard, from ``sizes.json`` (or ``NNNNN_stats.json``) beside it; ``None`` if unknown."""
+    cache: dict[str, dict] = {}
+    out: dict[str, int] = {}
+    for url in urls:
+        path = _local_path(url)
+        if path is None:
+            return None
+        folder, name = os.path.split(path)
+        if folder not in cache:
+            sizes_file = os.path.join(folder or ".", "sizes.json")
+            try:
+                with open(sizes_file) as f:
+                    cache[folder] = json.load(f)
+            except (OSError, ValueError):
+                cache[folder] = {}
+        if name in cache[folder]:
+            out[url] = int(cache[folder][name])
+            continue
+        stats = os.path.join(folder or ".", name.split(".")[0] + "_stats.json")
+        try:
+            with open(stats) as f:
+                out[url] = int(json.load(f)["successes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return out
+
+
+def open_shard(url: str) -> IO[bytes]:
+    """Open a shard for streaming: local file, ``pipe:`` command or URL (via webdataset's ``gopen``)."""
+    path = _local_path(url)
+    if path is not None:
+        return open(path, "rb")
+    from webdataset.gopen import gopen  # handles pipe:, http(s) via curl, ...
+
+    return gopen(url, "rb")
+
+
+class TruncatedShard(Exception):
+    """Raised by :func:`iter_tar_samples` after the last complete sample of a truncated or corrupt tar."""
+
+
+_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
+def _split_name(name: str) -> tuple[str, str] | None:
+    m = _KEY_RE.match(name)
+    return (m.group(1), m.group(2).lower()) if m else None
+
+
+def iter_tar_samples(stream: IO[bytes], url: str = "", skip: int = 0) -> Iterator[dict]:
+    """Stream the samples of one WebDataset tar: dicts ``{"__key__", "__url__", ext: bytes}`` in tar order.
+
+    Args:
+        stream: the open shard.
+        url: recorded in each sample as ``__url__``.
+        skip: samples to pass over first, without keeping their bytes (resume).
+
+    Raises:
+        TruncatedShard: the tar ends early or is corrupt; every complete sample before that was yielded.
+    """
+    current: dict | None = None
+    seen = 0
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                parts = _split_name(member.name)
+                if parts is None or os.path.basename(parts[0]).startswith("__"):
+                    continue
+                key, ext = parts
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        seen += 1
+                        if seen > skip:
+                            yield current
+                    current = {"__key__": key, "__url__": url}
+                if seen >= skip:
+                    f = tar.extractfile(member)
+                    current[ext] = f.read() if f is not None else b""
+                    if len(current[ext]) != member.size:
+                        raise tarfile.ReadError("unexpected end of data")
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        # the sample in progress may be incomplete: drop it and report the shard
+        raise TruncatedShard(f"{url}: {type(exc).__name__}: {exc}") from None
+    if current is not None:
+        seen += 1
+        if seen > skip:
+            yield current
+
+
+@dataclass
+class ShardWriter:
+    """Write samples into ``PREFIX%05d.tar`` shards of ``max_count`` samples plus ``sizes.json``.
+
+    Also writes video2dataset-style ``NNNNN_stats.json`` per shard. Tar members carry mtime 0 and sorted
+    extensions, so the same samples give byte-identical shards.
+
+    Usage: ``with ShardWriter(out_dir, 100) as w: w.write({"__key__": k, "mp4": b, "txt": s})``.
+    """
+
+    out_dir: str | Path
+    max_count: int = 1000
+    prefix: str = ""
+    _tar: tarfile.TarFile | None = field(default=None, init=False, repr=False)
+    _index: int = field(default=-1, init=False)
+    _count: int = field(default=0, init=False)
+    sizes: dict[str, int] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.max_count < 1:
+            raise ValueError("max_count must be >= 1")
+
+    @property
+    def _name(self) -> str:
+        return f"{self.prefix}{self._index:05d}.tar"
+
+    def _close_shard(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        self.sizes[self._name] = self._count
+        stats = {"count": self._count, "successes": self._count, "failed_to_download": 0, "failed_to_decode": 0}
+        (self.out_dir / f"{self.prefix}{self._index:05d}_stats.json").write_text(json.dumps(stats))
+        self._tar = None
+
+    def write(self, sample: dict) -> None:
+        """Add one sample: ``__key__`` plus ``ext -> bytes | str | dict`` (dicts are written as JSON)."""
+        if self._tar is None or self._count >= self.max_count:
+            self._close_shard()
+            self._index += 1
+            self._count = 0
+            self._tar = tarfile.open(self.out_dir / self._name, "w", format=tarfile.USTAR_FORMAT)
+        key = sample["__key__"]
+        for ext in sorted(k for k in sample if not k.startswith("__")):
+            value = sample[ext]
+            if isinstance(value, dict):
+                value = json.dumps(value, sort_keys=True)
+            data = value.encode() if isinstance(value, str) else bytes(value)
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            self._tar.addfile(info, io.BytesIO(data))
+        self._count += 1
+
+    def close(self) -> dict[str, int]:
+        """Finish the last shard and write ``sizes.json``; returns ``{shard name: samples}``."""
+        self._close_shard()
+        (self.out_dir / "sizes.json").write_text(json.dumps(self.sizes, indent=1, sort_keys=True))
+        return self.sizes
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
