@@ -1,0 +1,203 @@
+"""Typed stage configs: shared dataclasses, named presets, ``--set key.sub=value`` overrides, saving.
+
+A stage config is a dataclass of dataclasses (``model``, ``data``, ``optim``, ``train``, plus the stage's
+own sections). Experiments are preset functions registered by name (big_vision ``get_config`` style);
+the command line picks one preset and overrides single fields, and the resolved config is written next to
+every checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+__all__ = [
+    "DataConfig", "OptimConfig", "PresetRegistry", "TrainConfig", "apply_overrides", "config_to_dict",
+    "parse_value", "save_config",
+]
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with decay groups and a cosine schedule with linear warmup (``lr`` is the peak rate)."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    # Fraction of total steps used for warmup when warmup_steps is 0 (paper: 20 of 100 epochs = 0.2).
+    warmup_fraction: float = 0.0
+    clip_grad: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class DataConfig:
+    """Where clips come from. ``source``: "synthetic" (in-memory generated clips, no files) or "shards"
+    (WebDataset shards through ``fluxvit.datasets.build_video_loader``; "synthetic-corpus" generates the
+    synthetic mp4 corpus into ``root`` first). ``grids`` lists the Flux (frames, resolution) pairs one
+    per-rank batch is drawn from (empty: ``fluxvit.datasets.FluxGrid.preset(flux_preset)``)."""
+
+    source: str = "synthetic"
+    shards: str = ""
+    val_shards: str = ""
+    root: str = ""
+    batch_size: int = 8
+    num_workers: int = 0
+    num_frames: int = 8
+    img_size: int = 224
+    grids: list = field(default_factory=list)
+    flux_preset: str = "distill"
+    normalize: str = "imagenet"
+    decoder: str = ""
+    flip: bool = True
+    num_clips: int = 256  # size of the in-memory synthetic set
+    num_val_clips: int = 16
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings shared by every stage.
+
+    ``resume`` restores an exact training state (a checkpoint directory or "auto" for the newest in
+    ``run_dir``); ``init_from`` loads student weights only (e.g. a previous stage's export).
+    """
+
+    run_dir: str = "runs/default"
+    steps: int = 100
+    grad_accum: int = 1
+    seed: int = 0
+    mixed_precision: str = "auto"  # "auto" -> bf16 on CUDA, none on CPU; or "no" / "bf16"
+    ema_decay: float = 0.0  # 0 disables EMA
+    log_every: int = 10
+    ckpt_every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    resume: str = ""
+    init_from: str = ""
+    max_bad_steps: int = 10  # consecutive non-finite steps that stop the run
+    eval_every: int = 0
+    export_name: str = "student.safetensors"
+    tensorboard: bool = True
+    find_unused_parameters: bool = True
+    deterministic: bool = False
+    progress: bool = True
+
+
+# ----------------------------------------------------------------------------------------------- presets
+class PresetRegistry:
+    """Named preset functions of one stage: ``@presets.register`` on ``def smoke() -> Config``."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self._fns: dict[str, Callable[[], Any]] = {}
+
+    def register(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        if fn.__name__ in self._fns:
+            raise ValueError(f"{self.stage}: preset {fn.__name__!r} registered twice")
+        self._fns[fn.__name__] = fn
+        return fn
+
+    def names(self) -> list[str]:
+        return sorted(self._fns)
+
+    def get(self, name: str) -> Any:
+        if name not in self._fns:
+            raise ValueError(f"{self.stage}: unknown preset {name!r}; available: {', '.join(self.names())}")
+        return self._fns[name]()
+
+
+# --------------------------------------------------------------------------------------------- overrides
+def parse_value(text: str, current: Any, hint: Any = None) -> Any:
+    """Convert an override string to the type of the field it replaces.
+
+    Booleans accept true/false/1/0/yes/no (never Python truthiness of a string); lists and tuples accept
+    JSON (``[2048,1024]``) or comma-separated values; ``none``/``null`` gives None.
+    """
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if isinstance(current, bool) or hint is bool:
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"not a boolean: {text!r}")
+    if isinstance(current, (list, tuple)) or typing.get_origin(hint) in (list, tuple):
+        try:
+            val = json.loads(text)
+        except json.JSONDecodeError:
+            val = [v for v in text.split(",") if v.strip()]
+            elem = current[0] if current else None
+            val = [parse_value(v, elem) if elem is not None else _auto(v) for v in val]
+        if not isinstance(val, list):
+            val = [val]
+        return tuple(val) if isinstance(current, tuple) else val
+    if isinstance(current, int) or hint is int:
+        return int(float(text)) if float(text).is_integer() else _bad(text, "an integer")
+    if isinstance(current, float) or hint is float:
+        return float(text)
+    if isinstance(current, str) or hint is str:
+        return text
+    return _auto(text)
+
+
+def _bad(text: str, what: str):
+    raise ValueError(f"{text!r} is not {what}")
+
+
+def _auto(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
+    """Apply ``key.sub=value`` strings to a nested dataclass config in place and return it.
+
+    Unknown keys are an error that lists the valid names at that level.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key.sub=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        obj = cfg
+        for depth, name in enumerate(parts):
+            if not dataclasses.is_dataclass(obj):
+                raise ValueError(f"override {key!r}: {'.'.join(parts[:depth])} is not a config section")
+            names = {f.name: f for f in dataclasses.fields(obj)}
+            if name not in names:
+                raise ValueError(f"override {key!r}: unknown field {name!r}; valid: {', '.join(sorted(names))}")
+            if depth == len(parts) - 1:
+                hints = typing.get_type_hints(type(obj))
+                current = getattr(obj, name)
+                setattr(obj, name, parse_value(text, current, hints.get(name)))
+            else:
+                obj = getattr(obj, name)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain-dict view of a (nested) dataclass config, tuples as lists."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def save_config(cfg: Any, run_dir: str | Path, name: str = "config") -> Path:
+    """Write the resolved config as ``name.json`` and ``name.yaml`` into ``run_dir``; returns the JSON path."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = config_to_dict(cfg)
+    path = run_dir / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    try:
+        import yaml
+
+        (run_dir / f"{name}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    except ImportError:  # pyyaml is a core dependency; JSON alone is enough to rebuild the config
+        pass
+    return path

@@ -1,0 +1,181 @@
+"""Batch sources for the loop: resumable streams of this rank's micro-batches.
+
+* ``SyntheticClips``: clips rendered in memory (moving blobs over drifting gratings), deterministic in
+  (seed, micro-batch index, rank), so a resumed run sees exactly the batches the uninterrupted run saw. Used by
+  the smoke presets, tests and benchmarks; needs no files or decoder.
+* ``LoaderSource``: WebDataset shards through ``fluxvit.datasets.build_video_loader``; resuming skips the
+  micro-batches already consumed (exact for a seeded, non-resampled loader).
+
+Both yield the data contract's dicts: ``video`` (B, 3, T, H, W) normalised float, ``caption``, ``label``, ``key``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from typing import Iterator, Sequence
+
+import torch
+
+from .config import DataConfig
+
+__all__ = ["LoaderSource", "SyntheticClips", "build_source", "flux_grids", "normalize_video"]
+
+log = logging.getLogger("fluxvit.train")
+
+_MEANS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+          "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))}
+
+
+def normalize_video(video: torch.Tensor, kind: str = "imagenet") -> torch.Tensor:
+    """(B, 3, T, H, W) in [0, 1] -> mean/std normalised (``kind``: "imagenet" or "clip")."""
+    mean, std = _MEANS[kind]
+    shape = (1, 3, 1, 1, 1)
+    return (video - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
+
+
+def flux_grids(cfg: DataConfig) -> list[tuple[int, int]]:
+    """The (frames, resolution) pairs of ``cfg``: ``cfg.grids`` if given, else the valid pairs of
+    ``FluxGrid.preset(cfg.flux_preset)``."""
+    if cfg.grids:
+        return [(int(f), int(r)) for f, r in cfg.grids]
+    from fluxvit.datasets import FluxGrid
+
+    return FluxGrid.preset(cfg.flux_preset).valid_pairs()
+
+
+class SyntheticClips:
+    """In-memory synthetic video clips for smoke runs and tests.
+
+    Clip ``i`` is a fixed random scene (3 coloured blobs moving linearly over a drifting sinusoidal grating),
+    rendered at any (frames, resolution), so Flux grids cost nothing. Micro-batch ``n`` of rank ``r`` draws
+    one (F, R) from ``grids`` and ``batch_size`` clip ids, both from a generator seeded by (seed, n, r).
+
+    Args:
+        cfg: data config (``batch_size``, ``grids`` or ``flux_preset``, ``num_clips``, ``normalize``).
+        seed: base seed.
+        rank, world_size: this process and the number of processes.
+    """
+
+    def __init__(self, cfg: DataConfig, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.cfg, self.seed, self.rank, self.world = cfg, seed, rank, world_size
+        self.grids = flux_grids(cfg)
+        self.skipped = 0
+
+    @staticmethod
+    def render(index: int, frames: int, size: int, seed: int = 0) -> torch.Tensor:
+        """Clip ``index`` as (3, frames, size, size) in [0, 1]."""
+        g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        rnd = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+        t = torch.linspace(0, 1, frames).view(frames, 1, 1)
+        y = torch.linspace(0, 1, size).view(1, size, 1)
+        x = torch.linspace(0, 1, size).view(1, 1, size)
+        freq, angle, speed = 2 + 6 * rnd(1), math.pi * rnd(1), 2 * rnd(1) - 1
+        phase = (x * torch.cos(angle) + y * torch.sin(angle)) * freq * 2 * math.pi + speed * 4 * t
+        base = rnd(3, 1, 1, 1) * 0.5 + 0.25
+        video = base * (0.75 + 0.25 * torch.sin(phase)).unsqueeze(0)
+        for _ in range(3):
+            c0, v, r, col = rnd(2), (rnd(2) - 0.5) * 0.8, 0.08 + 0.15 * rnd(1), rnd(3)
+            cy, cx = c0[0] + v[0] * t, c0[1] + v[1] * t
+            mask = torch.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * r ** 2)).unsqueeze(0)
+            video = video * (1 - mask) + col.view(3, 1, 1, 1) * mask
+        return video.clamp(0, 1)
+
+    def batch(self, n: int) -> dict:
+        """Micro-batch ``n`` of this rank."""
+        rng = random.Random(f"{self.seed}-{n}-{self.rank}")
+        frames, size = rng.choice(self.grids)
+        ids = [rng.randrange(self.cfg.num_clips) for _ in range(self.cfg.batch_size)]
+        video = torch.stack([self.render(i, frames, size, self.seed) for i in ids])
+        if self.cfg.flip and rng.random() < 0.5:
+            video = video.flip(-1)
+        return {"video": normalize_video(video, self.cfg.normalize), "caption": [""] * len(ids),
+                "label": torch.full((len(ids),), -1, dtype=torch.long), "key": [f"synth{i:06d}" for i in ids]}
+
+    def batches(self, start: int = 0) -> Iterator[dict]:
+        """Micro-batches ``start, start + 1, ...`` (endless)."""
+        n = start
+        while True:
+            yield self.batch(n)
+            n += 1
+
+    def held_out(self, grids: Sequence[tuple[int, int]] | None = None) -> list[torch.Tensor]:
+        """Validation clips (ids disjoint from training), each (1, 3, F, R, R) at the given or first grid."""
+        grids = list(grids or self.grids[:1])
+        out = []
+        for j in range(self.cfg.num_val_clips):
+            frames, size = grids[j % len(grids)]
+            v = self.render(10_000_000 + j, frames, size, self.seed)[None]
+            out.append(normalize_video(v, self.cfg.normalize))
+        return out
+
+
+class LoaderSource:
+    """Micro-batches of ``fluxvit.datasets.build_video_loader`` (epochs chained, deterministic order).
+
+    ``batches(start)`` skips ``start`` batches to restore the data position of a checkpoint.
+    """
+
+    def __init__(self, cfg: DataConfig, seed: int = 0, rank: int = 0, world_size: int = 1, train: bool = True):
+        from fluxvit import datasets as fd
+
+        self.fd = fd
+        self.cfg, self.seed, self.rank, self.world, self.train = cfg, seed, rank, world_size, train
+        self.skipped = 0
+        self._loader = None
+
+    def _build(self, shards: str, train: bool):
+        fd, c = self.fd, self.cfg
+        grid = fd.FluxGrid(frames=sorted({f for f, _ in flux_grids(c)}),
+                           resolutions=sorted({r for _, r in flux_grids(c)}),
+                           threshold=(0, 10**9), patch_size=14) if c.grids else fd.FluxGrid.preset(c.flux_preset)
+        dc = fd.DataConfig(shards=shards, num_frames=c.num_frames, img_size=c.img_size, batch_size=c.batch_size,
+                           num_workers=c.num_workers, seed=self.seed, normalize=c.normalize, train=train,
+                           flip=c.flip and train, grid=grid if train else None,
+                           **({"decoder": c.decoder} if c.decoder else {}))
+        return fd.build_video_loader(dc, rank=self.rank, world_size=self.world)
+
+    def batches(self, start: int = 0) -> Iterator[dict]:
+        """Endless batches from ``start`` on."""
+        n = 0
+        while True:
+            loader = self._build(self.cfg.shards, self.train)
+            self._loader = loader
+            got = False
+            for batch in loader:
+                got = True
+                self.skipped = int(getattr(loader, "skipped", getattr(loader, "num_skipped", self.skipped)) or 0)
+                if n >= start:
+                    yield batch
+                n += 1
+            if not got:
+                raise RuntimeError(f"data loader over {self.cfg.shards!r} yielded no batch")
+
+    def held_out(self, grids=None) -> list[torch.Tensor]:
+        """Up to ``num_val_clips`` validation clips (1, 3, T, H, W) from ``val_shards`` at the default grid."""
+        out = []
+        for batch in self._build(self.cfg.val_shards or self.cfg.shards, train=False):
+            video = batch["video"]
+            clips = list(video) if isinstance(video, (list, tuple)) else list(video.unbind(0))
+            out.extend(c[None] for c in clips)
+            if len(out) >= self.cfg.num_val_clips:
+                break
+        return out[: self.cfg.num_val_clips]
+
+
+def build_source(cfg: DataConfig, seed: int, rank: int, world_size: int):
+    """The batch source named by ``cfg.source``: "synthetic", "shards" or "synthetic-corpus" (shards of the
+    generated synthetic mp4 corpus under ``cfg.root``)."""
+    if cfg.source == "synthetic":
+        return SyntheticClips(cfg, seed, rank, world_size)
+    if cfg.source in ("shards", "synthetic-corpus"):
+        if cfg.source == "synthetic-corpus":
+            from fluxvit.datasets.synth import ensure_synthetic_corpus
+
+            corpus = ensure_synthetic_corpus(cfg.root)
+            if not cfg.shards:
+                cfg.shards = str(getattr(corpus, "train", corpus))
+        if not cfg.shards:
+            raise ValueError("data.source=shards needs data.shards (a brace pattern of .tar files)")
+        return LoaderSource(cfg, seed, rank, world_size)
+    raise ValueError(f"unknown data.source {cfg.source!r}; use synthetic, shards or synthetic-corpus")

@@ -1,0 +1,113 @@
+"""AdamW with weight-decay groups, the cosine-with-warmup schedule and an EMA of the weights."""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .config import OptimConfig
+
+__all__ = ["ModelEMA", "build_optimizer", "cosine_lr", "param_groups", "build_scheduler", "warmup_steps"]
+
+
+def _no_decay_names(module: nn.Module) -> set:
+    """Names of ``module``'s parameters listed by ``no_weight_decay()`` of it or any submodule."""
+    names = set()
+    for prefix, sub in module.named_modules():
+        fn = getattr(sub, "no_weight_decay", None)
+        if callable(fn):
+            for n in fn():
+                names.add(f"{prefix}.{n}" if prefix else n)
+    return names
+
+
+def param_groups(model: nn.Module, weight_decay: float, extra_no_decay: Iterable[str] = ()) -> list[dict]:
+    """Two AdamW groups over the trainable parameters of ``model``.
+
+    No decay: 1-D tensors (norm weights, biases, LayerScale, per-channel affines), any name ending in
+    ``pos_embed``/``cls_token``/``positional_embedding``/``class_embedding``, and the names a submodule lists in
+    ``no_weight_decay()`` (timm convention). Everything else (matrices, conv kernels) decays.
+    """
+    skip = _no_decay_names(model) | set(extra_no_decay)
+    keywords = ("pos_embed", "cls_token", "positional_embedding", "class_embedding")
+    decay, no_decay = [], []
+    decay_names, no_decay_names = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name in skip or name.endswith(".bias") or any(name.endswith(k) for k in keywords):
+            no_decay.append(p)
+            no_decay_names.append(name)
+        else:
+            decay.append(p)
+            decay_names.append(name)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "names": decay_names},
+        {"params": no_decay, "weight_decay": 0.0, "names": no_decay_names},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` over ``param_groups(model, cfg.weight_decay)`` (a torch optimizer, so DeepSpeed
+    needs no compiled fused Adam)."""
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, cfg.weight_decay)]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    """Warmup length in steps: ``warmup_steps`` if set, else ``warmup_fraction * total_steps``."""
+    return cfg.warmup_steps if cfg.warmup_steps > 0 else int(round(cfg.warmup_fraction * total_steps))
+
+
+def cosine_lr(step: int, total_steps: int, warmup: int, lr: float, min_lr: float) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup from lr/warmup to ``lr`` over
+    ``warmup`` steps, then a half cosine from ``lr`` down to ``min_lr`` at ``total_steps``."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    span = max(1, total_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    """A ``LambdaLR`` following ``cosine_lr``; call ``.step()`` once per optimizer step."""
+    warm = warmup_steps(cfg, total_steps)
+    base = cfg.lr
+
+    def factor(step: int) -> float:
+        return cosine_lr(step, total_steps, warm, base, cfg.min_lr) / base
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class ModelEMA:
+    """Exponential moving average of a module's floating-point state: ``ema = d * ema + (1 - d) * w``.
+
+    Holds a detached copy (same device); ``state_dict``/``load_state_dict`` make it checkpointable with
+    ``accelerator.register_for_checkpointing``.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Blend the current weights of ``model`` (same architecture) into the average."""
+        for ema_v, v in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if ema_v.dtype.is_floating_point:
+                ema_v.lerp_(v.detach().to(ema_v.dtype), 1.0 - self.decay)
+            else:
+                ema_v.copy_(v)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)
