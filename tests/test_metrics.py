@@ -1,0 +1,77 @@
+"""Metrics on hand-built inputs: retrieval (ties, several captions per video), multi-view, top-k, GFLOPs."""
+import pytest
+import torch
+
+from fluxvit.metrics import (aggregate_views, chance_recall, dual_softmax, fluxvit_gflops, retrieval_metrics,
+                             topk_accuracy)
+
+
+def test_perfect_and_reversed_retrieval():
+    eye = torch.eye(4)
+    m = retrieval_metrics(eye, [0, 1, 2, 3])
+    assert m["t2v_r1"] == m["v2t_r1"] == 100.0 and m["t2v_medr"] == m["v2t_meanr"] == 1.0
+    # every text scores its own video lowest: rank 4 of 4
+    m = retrieval_metrics(-eye, [0, 1, 2, 3])
+    assert m["t2v_r1"] == 0.0 and m["t2v_r5"] == 100.0 and m["t2v_meanr"] == 4.0 and m["v2t_medr"] == 4.0
+
+
+def test_hand_computed_ranks():
+    sim = torch.tensor([
+        [0.9, 0.1, 0.5],   # text 0 -> video 0: rank 1
+        [0.8, 0.7, 0.1],   # text 1 -> video 1: rank 2
+        [0.6, 0.9, 0.3],   # text 2 -> video 2: rank 3
+    ])
+    m = retrieval_metrics(sim, [0, 1, 2])
+    assert m["t2v_r1"] == pytest.approx(100 / 3) and m["t2v_medr"] == 2 and m["t2v_meanr"] == 2
+    # columns: video 0 ranks text 0 first (0.9); video 1 ranks text 2 (0.9) above text 1 (0.7): rank 2;
+    # video 2 ranks text 0 (0.5) above text 2 (0.3): rank 2 (text 1 scores 0.1)
+    assert m["v2t_r1"] == pytest.approx(100 / 3) and m["v2t_meanr"] == pytest.approx(5 / 3)
+
+
+def test_ties_count_against_the_positive():
+    m = retrieval_metrics(torch.zeros(3, 3), [0, 1, 2])
+    assert m["t2v_r1"] == 0.0 and m["t2v_meanr"] == 3.0 and m["v2t_meanr"] == 3.0
+
+
+def test_several_captions_per_video_v2t_uses_best_text():
+    # videos 0 and 1; texts 0, 1 describe video 0, text 2 describes video 1
+    sim = torch.tensor([
+        [0.2, 0.9],   # text 0 (video 0) prefers video 1
+        [0.8, 0.1],   # text 1 (video 0)
+        [0.3, 0.7],   # text 2 (video 1)
+    ])
+    m = retrieval_metrics(sim, [0, 0, 1])
+    assert m["t2v_r1"] == pytest.approx(200 / 3)  # texts 1 and 2 rank their video first
+    # video 0 column: text1 0.8 best positive, no negative above -> rank 1
+    # video 1 column: text0 (negative) 0.9 > text2 0.7 -> rank 2
+    assert m["v2t_r1"] == 50.0 and m["v2t_meanr"] == 1.5 and m["v2t_medr"] == 1.5
+
+
+def test_dual_softmax_option_and_errors():
+    sim = torch.tensor([[0.5, 0.1], [0.45, 0.4]])
+    plain = retrieval_metrics(sim, [0, 1])
+    assert plain["t2v_r1"] == 50.0
+    rescored = retrieval_metrics(sim, [0, 1], dual_softmax_temperature=100.0)
+    assert rescored["t2v_r1"] == 100.0  # column priors: video 0 -> text 0, video 1 -> text 1, so text 1 now ranks video 1 first
+    assert dual_softmax(sim).shape == sim.shape
+    with pytest.raises(ValueError, match="entries"):
+        retrieval_metrics(sim, [0])
+    with pytest.raises(ValueError, match="outside"):
+        retrieval_metrics(sim, [0, 2])
+    assert chance_recall(100) == 1.0 and chance_recall(100, 10) == 10.0
+
+
+def test_aggregate_views_and_topk():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 3.0], [0.0, 1.0, 0.0], [0.0, 5.0, 0.0]])
+    probs = aggregate_views(logits, torch.tensor([0, 0, 1, 1]))
+    expected0 = (logits[0].softmax(0) + logits[1].softmax(0)) / 2
+    torch.testing.assert_close(probs[0], expected0)
+    assert probs.argmax(1).tolist() == [2, 1]
+    acc = topk_accuracy(probs, torch.tensor([0, 1]), ks=(1, 2))
+    assert acc == {"top1": 50.0, "top2": 100.0}
+
+
+@pytest.mark.parametrize("tokens,paper", [(3072, 440), (2048, 255), (1024, 108), (512, 49)])
+def test_gflops_convention_base(tokens, paper):
+    assert fluxvit_gflops(tokens, 768, 12) == pytest.approx(paper, rel=0.02)
+    assert fluxvit_gflops(tokens, 768, 12, with_stem_and_pool=False) == pytest.approx(paper, rel=0.02)
