@@ -103,7 +103,9 @@ def fit(config: Any, task: TrainTask, source: BatchSource, accelerator) -> Train
     if tcfg.init_from:
         task.load_init(tcfg.init_from)
     task.to_device(acc.device)
-    optimizer = build_optimizer(task.model, ocfg)
+    # A task may supply its own parameter groups (e.g. stage 3's layer-wise lr decay).
+    build = getattr(task, "build_optimizer", None)
+    optimizer = build(ocfg) if callable(build) else build_optimizer(task.model, ocfg)
     scheduler = build_scheduler(optimizer, ocfg, tcfg.steps)
     model, optimizer = acc.prepare(task.model, optimizer)
     acc.register_for_checkpointing(scheduler)
