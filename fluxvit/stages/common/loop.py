@@ -119,6 +119,7 @@ def fit(config: Any, task: TrainTask, source: BatchSource, accelerator) -> Train
     path = ckpt.resolve(tcfg.resume)
     if path is not None:
         state.update(ckpt.load(path))
+    state.update(world_size=acc.num_processes, distributed_type=str(acc.distributed_type.value))
     start = state["step"]
 
     logger = MetricLogger(run_dir, acc.is_main_process, tcfg.steps, start, tcfg.tensorboard, tcfg.progress,

@@ -53,8 +53,8 @@ def main(argv: Sequence[str] | None = None) -> TrainResult | None:
     seed_everything(cfg.train.seed)
     acc = build_accelerator(cfg.train, cfg.data.batch_size, cfg.optim.clip_grad)
     setup_logging(acc.is_main_process)
-    log.info("distill preset %s on %d process(es), device %s, mixed precision %s", args.preset,
-             acc.num_processes, acc.device, acc.mixed_precision)
+    log.info("distill preset %s on %d process(es) (%s), device %s, mixed precision %s", args.preset,
+             acc.num_processes, acc.distributed_type.value, acc.device, acc.mixed_precision)
     if cfg.train.deterministic:
         import torch
 
