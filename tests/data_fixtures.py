@@ -94,3 +94,12 @@ def video_sample(key: str, video: bytes, caption: str | None = "a clip", label: 
 def write_sizes(directory: str | Path, sizes: dict[str, int]) -> None:
     """Write an open_clip-style ``sizes.json``."""
     Path(directory, "sizes.json").write_text(json.dumps(sizes))
+
+
+def truncate_inside(path: str | Path, member: str, into: int = 10) -> Path:
+    """Cut a tar ``into`` bytes into the data of ``member`` (every sample before it stays complete)."""
+    with tarfile.open(path) as tar:
+        offset = tar.getmember(member).offset_data
+    with open(path, "r+b") as f:
+        f.truncate(offset + into)
+    return Path(path)

@@ -267,9 +267,27 @@ def decode_clips(data: bytes, num_frames: int, *, backend: str = "decord", sampl
     Returns:
         list of ``uint8`` tensors ``(T, H, W, 3)``, one per clip.
 
+    A video the chosen backend cannot decode is retried with PyAV before giving up.
+
     Raises:
         DecodeError: with a short reason; nothing is printed.
     """
+    try:
+        return _decode_clips(data, num_frames, backend, sampling, rng, num_clips, num_threads)
+    except DecodeError as exc:
+        # decord fails on some valid videos (e.g. widths it cannot align); PyAV is the most tolerant backend
+        if not data or resolve_backend(backend) == "pyav":
+            raise
+        try:
+            clips = _decode_clips(data, num_frames, "pyav", sampling, rng, num_clips, num_threads)
+        except DecodeError:
+            raise exc from None
+        log.debug("%s failed (%s); decoded with PyAV instead", backend, exc)
+        return clips
+
+
+def _decode_clips(data: bytes, num_frames: int, backend: str, sampling: str, rng: random.Random | None,
+                  num_clips: int, num_threads: int) -> list[torch.Tensor]:
     reader = open_video(data, backend, num_threads)
     n = reader.num_frames
     if sampling == "tsn":

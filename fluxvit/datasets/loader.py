@@ -102,11 +102,13 @@ class _RateLimitedLog:
 
 
 def _caption(sample: dict, meta: dict, rng: random.Random, train: bool) -> str:
+    """Several captions (a list in the json, UMT style): a random one in training, the first in evaluation;
+    otherwise ``KEY.txt``, then the json's ``caption``, then ``""``."""
+    cap = meta.get("caption")
+    if isinstance(cap, list) and cap:
+        return str(rng.choice(cap) if train else cap[0])
     if "txt" in sample:
         return sample["txt"].decode("utf-8", "replace").strip()
-    cap = meta.get("caption", "")
-    if isinstance(cap, list):
-        cap = (rng.choice(cap) if train else cap[0]) if cap else ""
     return str(cap or "")
 
 

@@ -1,0 +1,267 @@
+"""``fluxvit-data``: make shards, check shards, generate the synthetic corpus.
+
+    fluxvit-data make-shards (--csv FILE | --json FILE | --folder DIR) --out DIR [--samples-per-shard N]
+                             [--root DIR] [--short-side S]
+    fluxvit-data check SHARDS [--num-frames N] [--decoder NAME] [--json]
+    fluxvit-data synth --out DIR [--num-train N ...] [--scale K]
+
+``check`` exits 0 when every sample decoded, 1 when some were skipped (or a shard is truncated / missing) and
+2 on a usage error. ``make-shards`` exits 1 when no sample could be written.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from .config import DataConfig
+from .decoders import BACKENDS
+from .loader import SampleError, process_sample
+from .shards import VIDEO_EXTENSIONS, ShardWriter, TruncatedShard, iter_tar_samples, open_shard, parse_shard_spec
+
+__all__ = ["main", "read_csv_list", "read_json_list", "read_folder", "reencode_short_side", "check_shards"]
+
+log = logging.getLogger("fluxvit.datasets.cli")
+
+
+# -- inputs -----------------------------------------------------------------------------------------------------
+def read_csv_list(path: str | Path) -> Iterator[dict]:
+    """Kinetics-style ``path,label`` rows (header optional; the label may be a name or an index, or absent)."""
+    with open(path, newline="") as f:
+        for i, row in enumerate(csv.reader(f)):
+            if not row or not row[0].strip():
+                continue
+            if i == 0 and row[0].strip().lower() in ("path", "video", "filename", "file"):
+                continue
+            yield {"video": row[0].strip(), "label": row[1].strip() if len(row) > 1 and row[1].strip() else None}
+
+
+def read_json_list(path: str | Path) -> Iterator[dict]:
+    """UMT / InternVideo annotation list ``[{"video": path, "caption": str | [str], "label"?: ...}]``."""
+    with open(path) as f:
+        items = json.load(f)
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a JSON list of {{'video': ..., 'caption': ...}}")
+    for item in items:
+        yield {"video": item["video"], "caption": item.get("caption"), "label": item.get("label")}
+
+
+def read_folder(folder: str | Path) -> Iterator[dict]:
+    """Every video under ``folder`` (sorted); a video in ``folder/CLASS/...`` gets label ``CLASS``."""
+    root = Path(folder)
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in VIDEO_EXTENSIONS):
+        rel = path.relative_to(root)
+        yield {"video": str(path), "label": rel.parts[0] if len(rel.parts) > 1 else None}
+
+
+def reencode_short_side(data: bytes, short_side: int, crf: int = 23) -> bytes:
+    """Re-encode video bytes to H.264 whose shorter side is ``short_side`` px (never upscaled; sides kept even)."""
+    import av
+
+    src = av.open(io.BytesIO(data))
+    vin = src.streams.video[0]
+    rate = vin.average_rate or vin.guessed_rate or 30
+    buf = io.BytesIO()
+    with src, av.open(buf, mode="w", format="mp4") as out:
+        vout = None
+        for frame in src.decode(vin):
+            if vout is None:
+                h, w = frame.height, frame.width
+                scale = min(1.0, short_side / min(h, w))
+                vout = out.add_stream("libx264", rate=rate)
+                vout.width, vout.height = (max(2, int(round(w * scale / 2)) * 2), max(2, int(round(h * scale / 2)) * 2))
+                vout.pix_fmt = "yuv420p"
+                vout.options = {"preset": "veryfast", "crf": str(crf)}
+            img = frame.reformat(width=vout.width, height=vout.height, format="yuv420p")
+            img.pts = None
+            for packet in vout.encode(img):
+                out.mux(packet)
+        if vout is None:
+            raise ValueError("no frame to re-encode")
+        for packet in vout.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def _label_map(items: list[dict]) -> tuple[dict[str, int], list[str] | None]:
+    labels = [str(it["label"]) for it in items if it.get("label") is not None]
+    if not labels or all(lbl.lstrip("-").isdigit() for lbl in labels):
+        return {lbl: int(lbl) for lbl in labels}, None
+    names = sorted(set(labels))
+    return {n: i for i, n in enumerate(names)}, names
+
+
+def make_shards(items: list[dict], out: Path, samples_per_shard: int, root: str | None, short_side: int | None) -> int:
+    """Write ``items`` (``{"video", "caption"?, "label"?}``) as shards; returns the number of samples written."""
+    label_ids, names = _label_map(items)
+    written = failed = 0
+    with ShardWriter(out, samples_per_shard) as writer:
+        for index, item in enumerate(items):
+            path = Path(root, item["video"]) if root and not Path(item["video"]).is_absolute() else Path(item["video"])
+            try:
+                data = path.read_bytes()
+                if short_side:
+                    data = reencode_short_side(data, short_side)
+            except Exception as exc:  # a missing or unreadable file is reported, not fatal
+                failed += 1
+                log.warning("skipping %s: %s", path, exc)
+                continue
+            key = f"{index:09d}"
+            ext = "mp4" if short_side else (path.suffix.lower().lstrip(".") or "mp4")
+            caption = item.get("caption")
+            meta = {"key": key, "status": "success", "url": str(item["video"])}
+            sample = {"__key__": key, ext: data}
+            if caption is not None:
+                meta["caption"] = caption
+                sample["txt"] = caption[0] if isinstance(caption, list) and caption else str(caption)
+            if item.get("label") is not None:
+                label = label_ids[str(item["label"])]
+                meta["label"] = label
+                sample["cls"] = str(label)
+            sample["json"] = meta
+            writer.write(sample)
+            written += 1
+    if names is not None:
+        (out / "classes.json").write_text(json.dumps(names, indent=1))
+    print(f"wrote {written} samples in {len(writer.sizes)} shards to {out} ({failed} failed)")
+    return written
+
+
+# -- check ------------------------------------------------------------------------------------------------------
+def check_shards(spec: str, num_frames: int = 8, decoder: str = "decord", img_size: int = 64) -> dict:
+    """Decode every sample of ``spec`` as training would; returns ``{"total", "ok", "skipped", "skipped_keys",
+    "reasons": {key: reason}, "shard_errors": [{"shard", "reason"}]}``. A truncated or missing shard counts as one
+    skipped entry keyed by its URL."""
+    cfg = DataConfig(shards=spec, num_frames=num_frames, img_size=img_size, decoder=decoder, train=True,
+                     num_workers=0)
+    rng = random.Random(0)
+    report = {"total": 0, "ok": 0, "skipped": 0, "skipped_keys": [], "reasons": {}, "shard_errors": []}
+
+    def skip(key: str, reason: str) -> None:
+        report["total"] += 1
+        report["skipped"] += 1
+        report["skipped_keys"].append(key)
+        report["reasons"][key] = reason
+
+    for source in parse_shard_spec(spec):
+        for url in source.urls:
+            try:
+                with open_shard(url) as stream:
+                    for sample in iter_tar_samples(stream, url):
+                        key = sample["__key__"]
+                        try:
+                            process_sample(sample, cfg, num_frames=num_frames, size=img_size, rng=rng)
+                        except SampleError as exc:
+                            skip(key, str(exc))
+                            continue
+                        report["total"] += 1
+                        report["ok"] += 1
+            except (TruncatedShard, OSError) as exc:
+                reason = "truncated shard" if isinstance(exc, TruncatedShard) else f"cannot open shard: {exc}"
+                report["shard_errors"].append({"shard": url, "reason": reason})
+                skip(url, reason)
+    return report
+
+
+# -- main -------------------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fluxvit-data", description="FluxViT video data tools")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    mk = sub.add_parser("make-shards", help="write WebDataset shards from a CSV, a JSON list or a folder")
+    src = mk.add_mutually_exclusive_group(required=True)
+    src.add_argument("--csv", help="Kinetics-style CSV: path,label")
+    src.add_argument("--json", help='UMT / InternVideo list: [{"video": path, "caption": str or [str]}]')
+    src.add_argument("--folder", help="folder of videos (FOLDER/CLASS/video.mp4 gives labels)")
+    mk.add_argument("--out", required=True, help="output folder")
+    mk.add_argument("--root", help="prefix for relative video paths")
+    mk.add_argument("--samples-per-shard", type=int, default=1000)
+    mk.add_argument("--short-side", type=int, help="re-encode to H.264 with this shorter side (px)")
+
+    ck = sub.add_parser("check", help="decode every sample as training would and report the skipped ones")
+    ck.add_argument("shards", help="shard spec, e.g. 'data/{00000..00009}.tar'")
+    ck.add_argument("--num-frames", type=int, default=8)
+    ck.add_argument("--decoder", choices=BACKENDS, default="decord")
+    ck.add_argument("--json", action="store_true", help="print one JSON object")
+
+    sy = sub.add_parser("synth", help="generate the synthetic video-text corpus")
+    sy.add_argument("--out", required=True)
+    sy.add_argument("--num-train", type=int, default=1000)
+    sy.add_argument("--num-val", type=int, default=100)
+    sy.add_argument("--num-test", type=int, default=100)
+    sy.add_argument("--scale", type=int, default=1, help="multiply every split's size (a larger corpus)")
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--num-frames", type=int, default=32)
+    sy.add_argument("--size", type=int, default=128)
+    sy.add_argument("--samples-per-shard", type=int, default=100)
+    sy.add_argument("--workers", type=int, default=None, help="generator processes (default: all cores)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fluxvit-data``; returns the exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+        return int(exc.code or 0)
+
+    if args.command == "make-shards":
+        if args.samples_per_shard < 1:
+            parser.print_usage(sys.stderr)
+            print("error: --samples-per-shard must be >= 1", file=sys.stderr)
+            return 2
+        try:
+            items = list(read_csv_list(args.csv) if args.csv else read_json_list(args.json) if args.json
+                         else read_folder(args.folder))
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"error: cannot read the input list: {exc}", file=sys.stderr)
+            return 2
+        return 0 if make_shards(items, Path(args.out), args.samples_per_shard, args.root, args.short_side) else 1
+
+    if args.command == "check":
+        if args.num_frames < 1:
+            print("error: --num-frames must be >= 1", file=sys.stderr)
+            return 2
+        try:
+            parse_shard_spec(args.shards)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        logging.getLogger("fluxvit.datasets").setLevel(logging.ERROR)  # the report lists every skip itself
+        report = check_shards(args.shards, args.num_frames, args.decoder)
+        if args.json:
+            print(json.dumps(report))
+        else:
+            print(f"total {report['total']}  decoded {report['ok']}  skipped {report['skipped']}")
+            for key in report["skipped_keys"]:
+                print(f"  skipped {key}: {report['reasons'][key]}")
+        return 0 if report["skipped"] == 0 else 1
+
+    if args.command == "synth":
+        from .synth import make_synthetic_corpus
+
+        if min(args.num_train, args.num_val, args.num_test) < 0 or args.scale < 1:
+            print("error: sizes must be >= 0 and --scale >= 1", file=sys.stderr)
+            return 2
+        start = time.perf_counter()
+        info = make_synthetic_corpus(args.out, args.num_train * args.scale, args.num_val * args.scale,
+                                     args.num_test * args.scale, args.seed, num_frames=args.num_frames,
+                                     size=args.size, samples_per_shard=args.samples_per_shard, workers=args.workers)
+        for split, s in info["splits"].items():
+            print(f"{split}: {s['num_samples']} clips, shards {s['shards']}")
+        print(f"synthetic corpus written to {args.out} in {time.perf_counter() - start:.1f} s")
+        return 0
+    return 2  # unreachable: argparse requires a command
+
+
+if __name__ == "__main__":
+    sys.exit(main())

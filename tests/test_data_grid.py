@@ -1,0 +1,45 @@
+"""Flux grid: validity of every draw, coverage of all valid pairs, presets."""
+import random
+
+import pytest
+
+from fluxvit.datasets import FluxGrid
+
+
+@pytest.mark.parametrize("name", ["distill", "videotext", "finetune"])
+def test_preset_draws_are_valid_and_cover_all_pairs(name):
+    grid = FluxGrid.preset(name)
+    pairs = grid.valid_pairs()
+    lo, hi = grid.threshold
+    assert pairs and all(lo <= f * (r // 14) ** 2 <= hi for f, r in pairs)
+    rng = random.Random(0)
+    draws = [grid.sample(rng) for _ in range(40 * len(pairs))]
+    assert set(draws) <= set(pairs)
+    assert set(draws) == set(pairs)  # uniform over the valid pairs: every one shows up
+
+
+def test_invalid_pairs_are_excluded():
+    grid = FluxGrid(frames=[4, 8, 16], resolutions=[112, 224], threshold=(1000, 2048))
+    # tokens: 4x64=256, 4x256=1024, 8x64=512, 8x256=2048, 16x64=1024, 16x256=4096
+    assert grid.valid_pairs() == [(4, 224), (8, 224), (16, 112)]
+    assert grid.tokens(8, 224) == 2048
+
+
+def test_finetune_preset_matches_release():
+    grid = FluxGrid.preset("finetune")
+    assert grid.frames == tuple(range(6, 25, 2)) and grid.resolutions == tuple(range(112, 337, 28))
+    assert grid.threshold == (2048, 6144)
+
+
+def test_empty_grid_and_unknown_preset_raise():
+    with pytest.raises(ValueError):
+        FluxGrid(frames=[2], resolutions=[28], threshold=(10_000, 20_000))
+    with pytest.raises(KeyError):
+        FluxGrid.preset("nope")
+
+
+def test_sampling_is_deterministic_by_rng():
+    grid = FluxGrid.preset("distill")
+    a = [grid.sample(random.Random(3)) for _ in range(5)]
+    b = [grid.sample(random.Random(3)) for _ in range(5)]
+    assert a == b

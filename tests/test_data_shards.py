@@ -1,0 +1,143 @@
+"""Shard specs, tar reading (truncated tars), the shard writer, and the make-shards / check CLIs."""
+import json
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from data_fixtures import make_video, truncate_inside, video_sample, write_tar
+from fluxvit.datasets import ShardWriter, parse_shard_spec
+from fluxvit.datasets.cli import main
+from fluxvit.datasets.shards import TruncatedShard, iter_tar_samples, shard_sizes
+
+
+@pytest.fixture(scope="module")
+def video():
+    return make_video(num_frames=12)
+
+
+def test_parse_shard_spec():
+    sources = parse_shard_spec("a/{000..009}.tar::0.7; b/{x,y}.tar::0.3::noflip;c.tar")
+    assert [len(s.urls) for s in sources] == [10, 2, 1]
+    assert sources[0].urls[0] == "a/000.tar" and sources[0].urls[-1] == "a/009.tar"
+    assert [s.weight for s in sources] == [0.7, 0.3, 1.0] and [s.flip for s in sources] == [True, False, True]
+    assert parse_shard_spec("pipe:cat x/{0..1}.tar")[0].urls == ("pipe:cat x/0.tar", "pipe:cat x/1.tar")
+    for bad in ("", " ; ", "a.tar::heavy", "a.tar::-1"):
+        with pytest.raises(ValueError):
+            parse_shard_spec(bad)
+
+
+def test_tar_reading_and_truncation(tmp_path, video):
+    samples = [video_sample(f"{i:03d}", video, f"caption {i}") for i in range(4)]
+    path = write_tar(tmp_path / "a.tar", samples)
+    with open(path, "rb") as f:
+        got = list(iter_tar_samples(f, str(path)))
+    assert [s["__key__"] for s in got] == ["000", "001", "002", "003"]
+    assert got[1]["txt"] == b"caption 1" and got[1]["mp4"] == video and json.loads(got[1]["json"])["key"] == "001"
+    with open(path, "rb") as f:
+        assert [s["__key__"] for s in iter_tar_samples(f, skip=3)] == ["003"]
+    cut = truncate_inside(write_tar(tmp_path / "cut.tar", samples), "001.mp4")
+    keys = []
+    with open(cut, "rb") as f, pytest.raises(TruncatedShard):
+        for s in iter_tar_samples(f, str(cut)):
+            keys.append(s["__key__"])
+    assert keys == ["000"]  # complete samples before the cut; the incomplete one is dropped
+    (tmp_path / "zero.tar").write_bytes(b"")
+    with open(tmp_path / "zero.tar", "rb") as f, pytest.raises(TruncatedShard):
+        list(iter_tar_samples(f))
+
+
+def test_shard_writer_sizes_and_determinism(tmp_path, video):
+    def write(out):
+        with ShardWriter(out, max_count=3) as w:
+            for i in range(7):
+                w.write({"__key__": f"k{i}", "mp4": video, "txt": "c", "json": {"key": f"k{i}"}})
+        return w.sizes
+    sizes = write(tmp_path / "a")
+    assert sizes == {"00000.tar": 3, "00001.tar": 3, "00002.tar": 1}
+    write(tmp_path / "b")
+    assert (tmp_path / "a/00001.tar").read_bytes() == (tmp_path / "b/00001.tar").read_bytes()
+    urls = [str(tmp_path / "a" / n) for n in sizes]
+    assert shard_sizes(urls) == dict(zip(urls, sizes.values()))
+    (tmp_path / "a/sizes.json").unlink()  # falls back to the video2dataset stats files
+    assert shard_sizes(urls) == dict(zip(urls, sizes.values()))
+    with tarfile.open(tmp_path / "a/00000.tar") as tar:
+        assert tar.getnames()[:3] == ["k0.json", "k0.mp4", "k0.txt"]
+
+
+@pytest.fixture(scope="module")
+def mixed_shards(tmp_path_factory, video):
+    """Good, corrupt, zero-byte and caption-only samples, plus a truncated tar."""
+    d = tmp_path_factory.mktemp("mixed")
+    good = [video_sample(f"g{i}", video) for i in range(3)]
+    corrupt = video_sample("corrupt", b"\x00\x01not an mp4" * 40)
+    zero = video_sample("zero", b"")
+    caption_only = video_sample("caponly", b"")
+    del caption_only["mp4"]
+    write_tar(d / "00000.tar", good)
+    write_tar(d / "00001.tar", [corrupt, zero, caption_only, video_sample("g3", video)])
+    truncate_inside(write_tar(d / "00002.tar", [video_sample(f"t{i}", video) for i in range(3)]), "t2.mp4")
+    return d
+
+
+def test_check_cli_exit_codes_and_json(mixed_shards, capsys):
+    assert main(["check", str(mixed_shards / "00000.tar"), "--json", "--num-frames", "4"]) == 0
+    ok = json.loads(capsys.readouterr().out)
+    assert ok["total"] == ok["ok"] == 3 and ok["skipped"] == 0 and ok["skipped_keys"] == []
+
+    assert main(["check", str(mixed_shards / "{00000..00002}.tar"), "--json", "--decoder", "pyav"]) == 1
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["ok"] == 6  # g0-g3, t0 and t1 (before the cut)
+    truncated = str(mixed_shards / "00002.tar")
+    assert set(rep["skipped_keys"]) == {"corrupt", "zero", "caponly", truncated}
+    assert rep["total"] == rep["ok"] + rep["skipped"] == 10
+    assert rep["reasons"]["zero"] == "empty video" and rep["reasons"]["caponly"] == "no video"
+    assert rep["reasons"]["corrupt"].startswith("decode error") and rep["reasons"][truncated] == "truncated shard"
+
+    assert main(["check", str(mixed_shards / "00001.tar")]) == 1
+    assert "skipped corrupt" in capsys.readouterr().out
+    assert main(["check"]) == 2
+    assert main(["check", "x.tar::bogus"]) == 2
+    assert main(["check", str(mixed_shards / "missing.tar"), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["shard_errors"][0]["reason"].startswith("cannot open")
+
+
+def test_check_console_module_runs(mixed_shards):
+    proc = subprocess.run([sys.executable, "-m", "fluxvit.datasets.cli", "check", str(mixed_shards / "00001.tar"),
+                           "--json"], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["skipped"] == 3
+    assert "not an mp4" not in proc.stderr  # decoder noise stays out of the terminal
+
+
+def test_make_shards_from_csv_json_and_folder(tmp_path, video, capsys):
+    vids = tmp_path / "videos"
+    for cls in ("jump", "run"):
+        (vids / cls).mkdir(parents=True)
+        for i in range(2):
+            (vids / cls / f"{i}.mp4").write_bytes(video)
+    (tmp_path / "list.csv").write_text("path,label\n" + "\n".join(
+        f"{c}/{i}.mp4,{c}" for c in ("jump", "run") for i in range(2)) + "\nmissing.mp4,run\n")
+    assert main(["make-shards", "--csv", str(tmp_path / "list.csv"), "--root", str(vids), "--out",
+                 str(tmp_path / "csv"), "--samples-per-shard", "3"]) == 0
+    assert json.loads((tmp_path / "csv/sizes.json").read_text()) == {"00000.tar": 3, "00001.tar": 1}
+    assert json.loads((tmp_path / "csv/classes.json").read_text()) == ["jump", "run"]
+    with open(tmp_path / "csv/00001.tar", "rb") as f:
+        (last,) = list(iter_tar_samples(f))
+    assert last["cls"] == b"1" and last["mp4"] == video
+
+    items = [{"video": str(vids / "run/0.mp4"), "caption": ["a person runs", "running"]},
+             {"video": str(vids / "jump/1.mp4"), "caption": "a person jumps"}]
+    (tmp_path / "list.json").write_text(json.dumps(items))
+    assert main(["make-shards", "--json", str(tmp_path / "list.json"), "--out", str(tmp_path / "js"),
+                 "--short-side", "32"]) == 0
+    with open(tmp_path / "js/00000.tar", "rb") as f:
+        got = list(iter_tar_samples(f))
+    assert got[0]["txt"] == b"a person runs" and json.loads(got[0]["json"])["caption"] == ["a person runs", "running"]
+    assert len(got[1]["mp4"]) < len(video)  # re-encoded to 32 px (from 48)
+
+    assert main(["make-shards", "--folder", str(vids), "--out", str(tmp_path / "dir")]) == 0
+    assert "wrote 4 samples" in capsys.readouterr().out
+    assert main(["check", str(tmp_path / "js/00000.tar")]) == 0
+    assert main(["make-shards", "--out", str(tmp_path / "x")]) == 2
