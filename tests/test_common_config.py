@@ -1,0 +1,62 @@
+"""Stage configs: typed overrides, presets, saving."""
+import json
+from dataclasses import dataclass, field
+
+import pytest
+
+from fluxvit.stages.common import (DataConfig, OptimConfig, PresetRegistry, TrainConfig, apply_overrides,
+                                   save_config)
+
+
+@dataclass
+class _Cfg:
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def test_overrides_are_typed():
+    cfg = apply_overrides(_Cfg(), ["optim.lr=3e-4", "train.steps=7", "train.tensorboard=false",
+                                   "optim.betas=0.9,0.95", "data.grids=[[4,112],[8,84]]", "train.resume=auto"])
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
+    assert cfg.train.tensorboard is False  # the string "false" must not be truthy
+    assert cfg.optim.betas == (0.9, 0.95)
+    assert cfg.data.grids == [[4, 112], [8, 84]]
+    assert cfg.train.resume == "auto"
+
+
+@pytest.mark.parametrize("bad", ["optim.lrr=1", "nosuch.x=1", "optim.lr", "train.steps=1.5", "train.progress=maybe",
+                                 "optim.lr.x=1"])
+def test_bad_overrides_raise(bad):
+    with pytest.raises(ValueError):
+        apply_overrides(_Cfg(), [bad])
+
+
+def test_presets_and_save(tmp_path):
+    reg = PresetRegistry("demo")
+
+    @reg.register
+    def tiny():
+        return _Cfg()
+
+    assert reg.names() == ["tiny"]
+    with pytest.raises(ValueError, match="unknown preset"):
+        reg.get("huge")
+    cfg = reg.get("tiny")
+    path = save_config(cfg, tmp_path / "run")
+    data = json.loads(path.read_text())
+    assert data["optim"]["betas"] == [0.9, 0.98]
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_distill_presets_resolve():
+    from fluxvit.stages.distill import build_config, presets
+
+    assert {"smoke", "small", "base"} <= set(presets.names())
+    b = build_config("base")
+    assert b.optim.lr == 1e-3 and tuple(b.optim.betas) == (0.9, 0.98) and b.optim.weight_decay == 0.05
+    assert b.optim.warmup_fraction == 0.2 and b.student.drop_path_rate == 0.05
+    assert b.teacher.budget == 2048 and tuple(b.loss.budgets) == (2048, 1536, 1024) and b.loss.num_layers == 6
+    s = build_config("smoke", ["loss.budgets=[64]", "teacher.budget=0"])
+    assert s.loss.budgets == (64,) and s.teacher.budget == 0

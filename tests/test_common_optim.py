@@ -1,0 +1,49 @@
+"""Decay groups, cosine schedule with warmup, EMA."""
+import pytest
+import torch
+
+from fluxvit.models import create_model
+from fluxvit.stages.common import ModelEMA, OptimConfig, build_optimizer, build_scheduler, cosine_lr, param_groups
+
+
+def test_decay_groups_exclude_norms_biases_pos_cls():
+    model = create_model("fluxvit_tiny_patch14", num_classes=0)
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    nd = set(no_decay["names"])
+    assert {"pos_embed", "cls_token"} <= nd
+    assert any(n.endswith("norm1.weight") for n in nd) and any(n.endswith(".bias") for n in nd)
+    assert all(not n.endswith(".bias") and "norm" not in n for n in decay["names"])
+    assert "blocks.0.attn.qkv.weight" in decay["names"] and "patch_embed.proj.weight" in decay["names"]
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == total
+    opt = build_optimizer(model, OptimConfig(weight_decay=0.05))
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.98)
+
+
+def test_cosine_schedule_with_warmup():
+    assert cosine_lr(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)
+    assert cosine_lr(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert cosine_lr(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert cosine_lr(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    lin = torch.nn.Linear(2, 2)
+    opt = build_optimizer(lin, OptimConfig(lr=2.0, min_lr=0.0, warmup_fraction=0.2))
+    sched = build_scheduler(opt, OptimConfig(lr=2.0, min_lr=0.0, warmup_fraction=0.2), 10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1.0) and lrs[1] == pytest.approx(2.0)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] < 0.2
+
+
+def test_ema_tracks_weights():
+    lin = torch.nn.Linear(3, 3)
+    ema = ModelEMA(lin, 0.5)
+    with torch.no_grad():
+        lin.weight.add_(2.0)
+    before = ema.module.weight.clone()
+    ema.update(lin)
+    assert torch.allclose(ema.module.weight, before + 1.0)
+    assert not any(p.requires_grad for p in ema.module.parameters())
