@@ -367,6 +367,7 @@ class VideoLoader:
         self.stats = DataStats()
         self.epoch = 0
         self.samples_seen = 0
+        self._completed = False  # the last iteration reached the end of the epoch
 
     @property
     def num_batches(self) -> int | None:
@@ -386,7 +387,7 @@ class VideoLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its beginning at the next iteration."""
-        self.epoch, self.samples_seen = int(epoch), 0
+        self.epoch, self.samples_seen, self._completed = int(epoch), 0, False
 
     def state_dict(self) -> dict[str, int]:
         """Current data position, see :func:`loader_state`."""
@@ -395,6 +396,7 @@ class VideoLoader:
     def load_state_dict(self, state: dict) -> None:
         """Resume at ``state`` (from :meth:`state_dict`) at the next iteration; see the module docstring's bound."""
         self.epoch, self.samples_seen = int(state["epoch"]), int(state["samples_seen"])
+        self._completed = False
 
     def _dataloader(self) -> DataLoader:
         cfg = self.cfg
@@ -406,6 +408,8 @@ class VideoLoader:
                           **kwargs)
 
     def __iter__(self) -> Iterator[dict]:
+        if self._completed:  # iterating again without set_epoch repeats the same epoch from its start
+            self.samples_seen, self._completed = 0, False
         for batch in self._dataloader():
             report = batch.pop("_report", None)
             if report is not None:
@@ -415,6 +419,7 @@ class VideoLoader:
                 continue
             self.samples_seen += self.cfg.batch_size * self.world_size
             yield batch
+        self._completed = True
 
 
 def build_video_loader(cfg: DataConfig, *, rank: int | None = None, world_size: int | None = None) -> VideoLoader:

@@ -1,0 +1,170 @@
+"""Streaming loader: batches, Flux grids, node/worker splits, epoch shuffles, resampling, skip counts, resume."""
+import collections
+import random
+
+import pytest
+import torch
+
+from data_fixtures import make_video, truncate_inside, video_sample, write_sizes, write_tar
+from fluxvit.datasets import DataConfig, FluxGrid, build_video_loader, loader_state, stats
+from fluxvit.datasets import loader as loader_mod
+
+SHARDS, PER_SHARD = 6, 4
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """6 shards x 4 samples of a tiny 8-frame video, with sizes.json."""
+    d = tmp_path_factory.mktemp("corpus")
+    video = make_video(num_frames=8, width=32, height=24)
+    for s in range(SHARDS):
+        write_tar(d / f"{s:05d}.tar", [video_sample(f"s{s}k{i}", video, f"clip {s}-{i}", s) for i in range(PER_SHARD)])
+    write_sizes(d, {f"{s:05d}.tar": PER_SHARD for s in range(SHARDS)})
+    return str(d / f"{{00000..{SHARDS - 1:05d}}}.tar")
+
+
+def cfg(shards, **kw):
+    base = dict(shards=shards, num_frames=2, img_size=16, batch_size=2, num_workers=0, decoder="pyav",
+                shuffle_buffer=3)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def keys_of(loader):
+    return [k for batch in loader for k in batch["key"]]
+
+
+def test_batches_have_contract_fields(corpus):
+    loader = build_video_loader(cfg(corpus, train=False, batch_size=5), rank=0, world_size=1)
+    batches = list(loader)
+    assert [len(b["key"]) for b in batches] == [5, 5, 5, 5, 4]  # evaluation keeps the last partial batch
+    b = batches[0]
+    assert b["video"].shape == (5, 3, 2, 16, 16) and b["video"].dtype == torch.float32
+    assert b["caption"][0] == "clip 0-0" and b["label"].dtype == torch.long and b["label"][0] == 0
+    assert len(set(keys_of(loader))) == SHARDS * PER_SHARD
+
+
+def test_eval_multi_view(corpus):
+    loader = build_video_loader(cfg(corpus, train=False, eval_clips=2, eval_crops=3, batch_size=4), rank=0,
+                                world_size=1)
+    assert next(iter(loader))["video"].shape == (4, 6, 3, 2, 16, 16)
+
+
+def test_flux_grid_per_batch_and_per_sample(corpus):
+    grid = FluxGrid(frames=[2, 4], resolutions=[14, 28], threshold=(0, 100))
+    loader = build_video_loader(cfg(corpus, grid=grid, batch_size=3), rank=0, world_size=1)
+    shapes = set()
+    for batch in loader:
+        assert isinstance(batch["video"], torch.Tensor)  # one (T, H) per batch: dense
+        _, _, t, h, w = batch["video"].shape
+        assert (t, h) in grid.valid_pairs() and h == w
+        shapes.add((t, h))
+    assert len(shapes) > 1
+    packed = build_video_loader(cfg(corpus, grid=grid, per_sample_grid=True, batch_size=8), rank=0, world_size=1)
+    batch = next(iter(packed))
+    assert isinstance(batch["video"], list) and len(batch["video"]) == 8
+    assert all((v.shape[1], v.shape[2]) in grid.valid_pairs() for v in batch["video"])
+    assert DataConfig(shards=corpus, grid="finetune").grid == FluxGrid.preset("finetune")
+
+
+def test_node_then_worker_split_has_no_duplicates(corpus):
+    dataset = build_video_loader(cfg(corpus), rank=0, world_size=1).dataset
+    streams = []
+    for rank in range(2):
+        dataset.rank, dataset.world_size = rank, 2
+        for worker in range(3):
+            streams.append(list(dataset.stream_shards(worker, 3)))
+    flat = [u for s in streams for u in s]
+    assert sorted(flat) == sorted(dataset.urls) and len(set(flat)) == len(flat)
+    # and through real DataLoader worker processes on two ranks
+    seen = []
+    for rank in range(2):
+        seen += keys_of(build_video_loader(cfg(corpus, num_workers=2, batch_size=1, train=False), rank=rank,
+                                           world_size=2))
+    assert len(seen) == len(set(seen)) == SHARDS * PER_SHARD
+
+
+def test_epoch_shuffles_are_deterministic(corpus):
+    loader = build_video_loader(cfg(corpus), rank=0, world_size=1)
+    loader.set_epoch(0)
+    a = keys_of(loader)
+    loader.set_epoch(0)
+    assert keys_of(loader) == a
+    loader.set_epoch(1)
+    b = keys_of(loader)
+    assert b != a and sorted(b) == sorted(a) and len(a) == SHARDS * PER_SHARD
+
+
+def test_resampled_epoch_length_and_weights(corpus, tmp_path):
+    loader = build_video_loader(cfg(corpus, resampled=True, epoch_size=10), rank=0, world_size=1)
+    assert len(loader) == 5 and len(list(loader)) == 5
+    assert loader.num_samples == 10
+    video = make_video(num_frames=4, width=32, height=24)
+    write_tar(tmp_path / "b.tar", [video_sample("b0", video)])
+    mixed = build_video_loader(cfg(f"{corpus}::0.9;{tmp_path}/b.tar::0.1", resampled=True, epoch_size=8), rank=0,
+                               world_size=1)
+    stream = mixed.dataset.stream_shards(0, 1)
+    draws = collections.Counter("b.tar" in next(stream) for _ in range(2000))
+    assert 0.05 < draws[True] / 2000 < 0.15
+    with pytest.raises(ValueError):
+        build_video_loader(cfg(f"{tmp_path}/b.tar", resampled=True), rank=0, world_size=1)
+
+
+def test_bad_samples_are_counted_and_skipped(tmp_path):
+    video = make_video(num_frames=8, width=32, height=24)
+    good = [video_sample(f"g{i}", video) for i in range(4)]
+    caption_only = video_sample("caponly", b"")
+    del caption_only["mp4"]
+    write_tar(tmp_path / "00000.tar", good[:2] + [video_sample("corrupt", b"junk" * 100), video_sample("zero", b"")])
+    write_tar(tmp_path / "00001.tar", good[2:] + [caption_only])
+    truncate_inside(write_tar(tmp_path / "00002.tar", [video_sample(f"t{i}", video) for i in range(2)]), "t1.mp4")
+    before = stats().skipped
+    loader = build_video_loader(cfg(str(tmp_path / "{00000..00002}.tar"), num_workers=2, batch_size=1,
+                                    decoder="decord"), rank=0, world_size=1)
+    keys = keys_of(loader)
+    assert sorted(keys) == ["g0", "g1", "g2", "g3", "t0"]
+    assert loader.stats.skipped == 3 and loader.stats.shard_errors == 1
+    assert loader.stats.reasons == {"decode error": 1, "empty video": 1, "no video": 1}
+    assert stats().skipped - before == 3  # counts crossed the worker processes
+    assert loader.stats.as_dict()["data/skipped"] == 3
+
+
+@pytest.mark.parametrize("num_workers,buffer", [(2, 0), (2, 3), (0, 4)])
+def test_resume_bound(corpus, num_workers, buffer, monkeypatch):
+    """Stop after k batches, restore from state_dict: repeats and misses stay within one shuffle buffer per stream."""
+    make = lambda: build_video_loader(cfg(corpus, num_workers=num_workers, shuffle_buffer=buffer, batch_size=2),
+                                      rank=0, world_size=1)
+    full = make()
+    full.set_epoch(3)
+    reference = keys_of(full)
+    streams = max(1, num_workers)
+    for k in (1, 3, 5):
+        first = make()
+        first.set_epoch(3)
+        before = []
+        for i, batch in enumerate(first):
+            before += batch["key"]
+            if i + 1 == k:
+                break
+        state = first.state_dict()
+        assert state == loader_state(3, 2 * k)
+        resumed = make()
+        resumed.load_state_dict(state)
+        after = keys_of(resumed)
+        repeats = len(set(before) & set(after))
+        missed = len(set(reference) - set(before) - set(after))
+        assert repeats <= buffer * streams and missed <= buffer * streams, (k, repeats, missed)
+        if buffer == 0:
+            assert before + after == reference[:len(before) + len(after)] or sorted(before + after) == sorted(reference)
+            assert repeats == missed == 0
+
+
+def test_resume_skips_whole_shards_unopened(corpus, monkeypatch):
+    opened = []
+    real = loader_mod.open_shard
+    monkeypatch.setattr(loader_mod, "open_shard", lambda url: opened.append(url) or real(url))
+    loader = build_video_loader(cfg(corpus, shuffle_buffer=0, train=False, batch_size=2), rank=0, world_size=1)
+    loader.load_state_dict(loader_state(0, 10))  # 2.5 shards consumed
+    keys = keys_of(loader)
+    assert len(opened) == SHARDS - 2  # shards 0 and 1 skipped without opening
+    assert keys[0] == "s2k2" and len(keys) == SHARDS * PER_SHARD - 10
