@@ -1,0 +1,266 @@
+"""Stage 2 task: FluxViT video tower + text tower + projections, trained with VTC (InfoNCE both ways).
+
+The contrastive batch is global: each rank all-gathers the other ranks' embeddings (with gradients flowing
+back to the rank that made them) and computes the loss of its own rows against every column; DDP's gradient
+averaging then gives exactly the single-process gradient of the global-batch loss.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from fluxvit.models import FluxViT, FluxViTConfig, create_model
+from fluxvit.models.checkpoint import read_metadata, read_state_dict
+
+from ..common.loop import StepOutput
+from .config import VideoTextConfig
+from .text import TextTower, build_text_tower
+
+__all__ = ["VideoTextModel", "VideoTextTask", "all_gather_with_grad", "contrastive_loss", "load_videotext",
+           "save_videotext"]
+
+log = logging.getLogger("fluxvit.train")
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather rows of every rank; backward sums the gradients of all ranks and returns this rank's slice
+    (works on gloo, which has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        sizes = torch.tensor([x.shape[0]], device=x.device)
+        all_sizes = [torch.zeros_like(sizes) for _ in range(world)]
+        dist.all_gather(all_sizes, sizes)
+        all_sizes = [int(s) for s in all_sizes]
+        pad = max(all_sizes) - x.shape[0]
+        xp = torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x.contiguous()
+        parts = [torch.empty_like(xp) for _ in range(world)]
+        dist.all_gather(parts, xp)
+        ctx.sizes, ctx.rank = all_sizes, rank
+        return torch.cat([p[:n] for p, n in zip(parts, all_sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(B_local, D) -> ((B_global, D), offset of this rank's rows); identity without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    gathered = _GatherWithGrad.apply(x)
+    sizes = torch.tensor([x.shape[0]], device=x.device)
+    all_sizes = [torch.zeros_like(sizes) for _ in range(dist.get_world_size())]
+    dist.all_gather(all_sizes, sizes)
+    return gathered, int(sum(int(s) for s in all_sizes[: dist.get_rank()]))
+
+
+def contrastive_loss(video: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Symmetric InfoNCE of this rank's rows against the global batch.
+
+    Args:
+        video, text: (B_local, E) L2-normalised embeddings of matching pairs.
+        logit_scale: scalar, log of the inverse temperature.
+
+    Returns:
+        the loss (mean of the video-to-text and text-to-video cross-entropies over this rank's rows; its
+        mean over ranks is the global-batch loss) and detached terms for logging.
+    """
+    all_video, offset = all_gather_with_grad(video)
+    all_text, _ = all_gather_with_grad(text)
+    scale = logit_scale.exp()
+    labels = torch.arange(video.shape[0], device=video.device) + offset
+    v2t = F.cross_entropy(scale * video @ all_text.T, labels)
+    t2v = F.cross_entropy(scale * text @ all_video.T, labels)
+    loss = 0.5 * (v2t + t2v)
+    with torch.no_grad():
+        acc = (scale * video @ all_text.T).argmax(1).eq(labels).float().mean()
+    return loss, {"vtc": loss.detach(), "v2t": v2t.detach(), "t2v": t2v.detach(), "temperature": 1 / scale.detach(),
+                  "batch_acc": acc}
+
+
+class VideoTextModel(nn.Module):
+    """Video tower + projections into a joint space (+ the text tower when it is trained).
+
+    ``forward(video, text_features, num_tokens)`` -> (video_emb (V, E), text_emb (B, E), logit_scale), both
+    L2-normalised; V = B, or B * len(budgets) when ``num_tokens`` is a list (budget-major, one packed pass).
+    """
+
+    def __init__(self, video: FluxViT, text_dim: int, embed_dim: int, temperature: float = 0.07,
+                 learnable_temperature: bool = True, min_temperature: float = 0.01,
+                 text_tower: TextTower | None = None):
+        super().__init__()
+        self.video = video
+        self.vision_proj = nn.Linear(video.config.clip_embed_dim, embed_dim)
+        self.text_proj = nn.Linear(text_dim, embed_dim)
+        init = torch.tensor(math.log(1.0 / temperature))
+        if learnable_temperature:
+            self.logit_scale = nn.Parameter(init)
+        else:
+            self.register_buffer("logit_scale", init)
+        self.max_logit_scale = math.log(1.0 / min_temperature)
+        self.text = text_tower  # None when frozen (kept outside the trained module)
+
+    def clamped_scale(self) -> torch.Tensor:
+        return self.logit_scale.clamp(max=self.max_logit_scale)
+
+    def encode_video(self, video, num_tokens=None) -> torch.Tensor:
+        """(B, 3, T, H, W) or list of clips -> (B, E); ``num_tokens`` one budget or one per clip."""
+        feats = self.video.forward_features(video, num_tokens)
+        return F.normalize(self.vision_proj(feats.pooled), dim=-1)
+
+    def encode_text_features(self, text_features: torch.Tensor) -> torch.Tensor:
+        """(B, text_dim) tower features -> (B, E)."""
+        return F.normalize(self.text_proj(text_features), dim=-1)
+
+    def forward(self, video, text_features=None, num_tokens=None, captions=None):
+        if captions is not None:
+            if self.text is None:
+                raise ValueError("captions given but the text tower is frozen: pass text_features")
+            text_features = self.text(captions)
+        if isinstance(num_tokens, (list, tuple)):
+            feats = self.video.forward_multi(video, budgets=list(num_tokens), heads=[None] * len(num_tokens))
+            v = F.normalize(self.vision_proj(feats.pooled), dim=-1)
+        else:
+            v = self.encode_video(video, num_tokens)
+        return v, self.encode_text_features(text_features), self.clamped_scale()
+
+
+def _build_video(cfg: VideoTextConfig) -> FluxViT:
+    return create_model(cfg.video.name, num_classes=0, drop_path_rate=cfg.video.drop_path_rate,
+                        **dict(cfg.video.overrides))
+
+
+class VideoTextTask:
+    """The ``TrainTask`` of stage 2 (see ``fluxvit.stages.common.loop``)."""
+
+    def __init__(self, cfg: VideoTextConfig, text_tower: TextTower | None = None):
+        self.cfg = cfg
+        t = cfg.text
+        self.text_tower = text_tower or build_text_tower(t.spec, t.freeze, t.pooling, t.max_length)
+        c = cfg.contrast
+        self.model = VideoTextModel(_build_video(cfg), self.text_tower.dim, c.embed_dim, c.temperature,
+                                    c.learnable_temperature, c.min_temperature,
+                                    None if t.freeze else self.text_tower)
+        self.evaluator = None  # set by train.py: callable(model_module) -> metrics dict
+
+    def to_device(self, device: torch.device) -> None:
+        self.model.to(device)
+        self.text_tower.to(device)
+
+    def load_init(self, path: str) -> None:
+        """Initialise the video tower from a stage-1 export (its embedded config defines the architecture)
+        or from another stage-2 export (video tower and projections)."""
+        meta = read_metadata(path)
+        state = read_state_dict(path)
+        if "fluxvit_videotext" in meta:
+            own = self.model.state_dict()
+            loadable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+            self.model.load_state_dict(loadable, strict=False)
+            log.info("init from stage-2 export %s (%d tensors)", path, len(loadable))
+            return
+        cfg = json.loads(meta["fluxvit_config"])
+        cfg.update(num_classes=0, drop_path_rate=self.cfg.video.drop_path_rate)
+        video = FluxViT(FluxViTConfig(**cfg))
+        missing, unexpected = video.load_state_dict(
+            {k: v for k, v in state.items() if not k.startswith("head.")}, strict=False)
+        missing = [k for k in missing if not k.startswith("head.")]
+        if missing:
+            raise ValueError(f"{path} lacks video tower weights: {missing[:6]}")
+        self.model.video = video
+        if self.model.vision_proj.in_features != video.config.clip_embed_dim:
+            self.model.vision_proj = nn.Linear(video.config.clip_embed_dim, self.model.vision_proj.out_features)
+        log.info("video tower initialised from stage-1 export %s", path)
+
+    def _budgets(self, step: int):
+        v = self.cfg.video
+        if v.budget_mode == "all" and len(v.budgets) > 1:
+            return list(v.budgets)
+        return random.Random(f"budget-{self.cfg.train.seed}-{step}").choice(list(v.budgets))
+
+    def compute_loss(self, model: nn.Module, batch: dict, step: int) -> StepOutput:
+        captions = list(batch["caption"])
+        if any(not c for c in captions):
+            raise ValueError("video-text training needs a caption for every sample (empty caption found)")
+        budgets = self._budgets(step)
+        if self.cfg.text.freeze:
+            text_features = self.text_tower(captions)
+            v, t, scale = model(batch["video"], text_features=text_features, num_tokens=budgets)
+        else:
+            v, t, scale = model(batch["video"], num_tokens=budgets, captions=captions)
+        if isinstance(budgets, list):  # every budget against the same texts; average the losses
+            B = t.shape[0]
+            parts = [contrastive_loss(v[j * B:(j + 1) * B], t, scale) for j in range(len(budgets))]
+            loss = sum(p[0] for p in parts) / len(parts)
+            terms = {k: sum(p[1][k] for p in parts) / len(parts) for k in parts[0][1]}
+        else:
+            loss, terms = contrastive_loss(v, t, scale)
+        n = len(captions)
+        kept = sum(min(b, 10**9) for b in (budgets if isinstance(budgets, list) else [budgets])) * n
+        return StepOutput(loss=loss, terms=terms, tokens=int(kept))
+
+    def evaluate(self, model: nn.Module, step: int) -> dict:
+        if self.evaluator is None:
+            return {}
+        return self.evaluator(getattr(model, "module", model), self.text_tower)
+
+    def export(self, model: nn.Module, path: Path) -> Path:
+        return save_videotext(getattr(model, "module", model), self.text_tower, self.cfg, path)
+
+
+def save_videotext(model: VideoTextModel, text_tower: TextTower, cfg: VideoTextConfig, path) -> Path:
+    """One safetensors file: video tower, projections, temperature (and the text tower when trained), with the
+    video config, text spec and joint-space settings as metadata. Atomic."""
+    import os
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {
+        "fluxvit_videotext": "1",
+        "fluxvit_config": json.dumps(model.video.config.to_dict()),
+        "text": json.dumps({"spec": cfg.text.spec, "freeze": cfg.text.freeze, "pooling": cfg.text.pooling,
+                            "max_length": cfg.text.max_length, "dim": text_tower.dim}),
+        "contrast": json.dumps({"embed_dim": model.text_proj.out_features,
+                                "learnable_temperature": isinstance(model.logit_scale, nn.Parameter),
+                                "min_temperature": math.exp(-model.max_logit_scale)}),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def load_videotext(path, text_tower: TextTower | None = None) -> tuple[VideoTextModel, TextTower]:
+    """Rebuild (VideoTextModel, TextTower) from a ``save_videotext`` file alone (the text tower is rebuilt
+    from its spec unless given)."""
+    meta = read_metadata(path)
+    if "fluxvit_videotext" not in meta:
+        raise ValueError(f"{path} is not a stage-2 video-text checkpoint")
+    text = json.loads(meta["text"])
+    contrast = json.loads(meta["contrast"])
+    video = FluxViT(FluxViTConfig(**json.loads(meta["fluxvit_config"])))
+    tower = text_tower or build_text_tower(text["spec"], True, text["pooling"], text["max_length"])
+    trained_text = not text["freeze"]
+    model = VideoTextModel(video, text["dim"], contrast["embed_dim"], 0.07, contrast["learnable_temperature"],
+                           contrast["min_temperature"], tower if trained_text else None)
+    state = read_state_dict(path)
+    model.load_state_dict(state, strict=True)
+    tower.frozen = True
+    tower.requires_grad_(False)
+    tower.eval()
+    return model.eval(), tower

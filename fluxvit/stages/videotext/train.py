@@ -1,0 +1,87 @@
+"""Stage 2 entry point: build config, task and data, then run the shared loop.
+
+    accelerate launch --config_file launch/cpu.yaml -m fluxvit.stages.videotext --preset demo \
+        --set train.init_from=runs/pretrain/distill/student.safetensors
+    python -m fluxvit.stages.videotext --preset smoke --set data.root=/tmp/synth
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+from ..common import apply_overrides, build_accelerator, build_source, config_to_dict, fit, seed_everything, setup_logging
+from ..common.loop import TrainResult
+from .config import VideoTextConfig, presets
+from .retrieval import corpus_splits
+from .task import VideoTextTask
+
+__all__ = ["build_config", "main"]
+
+log = logging.getLogger("fluxvit.train")
+
+
+def build_config(preset: str, overrides: Sequence[str] = ()) -> VideoTextConfig:
+    """The named preset with ``key.sub=value`` overrides applied."""
+    return apply_overrides(presets.get(preset), list(overrides))
+
+
+def _make_evaluator(cfg: VideoTextConfig):
+    """Held-out retrieval during training: the first retrieval setting and budget on the val split."""
+    from .retrieval import evaluate_retrieval, load_retrieval_set
+
+    frames, res = cfg.retrieval.settings[0]
+    budget = cfg.retrieval.budgets[0]
+    shards = cfg.data.val_shards or cfg.data.shards
+    cache = {}
+
+    def evaluator(model, tower) -> dict:
+        if "set" not in cache:
+            cache["set"] = load_retrieval_set(f"shards:{shards}", frames, res, max_videos=cfg.retrieval.max_videos or 64,
+                                              normalize=cfg.data.normalize)
+        device = next(model.parameters()).device
+        m = evaluate_retrieval(model, tower, cache["set"], [budget], cfg.retrieval.dual_softmax, device)[budget]
+        return {"val_t2v_r1": m["t2v_r1"], "val_v2t_r1": m["v2t_r1"], "val_chance_r1": m["chance_r1"]}
+
+    return evaluator
+
+
+def main(argv: Sequence[str] | None = None) -> TrainResult | None:
+    """Run stage 2; returns the ``TrainResult`` (also callable in-process from tests)."""
+    p = argparse.ArgumentParser(prog="python -m fluxvit.stages.videotext",
+                                description="FluxViT stage 2: Flux-CLIP video-text contrastive pretraining")
+    p.add_argument("--preset", default="smoke", help=f"named preset: {', '.join(presets.names())}")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field, e.g. --set optim.lr=1e-3 (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    args = p.parse_args(argv)
+    cfg = build_config(args.preset, args.overrides)
+    if args.print_config:
+        sys.stdout.write(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+        return None
+
+    seed_everything(cfg.train.seed)
+    acc = build_accelerator(cfg.train, cfg.data.batch_size, cfg.optim.clip_grad)
+    setup_logging(acc.is_main_process)
+    # The synthetic corpus is generated once, by the main process, before any rank reads it.
+    if cfg.data.source == "synthetic-corpus":
+        if acc.is_main_process:
+            corpus_splits(cfg.data.root)
+        acc.wait_for_everyone()
+        splits = corpus_splits(cfg.data.root)
+        cfg.data.shards = cfg.data.shards or splits["train"]
+        cfg.data.val_shards = cfg.data.val_shards or splits.get("val", "")
+        cfg.data.source = "shards"
+    log.info("videotext preset %s on %d process(es), device %s, mixed precision %s", args.preset,
+             acc.num_processes, acc.device, acc.mixed_precision)
+    task = VideoTextTask(cfg)
+    if cfg.train.eval_every and acc.is_main_process:
+        task.evaluator = _make_evaluator(cfg)
+    source = build_source(cfg.data, cfg.train.seed, acc.process_index, acc.num_processes)
+    result = fit(cfg, task, source, acc)
+    if acc.is_main_process and result.evals:
+        log.info("held-out retrieval: %s -> %s", result.evals[0][1], result.evals[-1][1])
+    acc.end_training()
+    return result
