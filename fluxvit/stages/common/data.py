@@ -111,50 +111,61 @@ class SyntheticClips:
 
 
 class LoaderSource:
-    """Micro-batches of ``fluxvit.datasets.build_video_loader`` (epochs chained, deterministic order).
+    """Micro-batches of ``fluxvit.datasets.build_video_loader``, epochs chained with ``set_epoch``.
 
-    ``batches(start)`` skips ``start`` batches to restore the data position of a checkpoint.
+    ``batches(start)`` skips ``start`` batches to restore a checkpoint's data position (exact for the
+    loader's seeded order; skipping decodes nothing but still iterates). ``skipped`` reports the data
+    pipeline's count of bad samples.
     """
 
-    def __init__(self, cfg: DataConfig, seed: int = 0, rank: int = 0, world_size: int = 1, train: bool = True):
+    def __init__(self, cfg: DataConfig, seed: int = 0, rank: int = 0, world_size: int = 1):
         from fluxvit import datasets as fd
 
         self.fd = fd
-        self.cfg, self.seed, self.rank, self.world, self.train = cfg, seed, rank, world_size, train
-        self.skipped = 0
-        self._loader = None
+        self.cfg, self.seed, self.rank, self.world = cfg, seed, rank, world_size
 
-    def _build(self, shards: str, train: bool):
+    @property
+    def skipped(self) -> int:
+        return int(self.fd.stats().skipped)
+
+    def _config(self, shards: str, train: bool):
         fd, c = self.fd, self.cfg
-        grid = fd.FluxGrid(frames=sorted({f for f, _ in flux_grids(c)}),
-                           resolutions=sorted({r for _, r in flux_grids(c)}),
-                           threshold=(0, 10**9), patch_size=14) if c.grids else fd.FluxGrid.preset(c.flux_preset)
-        dc = fd.DataConfig(shards=shards, num_frames=c.num_frames, img_size=c.img_size, batch_size=c.batch_size,
-                           num_workers=c.num_workers, seed=self.seed, normalize=c.normalize, train=train,
-                           flip=c.flip and train, grid=grid if train else None,
-                           **({"decoder": c.decoder} if c.decoder else {}))
-        return fd.build_video_loader(dc, rank=self.rank, world_size=self.world)
+        if c.grids:
+            pairs = flux_grids(c)
+            tokens = [f * (r // 14) ** 2 for f, r in pairs]
+            grid = fd.FluxGrid(frames=sorted({f for f, _ in pairs}), resolutions=sorted({r for _, r in pairs}),
+                               threshold=(min(tokens), max(tokens)))
+        else:
+            grid = fd.FluxGrid.preset(c.flux_preset)
+        extra = {"decoder": c.decoder} if c.decoder else {}
+        return fd.DataConfig(shards=shards, num_frames=c.num_frames, img_size=c.img_size, batch_size=c.batch_size,
+                             num_workers=c.num_workers, seed=self.seed, normalize=c.normalize, train=train,
+                             flip=c.flip and train, grid=grid if train else None, **extra)
 
     def batches(self, start: int = 0) -> Iterator[dict]:
         """Endless batches from ``start`` on."""
-        n = 0
+        loader = self.fd.build_video_loader(self._config(self.cfg.shards, True), rank=self.rank,
+                                            world_size=self.world)
+        n, epoch = 0, 0
         while True:
-            loader = self._build(self.cfg.shards, self.train)
-            self._loader = loader
+            loader.set_epoch(epoch)
             got = False
             for batch in loader:
                 got = True
-                self.skipped = int(getattr(loader, "skipped", getattr(loader, "num_skipped", self.skipped)) or 0)
                 if n >= start:
                     yield batch
                 n += 1
             if not got:
                 raise RuntimeError(f"data loader over {self.cfg.shards!r} yielded no batch")
+            epoch += 1
 
     def held_out(self, grids=None) -> list[torch.Tensor]:
-        """Up to ``num_val_clips`` validation clips (1, 3, T, H, W) from ``val_shards`` at the default grid."""
+        """Up to ``num_val_clips`` clips (1, 3, num_frames, img_size, img_size) from ``val_shards``."""
+        cfg = self._config(self.cfg.val_shards or self.cfg.shards, False)
+        if grids:
+            cfg.num_frames, cfg.img_size = (int(v) for v in grids[0])
         out = []
-        for batch in self._build(self.cfg.val_shards or self.cfg.shards, train=False):
+        for batch in self.fd.build_video_loader(cfg, rank=0, world_size=1):
             video = batch["video"]
             clips = list(video) if isinstance(video, (list, tuple)) else list(video.unbind(0))
             out.extend(c[None] for c in clips)
@@ -172,9 +183,13 @@ def build_source(cfg: DataConfig, seed: int, rank: int, world_size: int):
         if cfg.source == "synthetic-corpus":
             from fluxvit.datasets.synth import ensure_synthetic_corpus
 
-            corpus = ensure_synthetic_corpus(cfg.root)
-            if not cfg.shards:
-                cfg.shards = str(getattr(corpus, "train", corpus))
+            if not cfg.root:
+                raise ValueError("data.source=synthetic-corpus needs data.root (where the corpus is generated)")
+            # Only rank 0 would need to write, but generation is idempotent and cheap to check.
+            corpus = ensure_synthetic_corpus(cfg.root, num_train=cfg.num_clips, num_val=cfg.num_val_clips,
+                                             num_test=cfg.num_val_clips, workers=1)
+            cfg.shards = cfg.shards or corpus["splits"]["train"]["shards"]
+            cfg.val_shards = cfg.val_shards or corpus["splits"]["val"]["shards"]
         if not cfg.shards:
             raise ValueError("data.source=shards needs data.shards (a brace pattern of .tar files)")
         return LoaderSource(cfg, seed, rank, world_size)

@@ -94,6 +94,18 @@ def smoke() -> DistillConfig:
     )
 
 
+@presets.register
+def smoke_corpus() -> DistillConfig:
+    """``smoke`` on the synthetic mp4 corpus through ``fluxvit.datasets`` (generated into data.root on first
+    use; decoding makes it several times slower than ``smoke`` on a CPU)."""
+    cfg = smoke()
+    cfg.data.source, cfg.data.root, cfg.data.decoder = "synthetic-corpus", "data/synth_distill", "pyav"
+    cfg.data.num_clips, cfg.data.num_val_clips = 200, 8
+    cfg.train.run_dir = "runs/distill_smoke_corpus"
+    cfg.eval_grid = []
+    return cfg
+
+
 def _paper(student: str) -> DistillConfig:
     # Paper recipe (FLUXVIT.md section 4): AdamW (0.9, 0.98), wd 0.05, lr 1e-3, global batch 2048,
     # 100 epochs over ~1.1 M clips (~53.7 k steps) with 20 warmup epochs, drop path 0.05, teacher 2048
