@@ -11,10 +11,11 @@ TEXT ?=
 LAUNCH ?= launch/cpu.yaml
 RUN_DIR ?= runs
 
-.PHONY: help setup test test-fast bench bench-data pretrain distill retrieval-eval tokenopt clean-venv
+.PHONY: help setup test test-fast bench bench-data bench-distill pretrain distill retrieval-eval tokenopt clean-venv
 
 help:
 	@echo "make pretrain        stage 1 + stage 2 on the synthetic corpus (demo scale)"
+	@echo "make distill         stage 1 distillation (PRESET=smoke DATA= TEACHER= LAUNCH=launch/cpu.yaml)"
 	@echo "make retrieval-eval  zero-shot retrieval of the pretrained model"
 	@echo "make test            the CPU test suite (bootstraps .venv)"
 	@echo "make bench           model benchmarks (selector cost, packed vs padded)"
@@ -45,6 +46,17 @@ bench: $(STAMP)
 
 bench-data: $(STAMP)
 	$(PY) -m benchmarks.bench_data
+
+# Stage 1 distillation. PRESET=smoke|smoke_corpus|small|base; DATA=shard pattern (data.source=shards);
+# TEACHER=local open_clip weights file; LAUNCH=accelerate config in launch/ (cpu.yaml, gpu8.yaml, ...).
+distill: $(STAMP)
+	$(VENV)/bin/accelerate launch --config_file $(LAUNCH) -m fluxvit.stages.distill --preset $(PRESET) \
+	  --set train.run_dir=$(RUN_DIR)/distill_$(PRESET) \
+	  $(if $(DATA),--set data.source=shards --set data.shards='$(DATA)') \
+	  $(if $(TEACHER),--set teacher.weights=$(TEACHER) --set teacher.pretrained=)
+
+bench-distill: $(STAMP)
+	$(PY) -m benchmarks.bench_distill
 
 pretrain: $(STAMP)
 	@echo "make pretrain: stage 1 + stage 2 are not implemented yet (issues 4 and 5)"; exit 2

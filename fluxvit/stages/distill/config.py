@@ -101,6 +101,7 @@ def smoke_corpus() -> DistillConfig:
     cfg = smoke()
     cfg.data.source, cfg.data.root, cfg.data.decoder = "synthetic-corpus", "data/synth_distill", "pyav"
     cfg.data.num_clips, cfg.data.num_val_clips = 200, 8
+    cfg.data.num_frames, cfg.data.img_size = 8, 112  # held-out clips
     cfg.train.run_dir = "runs/distill_smoke_corpus"
     cfg.eval_grid = []
     return cfg
