@@ -57,19 +57,24 @@ def crop_resize(clip: torch.Tensor, box: Box, size: int, *, flip: bool = False, 
         float32 tensor ``(3, T, size, size)``.
     """
     top, left, h, w = box
-    x = clip[:, top:top + h, left:left + w, :].permute(0, 3, 1, 2).float()  # (T, 3, h, w)
+    x = clip[:, top:top + h, left:left + w, :].permute(0, 3, 1, 2)  # (T, 3, h, w), channels-last view
     if (h, w) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
+        # Resizing the uint8 channels-last crop is ~10x faster on CPU than resizing floats.
+        try:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
+        except (RuntimeError, NotImplementedError):  # torch builds without the uint8 kernel
+            x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False,
+                              antialias=antialias).round_().clamp_(0, 255)
     if flip:
         x = x.flip(-1)
+    out = torch.empty((3, x.shape[0], size, size), dtype=torch.float32)
+    out.copy_(x.permute(1, 0, 2, 3))  # one pass: layout change and conversion to float
     if normalize is None:
-        x = x.div_(255.0)
-    else:
-        mean, std = normalize_stats(normalize)
-        m = torch.tensor(mean, dtype=x.dtype).mul_(255.0).view(1, 3, 1, 1)
-        s = torch.tensor(std, dtype=x.dtype).mul_(255.0).view(1, 3, 1, 1)
-        x = x.sub_(m).div_(s)
-    return x.permute(1, 0, 2, 3).contiguous()
+        return out.mul_(1.0 / 255.0)
+    mean, std = normalize_stats(normalize)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(3, 1, 1, 1)
+    return out.mul_(scale).add_(shift)
 
 
 @dataclass(frozen=True)
