@@ -1,0 +1,139 @@
+"""Stage 2: contrastive loss across processes, text towers, smoke run, retrieval from a saved checkpoint."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from fluxvit.models import create_model
+from fluxvit.stages.videotext import VideoTextModel, build_text_tower, contrastive_loss, load_videotext
+from fluxvit.stages.videotext import main as videotext_main
+from fluxvit.stages.videotext.retrieval import main as retrieval_main
+
+B_GLOBAL, TEXT_DIM = 6, 12
+
+
+def _model():
+    torch.manual_seed(0)
+    video = create_model("fluxvit_tiny_patch14", num_classes=0, depth=1, img_size=28, num_frames=2)
+    return VideoTextModel(video, TEXT_DIM, embed_dim=16, temperature=0.1)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(B_GLOBAL, 3, 2, 28, 28, generator=g), torch.randn(B_GLOBAL, TEXT_DIM, generator=g)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _worker(rank, world, port, out):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _model()
+        ddp = DDP(model, find_unused_parameters=True)
+        video, text = _batch()
+        per = B_GLOBAL // world
+        v, t, scale = ddp(video[rank * per:(rank + 1) * per], text_features=text[rank * per:(rank + 1) * per])
+        loss, _ = contrastive_loss(v, t, scale)
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        if rank == 0:
+            torch.save({"world": dist.get_world_size(), "loss": mean_loss / world, "grads": _grads(model)}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_over_the_global_batch(tmp_path):
+    out = tmp_path / "rank0.pt"
+    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
+    dist_result = torch.load(out, weights_only=True)
+    assert dist_result["world"] == 2
+
+    model = _model()
+    video, text = _batch()
+    v, t, scale = model(video, text_features=text)
+    loss, _ = contrastive_loss(v, t, scale)
+    loss.backward()
+    single = _grads(model)
+
+    torch.testing.assert_close(dist_result["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+    assert set(dist_result["grads"]) == set(single)
+    for name, grad in single.items():
+        torch.testing.assert_close(dist_result["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert single["logit_scale"].abs() > 0 and single["video.blocks.0.attn.qkv.weight"].abs().sum() > 0
+
+
+def test_contrastive_loss_prefers_matching_pairs():
+    e = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    scale = torch.tensor(3.0)
+    matched, _ = contrastive_loss(e, e, scale)
+    shuffled, _ = contrastive_loss(e, e.roll(1, 0), scale)
+    assert matched < shuffled
+
+
+def test_embedded_minilm_tower_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tower = build_text_tower("minilm")
+    feats = tower(["a red circle moving left", "a red circle moving left", "a blue square moving up"])
+    assert feats.shape == (3, 384) and not feats.requires_grad
+    sim = torch.nn.functional.cosine_similarity
+    assert sim(feats[0], feats[1], dim=0) > 0.999 > sim(feats[0], feats[2], dim=0)
+
+
+def test_open_clip_text_tower_random_init():
+    import open_clip
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    from fluxvit.stages.videotext import OpenClipTextTower
+
+    clip = CLIP(embed_dim=32, vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=16, image_size=32),
+                text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
+    tower = OpenClipTextTower(clip, open_clip.get_tokenizer("ViT-B-32"), "open_clip:test", freeze=False)
+    feats = tower(["a cat", "a dog"])
+    assert feats.shape == (2, 32) and feats.requires_grad
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    from fluxvit.datasets.synth import make_synthetic_corpus
+
+    root = tmp_path_factory.mktemp("synth")
+    make_synthetic_corpus(root, num_train=24, num_val=8, num_test=8, num_frames=8, size=64, samples_per_shard=12,
+                          workers=1)
+    return root
+
+
+@pytest.mark.slow
+def test_smoke_run_end_to_end_then_retrieval_from_checkpoint(tiny_corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = tmp_path / "run"
+    result = videotext_main(["--preset", "smoke", "--set", f"data.root={tiny_corpus}", "--set", f"train.run_dir={run}",
+                             "--set", "train.eval_every=4", "--set", "train.progress=false"])
+    assert result.steps == 4 and result.export_path.is_file()
+    assert all(torch.isfinite(torch.tensor(h["vtc"])) for h in result.history)
+    assert (run / "config.json").is_file() and result.evals  # resolved config saved, held-out eval ran
+
+    model, tower = load_videotext(result.export_path)
+    assert model.video.config.depth == 2 and tower.dim == 384
+    report = retrieval_main(["--checkpoint", str(result.export_path), "--root", str(tiny_corpus), "--budgets", "64",
+                             "16", "--settings", "4x56", "--out", str(tmp_path / "r.json")])
+    assert [r["budget"] for r in report["results"]] == [64, 16]
+    assert report["results"][0]["num_videos"] == 8 and report["results"][0]["chance_r1"] == 12.5
+    assert json.loads((tmp_path / "r.json").read_text())["results"][1]["kept_tokens"] == 16
+    assert "T2V R@1" in capsys.readouterr().out
