@@ -79,7 +79,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
     base = cfg.lr
 
     def factor(step: int) -> float:
-        return cosine_lr(step, total_steps, warm, base, cfg.min_lr) / base
+        return cosine_lr(step, total_steps, warm, base, cfg.min_lr) / base if base > 0 else 0.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
