@@ -58,8 +58,35 @@ distill: $(STAMP)
 bench-distill: $(STAMP)
 	$(PY) -m benchmarks.bench_distill
 
-pretrain: $(STAMP)
-	@echo "make pretrain: stage 1 + stage 2 are not implemented yet (issues 4 and 5)"; exit 2
+# The front door: synthetic corpus (generated once) -> stage 1 (distillation) -> stage 2 (video-text).
+# Real data: DATA=video shards with captions, TEACHER=open_clip weights, TEXT=text tower spec
+# (hf:bert-base-uncased, a local folder, open_clip:MODEL[:PRETRAINED]), LAUNCH=launch/gpu8.yaml,
+# PRETRAIN_PRESETS="small paper_s" (stage 1 and stage 2 presets).
+SYNTH ?= data/synthetic
+PRETRAIN_DIR ?= $(RUN_DIR)/pretrain
+PRETRAIN_PRESETS ?= demo demo
+ACCEL = $(VENV)/bin/accelerate launch --config_file $(LAUNCH)
+
+$(SYNTH)/corpus.json: | $(STAMP)
+	$(VENV)/bin/fluxvit-data synth --out $(SYNTH)
+
+pretrain: $(STAMP) $(if $(DATA),,$(SYNTH)/corpus.json)
+	$(ACCEL) -m fluxvit.stages.distill --preset $(word 1,$(PRETRAIN_PRESETS)) \
+	  --set train.run_dir=$(PRETRAIN_DIR)/distill \
+	  $(if $(DATA),--set data.source=shards --set data.shards='$(DATA)',--set data.root=$(SYNTH)) \
+	  $(if $(TEACHER),--set teacher.weights=$(TEACHER) --set teacher.pretrained=)
+	$(ACCEL) -m fluxvit.stages.videotext --preset $(word 2,$(PRETRAIN_PRESETS)) \
+	  --set train.run_dir=$(PRETRAIN_DIR)/videotext \
+	  --set train.init_from=$(PRETRAIN_DIR)/distill/student.safetensors \
+	  $(if $(DATA),--set data.source=shards --set data.shards='$(DATA)',--set data.root=$(SYNTH)) \
+	  $(if $(TEXT),--set text.spec=$(TEXT))
+	@echo "pretrained video-text model: $(PRETRAIN_DIR)/videotext/videotext.safetensors (make retrieval-eval)"
+
+# Zero-shot retrieval of the pretrained model. EVAL_DATA=synthetic | shards:SPEC | msrvtt:ANN.json:VIDEO_DIR
+EVAL_DATA ?= synthetic
+retrieval-eval: $(STAMP)
+	$(PY) -m fluxvit.stages.videotext.retrieval --checkpoint $(PRETRAIN_DIR)/videotext/videotext.safetensors \
+	  --data $(EVAL_DATA) --root $(SYNTH) $(EVAL_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

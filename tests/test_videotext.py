@@ -137,3 +137,27 @@ def test_smoke_run_end_to_end_then_retrieval_from_checkpoint(tiny_corpus, tmp_pa
     assert report["results"][0]["num_videos"] == 8 and report["results"][0]["chance_r1"] == 12.5
     assert json.loads((tmp_path / "r.json").read_text())["results"][1]["kept_tokens"] == 16
     assert "T2V R@1" in capsys.readouterr().out
+
+
+def test_msrvtt_json_input_with_several_captions(tiny_corpus, tmp_path):
+    """MSRVTT-style annotations: a JSON list of {video, caption or [captions]} over a folder of videos."""
+    import tarfile
+
+    from fluxvit.stages.videotext.retrieval import load_retrieval_set
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    with tarfile.open(tiny_corpus / "test" / "00000.tar") as tar:
+        members = [m for m in tar.getmembers() if m.name.endswith(".mp4")][:3]
+        for m in members:
+            (videos / m.name).write_bytes(tar.extractfile(m).read())
+    ann = [{"video": members[0].name, "caption": ["first caption", "another caption"]},
+           {"video": members[1].name, "caption": "second caption"},
+           {"video": members[2].name, "caption": ["third"]}]
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    rset = load_retrieval_set(f"msrvtt:{tmp_path / 'ann.json'}:{videos}", 4, 56)
+    assert len(rset.videos) == 3 and rset.videos[0].shape == (3, 4, 56, 56)
+    assert rset.texts == ["first caption", "another caption", "second caption", "third"]
+    assert rset.text_to_video == [0, 0, 1, 2]
+    with pytest.raises(ValueError, match="unknown --data"):
+        load_retrieval_set("webvid", 4, 56)
