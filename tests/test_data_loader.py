@@ -38,6 +38,7 @@ def test_batches_have_contract_fields(corpus):
     loader = build_video_loader(cfg(corpus, train=False, batch_size=5), rank=0, world_size=1)
     batches = list(loader)
     assert [len(b["key"]) for b in batches] == [5, 5, 5, 5, 4]  # evaluation keeps the last partial batch
+    assert len(loader) == 5
     b = batches[0]
     assert b["video"].shape == (5, 3, 2, 16, 16) and b["video"].dtype == torch.float32
     assert b["caption"][0] == "clip 0-0" and b["label"].dtype == torch.long and b["label"][0] == 0
@@ -168,3 +169,25 @@ def test_resume_skips_whole_shards_unopened(corpus, monkeypatch):
     keys = keys_of(loader)
     assert len(opened) == SHARDS - 2  # shards 0 and 1 skipped without opening
     assert keys[0] == "s2k2" and len(keys) == SHARDS * PER_SHARD - 10
+
+
+def test_pipe_shards_and_per_source_noflip(corpus):
+    first = corpus.replace("{00000..00005}", "00000")
+    loader = build_video_loader(cfg(f"pipe:cat {first}", train=False), rank=0, world_size=1)
+    assert keys_of(loader) == [f"s0k{i}" for i in range(PER_SHARD)]
+    rest = corpus.replace("{00000..00005}", "{00001..00005}")
+    dataset = build_video_loader(cfg(f"{first}::noflip;{rest}"), rank=0, world_size=1).dataset
+    assert dataset._flip_of[first] is False and dataset._flip_of[corpus.replace("{00000..00005}", "00001")] is True
+
+
+def test_flip_disallowed_never_flips():
+    from fluxvit.datasets import VideoTransform
+    clip = torch.zeros(2, 24, 32, 3, dtype=torch.uint8)
+    clip[:, :, :16] = 255
+    flips = 0
+    for seed in range(20):
+        no = VideoTransform(flip=True)(clip, 16, random.Random(seed), flip_allowed=False)
+        ref = VideoTransform(flip=False)(clip, 16, random.Random(seed))
+        assert torch.equal(no, ref)
+        flips += not torch.equal(VideoTransform(flip=True)(clip, 16, random.Random(seed)), ref)
+    assert flips > 0

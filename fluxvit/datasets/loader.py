@@ -124,7 +124,7 @@ def _label(sample: dict, meta: dict) -> int:
 
 
 def process_sample(sample: dict, cfg: DataConfig, *, num_frames: int, size: int, rng: random.Random,
-                   flip_allowed: bool = True) -> dict:
+                   flip_allowed: bool = True, out: torch.Tensor | None = None) -> dict:
     """Turn one raw tar sample into a training / evaluation example.
 
     Args:
@@ -133,6 +133,8 @@ def process_sample(sample: dict, cfg: DataConfig, *, num_frames: int, size: int,
         num_frames: frames ``T``; size: output side ``S``.
         rng: randomness for frame sampling, crops, flips and caption choice.
         flip_allowed: whether this sample's source may be flipped.
+        out: optional float32 tensor of the output's shape to write the video into (a slot of a batch buffer,
+            which saves a copy when batching).
 
     Returns:
         ``{"video", "caption", "label", "key"}``; ``video`` is ``(3, T, S, S)`` float, or ``(V, 3, T, S, S)`` in
@@ -158,13 +160,18 @@ def process_sample(sample: dict, cfg: DataConfig, *, num_frames: int, size: int,
         if cfg.train:
             clips = decode_clips(data, num_frames, backend=cfg.decoder, sampling="tsn", rng=rng,
                                  num_threads=cfg.decoder_threads)
-            video = VideoTransform(cfg.crop, cfg.flip, cfg.normalize, cfg.antialias)(clips[0], size, rng, flip_allowed)
+            video = VideoTransform(cfg.crop, cfg.flip, cfg.normalize, cfg.antialias)(clips[0], size, rng, flip_allowed,
+                                                                                     out=out)
         else:
             clips = decode_clips(data, num_frames, backend=cfg.decoder, sampling="middle", num_clips=cfg.eval_clips,
                                  num_threads=cfg.decoder_threads)
             views = EvalTransform(cfg.eval_crops, cfg.normalize)
-            out = [v for clip in clips for v in views(clip, size)]
-            video = out[0] if len(out) == 1 else torch.stack(out)
+            if out is None:
+                out = torch.empty((len(clips) * cfg.eval_crops, 3, num_frames, size, size))
+            flat = out.view(len(clips) * cfg.eval_crops, 3, num_frames, size, size)
+            for k, clip in enumerate(clips):
+                views(clip, size, out=flat[k * cfg.eval_crops:(k + 1) * cfg.eval_crops])
+            video = out
     except DecodeError as exc:
         raise SampleError(f"decode error: {exc}") from None
     except (ValueError, RuntimeError) as exc:
@@ -173,18 +180,33 @@ def process_sample(sample: dict, cfg: DataConfig, *, num_frames: int, size: int,
             "key": sample["__key__"]}
 
 
-def collate_videos(examples: list[dict]) -> dict:
+def collate_videos(examples: list[dict], video: torch.Tensor | None = None) -> dict:
     """Batch examples: ``video`` stacks to ``(B, 3, T, H, W)`` (or ``(B, V, 3, T, H, W)``) when all shapes agree,
     otherwise stays a list of ``B`` tensors (the packed input the model accepts); ``caption`` list[str],
-    ``label`` LongTensor ``(B,)`` (-1 = none), ``key`` list[str]."""
+    ``label`` LongTensor ``(B,)`` (-1 = none), ``key`` list[str]. ``video``: the batch tensor the examples were
+    already written into (no stacking)."""
     videos = [e["video"] for e in examples]
-    same = all(v.shape == videos[0].shape for v in videos)
+    if video is None:
+        same = all(v.shape == videos[0].shape for v in videos)
+        video = torch.stack(videos) if same else videos
     return {
-        "video": torch.stack(videos) if same else videos,
+        "video": video,
         "caption": [e["caption"] for e in examples],
         "label": torch.tensor([e["label"] for e in examples], dtype=torch.long),
         "key": [e["key"] for e in examples],
     }
+
+
+def _batch_buffer(shape: tuple[int, ...], in_worker: bool) -> torch.Tensor:
+    """An uninitialised float32 batch tensor; in a DataLoader worker it lives in shared memory (as
+    ``default_collate`` does), so handing it to the main process copies nothing."""
+    if in_worker:
+        try:
+            storage = torch.empty(0)._typed_storage()._new_shared(math.prod(shape))
+            return torch.empty(0).new(storage).view(shape)
+        except (AttributeError, RuntimeError):  # private API moved: fall back to a private buffer
+            pass
+    return torch.empty(shape)
 
 
 def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -316,12 +338,18 @@ class VideoShardDataset(IterableDataset):
             if cfg.grid is not None and not cfg.per_sample_grid:
                 frames, size = cfg.grid.sample(grid_rng)
             batch: list[dict] = []
+            buf = None
+            if cfg.grid is None or not cfg.per_sample_grid:
+                # one (T, S) for the whole batch: decode straight into the batch tensor (no stacking copy)
+                views = () if cfg.train else (cfg.eval_clips * cfg.eval_crops,) if cfg.eval_clips * cfg.eval_crops > 1 else ()
+                buf = _batch_buffer((cfg.batch_size, *views, 3, frames, size, size), in_worker=info is not None)
             for sample in samples:
                 if cfg.grid is not None and cfg.per_sample_grid:
                     frames, size = cfg.grid.sample(grid_rng)
                 try:
                     batch.append(process_sample(sample, cfg, num_frames=frames, size=size, rng=sample_rng,
-                                                flip_allowed=sample["__flip__"]))
+                                                flip_allowed=sample["__flip__"],
+                                                out=None if buf is None else buf[len(batch)]))
                 except SampleError as exc:
                     reason = str(exc)
                     report["skipped"][reason.split(":")[0]] += 1
@@ -332,7 +360,7 @@ class VideoShardDataset(IterableDataset):
                     break
             if not batch or (len(batch) < cfg.batch_size and cfg.train):
                 break  # stream exhausted; training drops the last partial batch
-            out = collate_videos(batch)
+            out = collate_videos(batch, None if buf is None else buf[:len(batch)])
             report["samples"] = len(batch)
             out["_report"] = {**report, "skipped": dict(report["skipped"]), "keys": report["keys"][-32:]}
             report = {"samples": 0, "skipped": Counter(), "shard_errors": 0, "keys": []}
@@ -371,9 +399,20 @@ class VideoLoader:
 
     @property
     def num_batches(self) -> int | None:
-        """Batches per epoch on this rank in training (``None`` when the epoch length is unknown)."""
-        per_worker = self.dataset.batches_per_worker()
-        return None if per_worker is None else per_worker * self.dataset.num_workers()
+        """Batches per epoch on this rank (``None`` when shard sizes and ``epoch_size`` are unknown).
+
+        In evaluation it counts the batches of this rank's shards, assuming every sample decodes."""
+        ds = self.dataset
+        if self.cfg.train:
+            per_worker = ds.batches_per_worker()
+            return None if per_worker is None else per_worker * ds.num_workers()
+        if len(ds.sizes) != len(ds.urls):
+            return None
+        total = 0
+        for worker in range(ds.num_workers()):
+            samples = sum(ds.sizes[u] for u in ds.stream_shards(worker, ds.num_workers()))
+            total += math.ceil(samples / self.cfg.batch_size)
+        return total
 
     @property
     def num_samples(self) -> int | None:

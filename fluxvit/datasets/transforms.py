@@ -42,7 +42,7 @@ def normalize_stats(name: str) -> tuple[tuple[float, float, float], tuple[float,
 
 
 def crop_resize(clip: torch.Tensor, box: Box, size: int, *, flip: bool = False, normalize: str | None = "imagenet",
-                antialias: bool = False) -> torch.Tensor:
+                antialias: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """Crop ``box`` out of a ``uint8`` clip, resize it to ``size x size``, flip, normalise.
 
     Args:
@@ -52,9 +52,10 @@ def crop_resize(clip: torch.Tensor, box: Box, size: int, *, flip: bool = False, 
         flip: mirror horizontally.
         normalize: ``"imagenet"``, ``"clip"`` or ``None`` (then values are in ``[0, 1]``).
         antialias: antialiased bilinear resize (slower; worth it for large downscales).
+        out: optional float32 ``(3, T, size, size)`` to write into (a slot of a preallocated batch).
 
     Returns:
-        float32 tensor ``(3, T, size, size)``.
+        float32 tensor ``(3, T, size, size)`` (``out`` when given).
     """
     top, left, h, w = box
     x = clip[:, top:top + h, left:left + w, :].permute(0, 3, 1, 2)  # (T, 3, h, w), channels-last view
@@ -67,7 +68,8 @@ def crop_resize(clip: torch.Tensor, box: Box, size: int, *, flip: bool = False, 
                               antialias=antialias).round_().clamp_(0, 255)
     if flip:
         x = x.flip(-1)
-    out = torch.empty((3, x.shape[0], size, size), dtype=torch.float32)
+    if out is None:
+        out = torch.empty((3, x.shape[0], size, size), dtype=torch.float32)
     out.copy_(x.permute(1, 0, 2, 3))  # one pass: layout change and conversion to float
     if normalize is None:
         return out.mul_(1.0 / 255.0)
@@ -165,12 +167,13 @@ class VideoTransform:
             raise ValueError(f"crop must be 'multiscale' or 'rrc', got {self.crop!r}")
         normalize_stats(self.normalize)
 
-    def __call__(self, clip: torch.Tensor, size: int, rng: random.Random, flip_allowed: bool = True) -> torch.Tensor:
+    def __call__(self, clip: torch.Tensor, size: int, rng: random.Random, flip_allowed: bool = True,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
         _, h, w, _ = clip.shape
         cropper = MultiScaleCrop() if self.crop == "multiscale" else RandomResizedCrop()
         box = cropper.get_box(h, w, rng)
         do_flip = self.flip and flip_allowed and rng.random() < 0.5
-        return crop_resize(clip, box, size, flip=do_flip, normalize=self.normalize, antialias=self.antialias)
+        return crop_resize(clip, box, size, flip=do_flip, normalize=self.normalize, antialias=self.antialias, out=out)
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,8 @@ class EvalTransform:
             return [center_crop_box(height, width, self.crop_fraction)]
         return three_crop_boxes(height, width)
 
-    def __call__(self, clip: torch.Tensor, size: int) -> list[torch.Tensor]:
+    def __call__(self, clip: torch.Tensor, size: int, out: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """``out``: optional ``(num_crops, 3, T, size, size)`` to write the views into."""
         _, h, w, _ = clip.shape
-        return [crop_resize(clip, b, size, normalize=self.normalize, antialias=self.antialias)
-                for b in self.boxes(h, w)]
+        return [crop_resize(clip, b, size, normalize=self.normalize, antialias=self.antialias,
+                            out=None if out is None else out[k]) for k, b in enumerate(self.boxes(h, w))]
