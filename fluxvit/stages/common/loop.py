@@ -57,6 +57,9 @@ class TrainTask(Protocol):
 
     def load_init(self, path: str) -> None: ...
 
+    # Optional: ``build_optimizer(optim_cfg) -> torch.optim.Optimizer`` replaces the default AdamW decay
+    # groups (e.g. stage 3's layer-wise lr decay).
+
 
 class BatchSource(Protocol):
     """This rank's micro-batches: ``batches(start)`` resumes at micro-batch index ``start``."""

@@ -61,9 +61,11 @@ def main(argv: Sequence[str] | None = None) -> TrainResult | None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     task = DistillTask(cfg, rank=acc.process_index)
-    source = build_source(cfg.data, cfg.train.seed, acc.process_index, acc.num_processes)
-    if cfg.train.eval_every:
-        task.held_out = source.held_out([tuple(g) for g in cfg.eval_grid] or None)
+    # Rank 0 generates the synthetic corpus (when asked for) before the other ranks read it.
+    with acc.main_process_first():
+        source = build_source(cfg.data, cfg.train.seed, acc.process_index, acc.num_processes)
+        if cfg.train.eval_every:
+            task.held_out = source.held_out([tuple(g) for g in cfg.eval_grid] or None)
     result = fit(cfg, task, source, acc)
     if acc.is_main_process and result.evals:
         first, last = result.evals[0][1], result.evals[-1][1]
