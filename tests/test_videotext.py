@@ -161,3 +161,20 @@ def test_msrvtt_json_input_with_several_captions(tiny_corpus, tmp_path):
     assert rset.text_to_video == [0, 0, 1, 2]
     with pytest.raises(ValueError, match="unknown --data"):
         load_retrieval_set("webvid", 4, 56)
+
+
+def test_unmasked_teacher_alignment_term(tiny_corpus, monkeypatch):
+    """With align.weight > 0 the stage-1 teacher's pooled feature becomes a second loss term with gradients."""
+    from fluxvit.stages.videotext import VideoTextTask, build_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = build_config("smoke", ["align.weight=0.5", "align.teacher.name=", "align.teacher.pretrained=",
+                                 "align.teacher.embed_dim=32", "align.teacher.budget=0"])
+    cfg.align.teacher.vision_cfg = dict(image_size=56, patch_size=14, width=32, layers=1, head_width=16)
+    task = VideoTextTask(cfg)
+    video = torch.randn(2, 3, 2, 56, 56)
+    out = task.compute_loss(task.model, {"video": video, "caption": ["a red circle", "a blue square"]}, step=0)
+    assert "align" in out.terms and 0 < float(out.terms["align"]) < 4
+    out.loss.backward()
+    assert task.model.align_decoder[1].weight.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in task.teacher.parameters())

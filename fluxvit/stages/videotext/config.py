@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..common.config import DataConfig, OptimConfig, PresetRegistry, TrainConfig
+from ..distill.config import TeacherConfig
 
-__all__ = ["ContrastConfig", "RetrievalEvalConfig", "TextConfig", "VideoConfig", "VideoTextConfig", "presets"]
+__all__ = ["ContrastConfig", "RetrievalEvalConfig", "TeacherAlignConfig", "TextConfig", "VideoConfig", "VideoTextConfig", "presets"]
 
 
 @dataclass
@@ -47,6 +48,16 @@ class ContrastConfig:
 
 
 @dataclass
+class TeacherAlignConfig:
+    """Optional unmasked-teacher alignment (UMT stage 2): a decoder on the student's pooled feature regresses
+    the frozen stage-1 teacher's pooled feature of the same clip, loss ``weight * mean(2 - 2 cos)``.
+    ``weight = 0`` disables it (the default; the paper's Flux-CLIP used VTC only)."""
+
+    weight: float = 0.0
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+
+
+@dataclass
 class RetrievalEvalConfig:
     """Zero-shot retrieval settings: token budgets and (frames, resolution) settings to test, dual softmax."""
 
@@ -61,6 +72,7 @@ class VideoTextConfig:
     video: VideoConfig = field(default_factory=VideoConfig)
     text: TextConfig = field(default_factory=TextConfig)
     contrast: ContrastConfig = field(default_factory=ContrastConfig)
+    align: TeacherAlignConfig = field(default_factory=TeacherAlignConfig)
     retrieval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(source="shards", flux_preset="videotext",
                                                                 normalize="imagenet"))

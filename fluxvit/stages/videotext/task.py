@@ -112,6 +112,7 @@ class VideoTextModel(nn.Module):
             self.register_buffer("logit_scale", init)
         self.max_logit_scale = math.log(1.0 / min_temperature)
         self.text = text_tower  # None when frozen (kept outside the trained module)
+        self.align_decoder = None  # see attach_align_decoder
 
     def clamped_scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(max=self.max_logit_scale)
@@ -132,10 +133,19 @@ class VideoTextModel(nn.Module):
             text_features = self.text(captions)
         if isinstance(num_tokens, (list, tuple)):
             feats = self.video.forward_multi(video, budgets=list(num_tokens), heads=[None] * len(num_tokens))
-            v = F.normalize(self.vision_proj(feats.pooled), dim=-1)
         else:
-            v = self.encode_video(video, num_tokens)
-        return v, self.encode_text_features(text_features), self.clamped_scale()
+            feats = self.video.forward_features(video, num_tokens)
+        v = F.normalize(self.vision_proj(feats.pooled), dim=-1)
+        out = (v, self.encode_text_features(text_features), self.clamped_scale())
+        if self.align_decoder is not None:  # training-only head of the teacher alignment
+            n = text_features.shape[0]
+            out = out + (self.align_decoder(feats.pooled[:n]),)
+        return out
+
+    def attach_align_decoder(self, target_dim: int) -> None:
+        """Add the student-side decoder of the unmasked-teacher alignment (pooled -> teacher pooled dim)."""
+        P = self.video.config.clip_embed_dim
+        self.align_decoder = nn.Sequential(nn.LayerNorm(P), nn.Linear(P, target_dim))
 
 
 def _build_video(cfg: VideoTextConfig) -> FluxViT:
@@ -155,10 +165,34 @@ class VideoTextTask:
                                     c.learnable_temperature, c.min_temperature,
                                     None if t.freeze else self.text_tower)
         self.evaluator = None  # set by train.py: callable(model_module) -> metrics dict
+        self.teacher = None
+        if cfg.align.weight > 0:
+            from ..distill.config import DistillConfig
+            from ..distill.task import build_teacher
+
+            self.teacher = build_teacher(DistillConfig(teacher=cfg.align.teacher, data=cfg.data))
+            self.model.attach_align_decoder(getattr(self.teacher, "pooled_dim", self.teacher.dim))
 
     def to_device(self, device: torch.device) -> None:
         self.model.to(device)
         self.text_tower.to(device)
+        if self.teacher is not None:
+            self.teacher.to(device)
+
+    def _teacher_pooled(self, video) -> torch.Tensor:
+        """The frozen teacher's pooled feature of every (unmasked) clip: (B, pooled_dim)."""
+        clips = list(video) if isinstance(video, (list, tuple)) else list(video.unbind(0))
+        out = [None] * len(clips)
+        groups: dict = {}
+        for i, c in enumerate(clips):
+            groups.setdefault(tuple(c.shape), []).append(i)
+        p = self.model.video.config.patch_size
+        with torch.no_grad():
+            for (_, T, H, W), idx in groups.items():
+                pooled = self.teacher(torch.stack([clips[i] for i in idx]), (T, H // p, W // p), []).pooled
+                for row, i in enumerate(idx):
+                    out[i] = pooled[row]
+        return torch.stack(out).float()
 
     def load_init(self, path: str) -> None:
         """Initialise the video tower from a stage-1 export (its embedded config defines the architecture)
@@ -196,10 +230,10 @@ class VideoTextTask:
             raise ValueError("video-text training needs a caption for every sample (empty caption found)")
         budgets = self._budgets(step)
         if self.cfg.text.freeze:
-            text_features = self.text_tower(captions)
-            v, t, scale = model(batch["video"], text_features=text_features, num_tokens=budgets)
+            out = model(batch["video"], text_features=self.text_tower(captions), num_tokens=budgets)
         else:
-            v, t, scale = model(batch["video"], num_tokens=budgets, captions=captions)
+            out = model(batch["video"], num_tokens=budgets, captions=captions)
+        v, t, scale = out[:3]
         if isinstance(budgets, list):  # every budget against the same texts; average the losses
             B = t.shape[0]
             parts = [contrastive_loss(v[j * B:(j + 1) * B], t, scale) for j in range(len(budgets))]
@@ -207,6 +241,11 @@ class VideoTextTask:
             terms = {k: sum(p[1][k] for p in parts) / len(parts) for k in parts[0][1]}
         else:
             loss, terms = contrastive_loss(v, t, scale)
+        if self.teacher is not None:
+            target = self._teacher_pooled(batch["video"])
+            align = (2 - 2 * F.cosine_similarity(out[3].float(), target, dim=-1)).mean()
+            loss = loss + self.cfg.align.weight * align
+            terms["align"] = align.detach()
         n = len(captions)
         kept = sum(min(b, 10**9) for b in (budgets if isinstance(budgets, list) else [budgets])) * n
         return StepOutput(loss=loss, terms=terms, tokens=int(kept))
@@ -229,7 +268,8 @@ def save_videotext(model: VideoTextModel, text_tower: TextTower, cfg: VideoTextC
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if not k.startswith("align_decoder.")}  # a training-only head
     meta = {
         "fluxvit_videotext": "1",
         "fluxvit_config": json.dumps(model.video.config.to_dict()),
