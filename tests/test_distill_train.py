@@ -25,7 +25,11 @@ def _fresh_accelerate_state():
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+    # One intra-op thread: on a shared CPU box, oversubscribed OpenMP threads slow these runs ~10x.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
 
 
 def _losses(run_dir: Path) -> dict:

@@ -86,9 +86,9 @@ def smoke() -> DistillConfig:
         loss=LossConfig(num_layers=2, budgets=(192, 128), sampling="clip"),
         data=DataConfig(source="synthetic", batch_size=4, grids=[[4, 112], [6, 98], [8, 84]], num_clips=64,
                         num_val_clips=8),
-        optim=OptimConfig(lr=1e-3, min_lr=1e-5, weight_decay=0.05, betas=(0.9, 0.98), warmup_steps=10,
+        optim=OptimConfig(lr=1e-3, min_lr=1e-5, weight_decay=0.05, betas=(0.9, 0.98), warmup_steps=6,
                           clip_grad=1.0),
-        train=TrainConfig(run_dir="runs/distill_smoke", steps=120, log_every=20, ckpt_every=60, eval_every=60,
+        train=TrainConfig(run_dir="runs/distill_smoke", steps=60, log_every=10, ckpt_every=30, eval_every=30,
                           keep_last=2, seed=0),
         eval_grid=[[8, 112]],
     )
