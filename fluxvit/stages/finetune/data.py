@@ -1,0 +1,178 @@
+"""Labelled clips for stage 3: the synthetic corpus rendered in memory, and multi-view evaluation sets.
+
+* ``MotionClips``: a resumable ``BatchSource`` over the synthetic corpus's clips (``fluxvit.datasets.synth``:
+  the same clip specs and motion labels as the mp4 corpus, rendered directly instead of decoded). Micro-batch
+  ``n`` of rank ``r`` draws one Flux (F, R) and its clip ids from a generator seeded by (seed, n, r), TSN-samples
+  F of the clip's frames and applies the training crop; so a resumed run sees exactly the same batches.
+* ``eval_views``: evaluation batches (temporal clips x spatial crops per video) from the synthetic corpus or
+  from validation shards, as ``{"video": (V, 3, F, R, R), "video_index": (V,), "label": (N,)}``.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..common.config import DataConfig
+from ..common.data import flux_grids
+
+__all__ = ["MotionClips", "eval_views", "motion_clip", "NUM_MOTION_CLASSES"]
+
+log = logging.getLogger("fluxvit.train")
+
+NUM_MOTION_CLASSES = 8
+_SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
+
+
+def motion_clip(split: str, index: int, num_frames: int = 32, size: int = 128, corpus_seed: int = 0
+                ) -> tuple[torch.Tensor, int]:
+    """Clip ``index`` of ``split`` of the synthetic corpus, as the corpus generator draws it.
+
+    Returns:
+        (uint8 (num_frames, size, size, 3) frames, motion label in [0, 8)).
+    """
+    from fluxvit.datasets.synth import CLASSES, draw_clip_spec, render_clip
+
+    rng = np.random.default_rng([corpus_seed, _SPLIT_INDEX[split], index])
+    spec = draw_clip_spec(rng, label=index % len(CLASSES), size=size)
+    return torch.from_numpy(render_clip(spec, num_frames, size)), spec.label
+
+
+class MotionClips:
+    """Training batches of the synthetic corpus with motion labels (a stage-3 ``BatchSource``).
+
+    Args:
+        cfg: data config (``batch_size``, ``grids`` or ``flux_preset``, ``num_clips`` = training clips used,
+            ``normalize``, ``flip`` (keep False: a mirrored clip moves the other way)).
+        seed: base seed; rank, world_size: this process and the number of processes.
+
+    ``batch(n)`` -> ``{"video": (B, 3, F, R, R) float, "label": (B,) int64, "key": list[str]}``.
+    """
+
+    def __init__(self, cfg: DataConfig, seed: int = 0, rank: int = 0, world_size: int = 1):
+        from fluxvit.datasets import VideoTransform
+
+        self.cfg, self.seed, self.rank, self.world = cfg, seed, rank, world_size
+        self.grids = flux_grids(cfg)
+        self.transform = VideoTransform(crop="multiscale", flip=cfg.flip, normalize=cfg.normalize)
+        self.skipped = 0
+
+    def batch(self, n: int) -> dict:
+        """Micro-batch ``n`` of this rank."""
+        from fluxvit.datasets import sample_tsn_indices
+
+        rng = random.Random(f"{self.seed}-{n}-{self.rank}")
+        frames, size = rng.choice(self.grids)
+        ids = [rng.randrange(self.cfg.num_clips) for _ in range(self.cfg.batch_size)]
+        clips, labels = [], []
+        for i in ids:
+            video, label = motion_clip("train", i)
+            idx = sample_tsn_indices(video.shape[0], frames, rng)
+            clips.append(self.transform(video[idx], size, rng))
+            labels.append(label)
+        return {"video": torch.stack(clips), "label": torch.tensor(labels, dtype=torch.long),
+                "key": [f"train{i:06d}" for i in ids]}
+
+    def batches(self, start: int = 0) -> Iterator[dict]:
+        """Micro-batches ``start, start + 1, ...`` (endless)."""
+        n = start
+        while True:
+            yield self.batch(n)
+            n += 1
+
+
+@functools.lru_cache(maxsize=160)
+def _eval_clip(split: str, index: int) -> tuple[torch.Tensor, int]:
+    # Evaluation renders the same few videos at many settings (Token Optimization): keep them (1.5 MB each).
+    return motion_clip(split, index)
+
+
+def _motion_views(split: str, num_videos: int, frames: int, resolution: int, num_clips: int, num_crops: int,
+                  normalize: str, batch_size: int) -> Iterator[dict]:
+    from fluxvit.datasets import EvalTransform, multi_clip_indices
+
+    tf = EvalTransform(num_crops=num_crops, normalize=normalize)
+    for start in range(0, num_videos, batch_size):
+        views, index, labels = [], [], []
+        for j, vid in enumerate(range(start, min(num_videos, start + batch_size))):
+            video, label = _eval_clip(split, vid)
+            for idx in multi_clip_indices(video.shape[0], frames, num_clips):
+                for crop in tf(video[idx], resolution):
+                    views.append(crop)
+                    index.append(j)
+            labels.append(label)
+        yield {"video": torch.stack(views), "video_index": torch.tensor(index),
+               "label": torch.tensor(labels, dtype=torch.long)}
+
+
+def _shard_views(shards: str, frames: int, resolution: int, num_clips: int, num_crops: int, normalize: str,
+                 batch_size: int, max_videos: int) -> Iterator[dict]:
+    import fluxvit.datasets as fd
+
+    dc = fd.DataConfig(shards=shards, num_frames=frames, img_size=resolution, batch_size=batch_size,
+                       num_workers=0, normalize=normalize, train=False, flip=False, eval_clips=num_clips,
+                       eval_crops=num_crops)
+    seen = 0
+    for batch in fd.build_video_loader(dc, rank=0, world_size=1):
+        video = batch["video"]
+        clips = list(video) if isinstance(video, (list, tuple)) else list(video.unbind(0))
+        views, index = [], []
+        for j, c in enumerate(clips):
+            c = c if c.dim() == 5 else c[None]  # (V_i, 3, T, H, W)
+            views.extend(c.unbind(0))
+            index.extend([j] * c.shape[0])
+        labels = batch["label"]
+        if max_videos:
+            keep = min(len(clips), max_videos - seen)
+            if keep < len(clips):
+                sel = [k for k, j in enumerate(index) if j < keep]
+                views, index, labels = [views[k] for k in sel], [index[k] for k in sel], labels[:keep]
+        yield {"video": torch.stack(views), "video_index": torch.tensor(index), "label": labels}
+        seen += len(labels)
+        if max_videos and seen >= max_videos:
+            return
+
+
+def eval_views(data: DataConfig, split: str, frames: int, resolution: int, num_clips: int = 1, num_crops: int = 1,
+               max_videos: int = 0, batch_size: int = 8) -> Iterator[dict]:
+    """Multi-view evaluation batches of ``batch_size`` videos.
+
+    Synthetic sources render ``split`` of the synthetic corpus (``max_videos`` or ``data.num_val_clips``
+    videos); shard sources read ``data.val_shards`` (or ``data.shards`` when ``split`` is "train").
+
+    Yields:
+        ``{"video": (V, 3, frames, resolution, resolution), "video_index": (V,) int64 in [0, N),
+        "label": (N,) int64}`` with V = N * num_clips * num_crops, views of one video contiguous.
+    """
+    if data.source == "synthetic-motion":
+        n = max_videos or data.num_val_clips
+        return _motion_views(split, n, frames, resolution, num_clips, num_crops, data.normalize, batch_size)
+    if data.source in ("shards", "synthetic-corpus"):
+        shards = data.shards if split == "train" else (data.val_shards or data.shards)
+        if data.source == "synthetic-corpus" and split != "train" and not data.val_shards:
+            from fluxvit.datasets.synth import ensure_synthetic_corpus
+
+            shards = ensure_synthetic_corpus(data.root)["splits"][split]["shards"]
+        return _shard_views(shards, frames, resolution, num_clips, num_crops, data.normalize, batch_size,
+                            max_videos)
+    raise ValueError(f"stage 3 evaluation needs labelled clips; data.source {data.source!r} has none "
+                     f"(use synthetic-motion, synthetic-corpus or shards)")
+
+
+def build_train_source(cfg: DataConfig, seed: int, rank: int, world_size: int):
+    """The training ``BatchSource``: ``MotionClips`` for "synthetic-motion", else ``common.build_source``."""
+    if cfg.source == "synthetic-motion":
+        return MotionClips(cfg, seed, rank, world_size)
+    if cfg.source == "synthetic":
+        raise ValueError("data.source=synthetic has no labels; use synthetic-motion for stage 3")
+    from ..common import build_source
+
+    if cfg.source == "synthetic-corpus" and not cfg.shards:
+        from fluxvit.datasets.synth import ensure_synthetic_corpus
+
+        cfg.shards = ensure_synthetic_corpus(cfg.root)["splits"]["train"]["shards"]
+    return build_source(cfg, seed, rank, world_size)

@@ -1,0 +1,166 @@
+"""Multi-view classification evaluation at any token budget (FLUXVIT.md section 6).
+
+Each video gives ``num_clips`` temporal clips x ``num_crops`` spatial crops at ``frames`` x ``resolution``; every
+view is reduced to the token budget K by the group-dynamic selector (or random tokens, an ablation), classified
+with the trained head nearest K, and the views' softmax outputs are averaged per video (``metrics.aggregate_views``).
+
+    python -m fluxvit.stages.finetune.eval --checkpoint runs/finetune_smoke/model.safetensors \\
+        --frames 8 --resolution 112 --budgets 0 128 --clips 2 --crops 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from typing import Iterable, Sequence
+
+import torch
+
+from fluxvit.metrics import aggregate_views, fluxvit_gflops, topk_accuracy
+from fluxvit.models import FluxViT
+
+from ..common.config import DataConfig
+
+__all__ = ["eval_head", "evaluate", "main", "view_tokens"]
+
+log = logging.getLogger("fluxvit.eval")
+
+
+def eval_head(net: FluxViT, tokens: int, trained_heads: Sequence[int] | None = None) -> int:
+    """The pooling head whose budget is nearest ``tokens`` among ``trained_heads`` (all heads when None;
+    a Flux-Single model has only head 0 trained)."""
+    budgets = net.config.head_budgets
+    heads = list(trained_heads) if trained_heads else list(range(len(budgets)))
+    return min(heads, key=lambda h: (abs(budgets[h] - tokens), h))
+
+
+def view_tokens(frames: int, resolution: int, budget: int, patch: int = 14) -> int:
+    """Tokens a view keeps: min(K, F * (R / patch)^2); K = 0 keeps all."""
+    total = frames * (resolution // patch) ** 2
+    return total if budget <= 0 else min(budget, total)
+
+
+def _random_keeps(n_views: int, grid: tuple, budget: int, generator: torch.Generator) -> list:
+    n = math.prod(grid)
+    return [torch.randperm(n, generator=generator)[:budget].sort().values for _ in range(n_views)]
+
+
+@torch.no_grad()
+def evaluate(net: FluxViT, data: DataConfig, *, split: str = "val", frames: int = 8, resolution: int = 224,
+             budgets: Iterable[int] = (2048,), num_clips: int = 1, num_crops: int = 1, max_videos: int = 0,
+             batch_size: int = 8, trained_heads: Sequence[int] | None = None, selection: str = "dynamic",
+             seed: int = 0, batches: Iterable[dict] | None = None) -> list[dict]:
+    """Multi-view top-1 / top-5 of ``net`` at every budget (views rendered once, all budgets evaluated on them).
+
+    Args:
+        net: a FluxViT classifier (eval mode is set here and restored afterwards).
+        data: data config naming the source (``eval_views`` in ``.data``); ignored when ``batches`` is given.
+        budgets: token budgets K (0 = every token).
+        selection: "dynamic" (group-dynamic selector) or "random" (uniform random tokens, seeded by ``seed``).
+        batches: precomputed evaluation batches (``{"video" (V, 3, F, R, R), "video_index" (V,), "label" (N,)}``).
+
+    Returns:
+        one dict per budget: ``budget, tokens, head, frames, resolution, views, videos, top1, top5, gflops``
+        (paper GFLOPs per view, ``metrics.fluxvit_gflops``).
+    """
+    from .data import eval_views
+
+    budgets = [int(b) for b in budgets]
+    if batches is None:
+        batches = eval_views(data, split, frames, resolution, num_clips, num_crops, max_videos, batch_size)
+    was_training = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    p = net.config.patch_size
+    g = torch.Generator().manual_seed(seed)
+    probs: dict = {b: [] for b in budgets}
+    labels = []
+    for batch in batches:
+        video = batch["video"].to(device)
+        V, _, T, H, W = video.shape
+        index = batch["video_index"].to(device)
+        for b in budgets:
+            tokens = view_tokens(T, H, b, p)
+            head = eval_head(net, tokens, trained_heads)
+            if selection == "random" and tokens < T * (H // p) * (W // p):
+                keep = [k.to(device) for k in _random_keeps(V, (T, H // p, W // p), tokens, g)]
+                feats = net.forward_features(video, head=head, keep=keep)
+            elif selection in ("dynamic", "random"):
+                feats = net.forward_features(video, num_tokens=b if b > 0 else None, head=head)
+            else:
+                raise ValueError(f"selection must be 'dynamic' or 'random', got {selection!r}")
+            logits = net.logits(feats)
+            probs[b].append(aggregate_views(logits, index, int(batch["label"].shape[0])))
+        labels.append(batch["label"])
+    net.train(was_training)
+    if not labels:
+        raise RuntimeError("evaluation produced no batch (empty validation split?)")
+    labels = torch.cat(labels).to(device)
+    cfg = net.config
+    out = []
+    for b in budgets:
+        tokens = view_tokens(frames, resolution, b, p)
+        acc = topk_accuracy(torch.cat(probs[b]), labels, (1, 5))
+        out.append({"budget": b, "tokens": tokens, "head": eval_head(net, tokens, trained_heads), "frames": frames,
+                    "resolution": resolution, "views": num_clips * num_crops, "videos": int(labels.numel()),
+                    "selection": selection, "top1": acc["top1"], "top5": acc["top5"],
+                    "gflops": fluxvit_gflops(tokens, cfg.embed_dim, cfg.depth)})
+    return out
+
+
+def load_classifier(path: str) -> tuple[FluxViT, list[int] | None]:
+    """A finetuned FluxViT from a stage-3 export, with its trained heads (None: all)."""
+    from fluxvit.models import load_model
+    from fluxvit.models.checkpoint import read_metadata
+
+    net = load_model(path)
+    heads = read_metadata(path).get("trained_heads")
+    return net, ([int(h) for h in heads.split(",")] if heads else None)
+
+
+def data_config(args: argparse.Namespace) -> DataConfig:
+    """The evaluation data of the CLI: the synthetic corpus in memory, or labelled shards."""
+    if args.shards:
+        return DataConfig(source="shards", shards=args.shards, val_shards=args.shards, normalize=args.normalize)
+    return DataConfig(source="synthetic-motion", num_val_clips=args.max_videos or 100, normalize=args.normalize)
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="stage-3 export (.safetensors from save_model)")
+    p.add_argument("--shards", default="", help="labelled validation shards; default: the synthetic corpus")
+    p.add_argument("--split", default="val", help="synthetic corpus split (val or test)")
+    p.add_argument("--max-videos", type=int, default=0, help="videos to evaluate (0: all / 100 synthetic)")
+    p.add_argument("--normalize", default="imagenet", choices=("imagenet", "clip"))
+    p.add_argument("--batch-size", type=int, default=8)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """CLI: print a JSON list of per-budget results (and write it to ``--out``)."""
+    p = argparse.ArgumentParser(prog="python -m fluxvit.stages.finetune.eval",
+                                description="FluxViT multi-view classification evaluation at token budgets")
+    add_data_args(p)
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--budgets", type=int, nargs="+", default=[2048], help="token budgets (0 = all tokens)")
+    p.add_argument("--clips", type=int, default=4, help="temporal clips per video")
+    p.add_argument("--crops", type=int, default=3, choices=(1, 3), help="spatial crops per clip")
+    p.add_argument("--selection", default="dynamic", choices=("dynamic", "random"))
+    p.add_argument("--out", default="", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    net, heads = load_classifier(args.checkpoint)
+    res = evaluate(net, data_config(args), split=args.split, frames=args.frames, resolution=args.resolution,
+                   budgets=args.budgets, num_clips=args.clips, num_crops=args.crops, max_videos=args.max_videos,
+                   batch_size=args.batch_size, trained_heads=heads, selection=args.selection)
+    text = json.dumps(res, indent=1)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    sys.stdout.write(text + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Stage 3 Flux-Multi loss: one packed forward equals the release's three separate forwards (loss and grads);
+multi-view aggregation on hand-built logits; layer-wise lr decay groups; augmentation shapes."""
+import pytest
+import torch
+
+from fluxvit.metrics import aggregate_views, topk_accuracy
+from fluxvit.models import create_model
+from fluxvit.stages.finetune.eval import eval_head, view_tokens
+from fluxvit.stages.finetune.task import (FinetuneModel, VideoAugment, flux_multi_loss, layer_decay_groups,
+                                          random_keep, soft_cross_entropy)
+from fluxvit.stages.finetune.tokenopt import candidate_pairs, plain_pair
+
+BUDGETS, HEADS = (96, 64, 32), (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    m = create_model("fluxvit_tiny_patch14", num_classes=5, depth=2, head_budgets=BUDGETS)
+    return m.train()
+
+
+def _three_pass_loss(net, video, target):
+    """The release's Flux-Multi: one forward per budget, then the same terms."""
+    B = video.shape[0]
+    feats = [net.forward_features(video, num_tokens=b, head=h) for b, h in zip(BUDGETS, HEADS)]
+    ce = [soft_cross_entropy(net.logits(f), target) for f in feats]
+    ref = torch.nn.functional.normalize(feats[0].pooled.detach(), dim=-1)
+    dec = net.final_clip_decoder_for_projs
+    align = [torch.nn.functional.smooth_l1_loss(dec[j - 1](feats[j].pooled), ref, beta=1.0) for j in (1, 2)]
+    assert all(f.pooled.shape[0] == B for f in feats)
+    return sum(ce) + sum(align)
+
+
+def test_packed_flux_multi_loss_equals_three_passes(net):
+    torch.manual_seed(1)
+    video = torch.randn(3, 3, 8, 56, 56)  # 8 x 16 = 128 tokens > 96 > 64 > 32: the selector runs at each budget
+    target = torch.softmax(torch.randn(3, 5), dim=-1)
+    model = FinetuneModel(net)
+
+    net.zero_grad()
+    logits, pooled, decoded, ntok = model(video, BUDGETS, HEADS)
+    terms = flux_multi_loss(logits, pooled, decoded, target, len(BUDGETS))
+    terms["loss"].backward()
+    packed = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    assert ntok == 3 * (97 + 65 + 33)
+    assert set(terms) == {"loss", "ce_0", "ce_1", "ce_2", "align_1", "align_2"}
+
+    net.zero_grad()
+    ref = _three_pass_loss(net, video, target)
+    ref.backward()
+    separate = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    torch.testing.assert_close(terms["loss"], ref, rtol=1e-5, atol=1e-6)
+    assert packed.keys() == separate.keys()
+    for n in packed:
+        torch.testing.assert_close(packed[n], separate[n], rtol=1e-4, atol=1e-6, msg=n)
+    # the alignment target is stop-gradient: the 3072-budget branch gets no gradient through it
+    assert terms["align_1"].item() > 0
+
+
+def test_flux_multi_alignment_is_stop_gradient():
+    pooled = torch.randn(4, 8, requires_grad=True)  # J=2 budgets x B=2 clips
+    dec = torch.nn.functional.normalize(pooled[2:] * 2, dim=-1)
+    terms = flux_multi_loss(torch.zeros(4, 3), pooled, [dec], torch.tensor([0, 1]), 2)
+    terms["align_1"].backward()
+    assert pooled.grad[:2].abs().sum() == 0 and pooled.grad[2:].abs().sum() > 0
+
+
+def test_multi_view_aggregation_hand_built():
+    # video 0: two views that disagree; the softmax average picks the confident view's class
+    logits = torch.tensor([[10.0, 0.0, 0.0], [0.0, 1.0, 0.0],   # video 0: probs ~[1,0,0] and [.21,.58,.21]
+                           [0.0, 0.0, 3.0], [0.0, 0.0, 3.0],    # video 1: class 2 twice
+                           [0.0, 5.0, 0.0]])                    # video 2: one view, class 1
+    index = torch.tensor([0, 0, 1, 1, 2])
+    probs = aggregate_views(logits, index)
+    assert probs.shape == (3, 3)
+    torch.testing.assert_close(probs.sum(1), torch.ones(3))
+    p0 = (torch.softmax(logits[0], 0) + torch.softmax(logits[1], 0)) / 2
+    torch.testing.assert_close(probs[0], p0)
+    assert probs.argmax(1).tolist() == [0, 2, 1]
+    acc = topk_accuracy(probs, torch.tensor([1, 2, 1]), (1, 2))
+    assert acc["top1"] == pytest.approx(200 / 3) and acc["top2"] == pytest.approx(100.0)
+
+
+def test_eval_head_and_tokens(net):
+    assert view_tokens(8, 56, 0) == 128 and view_tokens(8, 56, 64) == 64 and view_tokens(2, 56, 64) == 32
+    assert eval_head(net, 96) == 0 and eval_head(net, 60) == 1 and eval_head(net, 10) == 2
+    assert eval_head(net, 10, trained_heads=[0]) == 0  # Flux-Single: only head 0 was trained
+
+
+def test_tokenopt_search_space():
+    pairs = candidate_pairs(1024, range(4, 25, 2), range(112, 337, 28), max_ratio=4)
+    assert all(1024 <= f * (r // 14) ** 2 <= 4096 for f, r in pairs)
+    assert (4, 224) in pairs and (12, 168) in pairs and (16, 168) in pairs
+    assert plain_pair(1024, 224) == (4, 224)  # the paper's "4 x 224 unmasked"
+    assert plain_pair(128, 56) == (8, 56) and plain_pair(100, 224) == (1, 140)
+
+
+def test_layer_decay_groups(net):
+    model = FinetuneModel(net)
+    groups = layer_decay_groups(model, depth=2, weight_decay=0.05, layer_decay=0.75, lr=1.0)
+    by_name = {n: g for g in groups for n in g["names"]}
+    assert by_name["net.head.0.weight"]["lr"] == pytest.approx(1.0)
+    assert by_name["net.blocks.1.mlp.fc1.weight"]["lr"] == pytest.approx(0.75)
+    assert by_name["net.blocks.0.mlp.fc1.weight"]["lr"] == pytest.approx(0.75 ** 2)
+    assert by_name["net.patch_embed.proj.weight"]["lr"] == pytest.approx(0.75 ** 3)
+    assert by_name["net.pos_embed"]["weight_decay"] == 0.0 and by_name["net.blocks.0.mlp.fc1.bias"]["weight_decay"] == 0
+    n_params = sum(1 for p in model.parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in groups) == n_params
+
+
+def test_augment_and_random_keep():
+    torch.manual_seed(0)
+    video = torch.randn(2, 3, 4, 28, 28)
+    out = VideoAugment(randaug_n=2, randaug_m=7, reprob=1.0)(video)
+    assert out.shape == video.shape and not torch.equal(out, video)
+    keep = random_keep((4, 2, 2), 5)
+    assert keep.shape == (5,) and torch.all(keep[1:] > keep[:-1]) and keep.max() < 16
+    assert random_keep((2, 2, 2), 100).tolist() == list(range(8))
