@@ -11,12 +11,14 @@ TEXT ?=
 LAUNCH ?= launch/cpu.yaml
 RUN_DIR ?= runs
 
-.PHONY: help setup test test-fast bench bench-data bench-distill pretrain distill retrieval-eval tokenopt clean-venv
+.PHONY: help setup test test-fast bench bench-data bench-distill pretrain distill retrieval-eval finetune tokenopt clean-venv
 
 help:
 	@echo "make pretrain        stage 1 + stage 2 on the synthetic corpus (demo scale)"
 	@echo "make distill         stage 1 distillation (PRESET=smoke DATA= TEACHER= LAUNCH=launch/cpu.yaml)"
 	@echo "make retrieval-eval  zero-shot retrieval of the pretrained model"
+	@echo "make finetune        stage 3 Flux-Multi finetuning (PRESET=smoke; ARGS='--set k=v ...')"
+	@echo "make tokenopt        Token Optimization table + plot of the finetuned model (CKPT=...)"
 	@echo "make test            the CPU test suite (bootstraps .venv)"
 	@echo "make bench           model benchmarks (selector cost, packed vs padded)"
 	@echo "make bench-data      data pipeline benchmark"
@@ -90,3 +92,15 @@ retrieval-eval: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Stage 3: Flux-Multi finetuning, then Token Optimization on its export.
+FT_RUN ?= $(RUN_DIR)/finetune_$(PRESET)
+CKPT ?= $(FT_RUN)/model.safetensors
+TO_ARGS ?= --budgets 128 64 32 --frames 2 4 6 8 12 16 --resolutions 42 56 70 84 --base-resolution 56 --max-videos 48
+
+finetune: $(STAMP)
+	$(PY) -m fluxvit.stages.finetune --preset $(PRESET) --set train.run_dir=$(FT_RUN) $(ARGS)
+
+tokenopt: $(STAMP)
+	test -f $(CKPT) || $(MAKE) finetune PRESET=$(PRESET)
+	$(PY) -m fluxvit.stages.finetune.tokenopt --checkpoint $(CKPT) --out $(FT_RUN)/tokenopt $(TO_ARGS)
