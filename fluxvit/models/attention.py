@@ -125,10 +125,17 @@ def _lengths(cu_seqlens: torch.Tensor) -> list[int]:
     return (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
 
 
+def _split(cu_seqlens: torch.Tensor, *tensors: torch.Tensor):
+    """Per-sequence views of packed tensors via ``torch.split``, whose backward is one concatenation (slicing
+    each sequence separately would allocate a full-size zero gradient per sequence)."""
+    lengths = _lengths(cu_seqlens)
+    return zip(*(t.split(lengths) for t in tensors))
+
+
 def _math(q, k, v, cu_seqlens, scale):
     outs = []
-    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
-        qs, ks, vs = (t[start:end].float().transpose(0, 1) for t in (q, k, v))  # (H, n, D)
+    for qs, ks, vs in _split(cu_seqlens, q, k, v):
+        qs, ks, vs = (t.float().transpose(0, 1) for t in (qs, ks, vs))  # (H, n, D)
         attn = torch.softmax((qs @ ks.transpose(-1, -2)) * scale, dim=-1)
         outs.append((attn @ vs).transpose(0, 1).to(q.dtype))
     return torch.cat(outs, dim=0)
@@ -136,8 +143,8 @@ def _math(q, k, v, cu_seqlens, scale):
 
 def _segments(q, k, v, cu_seqlens, scale):
     outs = []
-    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
-        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, n, D)
+    for qs, ks, vs in _split(cu_seqlens, q, k, v):
+        qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (qs, ks, vs))  # (1, H, n, D)
         outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=scale)[0].transpose(0, 1))
     return torch.cat(outs, dim=0)
 

@@ -262,35 +262,42 @@ class FluxViT(nn.Module):
                 raise ValueError(f"layer {layer} out of range for depth {depth}")
             wanted[idx] = layer
 
-        # Patch-embed and position-encode every distinct clip shape once, batched.
+        # Patch-embed and position-encode every distinct clip shape once, batched, into one token table
+        # [cls_g0, tokens of group 0 ..., cls_g1, tokens of group 1 ...]; views are then one gather from it
+        # (a single index op, so the backward pass is one scatter-add, not one per view).
         p = self.config.patch_size
         by_shape: dict = {}
         for i, clip in enumerate(clips):
             by_shape.setdefault(tuple(clip.shape), []).append(i)
-        emb, tokens, grid_of = {}, {}, {}
-        cls_rows = {}
+        emb, grid_of, clip_row, cls_row = {}, {}, {}, {}
+        table, offset = [], 0
         for shape, idx in by_shape.items():
             _, T, H, W = shape
             batch = torch.stack([clips[i] for i in idx]).to(self.dtype)
             e = self.patch_embed(batch)  # (b, T, L, D)
             pos = self.pos_embed_for(T, H // p, W // p)
             x = e.flatten(1, 2) + pos[1:]
-            cls_rows[shape] = self.cls_token[0, 0] + pos[0]
+            table += [(self.cls_token[0, 0] + pos[0])[None], x.flatten(0, 1)]
+            n_tok = x.shape[1]
             for j, i in enumerate(idx):
-                emb[i], tokens[i], grid_of[i] = e[j], x[j], (T, H // p, W // p)
+                emb[i], grid_of[i] = e[j], (T, H // p, W // p)
+                cls_row[i], clip_row[i] = offset, offset + 1 + j * n_tok
+            offset += 1 + x.shape[0] * n_tok
+        table = torch.cat(table)
 
         # Select each view's tokens; views of one shape and budget are selected together.
+        device = table.device
         keep: list = [None] * len(views)
         pending: dict = {}
         for vi, v in enumerate(views):
             T, h, w = grid_of[v.clip]
             if v.keep is not None:
-                k = torch.as_tensor(v.keep, device=tokens[v.clip].device).long().reshape(-1)
+                k = torch.as_tensor(v.keep, device=device).long().reshape(-1)
                 if k.numel() and (k.min() < 0 or k.max() >= T * h * w):
                     raise ValueError(f"keep indices of view {vi} fall outside its {T * h * w} tokens")
                 keep[vi] = k
             elif v.num_tokens is None or v.num_tokens >= T * h * w:
-                keep[vi] = torch.arange(T * h * w, device=tokens[v.clip].device)
+                keep[vi] = torch.arange(T * h * w, device=device)
             else:
                 pending.setdefault((tuple(clips[v.clip].shape), v.num_tokens), []).append(vi)
         for (_, budget), vis in pending.items():
@@ -299,12 +306,13 @@ class FluxViT(nn.Module):
             for vi, s in zip(vis, sel):
                 keep[vi] = s
 
-        seqs = [torch.cat([cls_rows[tuple(clips[v.clip].shape)][None], tokens[v.clip][keep[vi]]])
-                for vi, v in enumerate(views)]
-        lengths = [s.shape[0] for s in seqs]
-        x = torch.cat(seqs, dim=0)
-        cu = torch.zeros(len(seqs) + 1, dtype=torch.int64, device=x.device)
-        cu[1:] = torch.cumsum(torch.tensor(lengths, device=x.device), 0)
+        rows = []
+        for vi, v in enumerate(views):
+            rows += [torch.tensor([cls_row[v.clip]], device=device), keep[vi] + clip_row[v.clip]]
+        x = table[torch.cat(rows)]
+        lengths = [1 + k.numel() for k in keep]
+        cu = torch.zeros(len(views) + 1, dtype=torch.int64, device=device)
+        cu[1:] = torch.cumsum(torch.tensor(lengths, device=device), 0)
         seg = segment_ids(cu, x.shape[0])
         max_len = max(lengths)
 
