@@ -1,0 +1,83 @@
+"""Stage 3 end to end on the smoke preset (narrowed further for test time): a finetune run with checkpoints and
+final multi-view evaluation, exact resume, and Token Optimization writing its table and PNG."""
+import json
+
+import pytest
+import torch
+
+from fluxvit.models import read_state_dict
+from fluxvit.stages.finetune import build_config, main
+from fluxvit.stages.finetune import tokenopt
+
+MICRO = '{"head_budgets": [192, 128, 64], "depth": 2, "embed_dim": 64, "num_heads": 2, "clip_embed_dim": 64, ' \
+        '"attn_pool_num_heads": 4}'
+
+
+def _args(run_dir, *extra):
+    sets = [f"train.run_dir={run_dir}", "train.steps=4", "train.ckpt_every=2", "train.tensorboard=false",
+            "train.progress=false", f"model.overrides={MICRO}", "data.batch_size=2", "data.grids=[[4,56],[6,56]]",
+            "eval.budgets=[]", *extra]
+    return ["--preset", "smoke", *[a for s in sets for a in ("--set", s)]]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ft") / "a"
+    result = main(_args(run, "eval.budgets=[0,32]", "eval.max_videos=4", "eval.num_clips=2",
+                        "eval.resolution=56", "aug.randaug_n=2", "aug.reprob=0.5", "aug.mixup=0.8", "aug.cutmix=1.0"))
+    return run, result
+
+
+def test_smoke_finetune_runs_and_evaluates(smoke_run):
+    run, result = smoke_run
+    assert result.steps == 4 and result.skipped_steps == 0
+    assert (run / "model.safetensors").is_file() and (run / "config.json").is_file()
+    assert sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-00000002", "ckpt-00000004"]
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert {"ce_0", "ce_1", "ce_2", "align_1", "align_2"} <= set(result.history[0])
+    step, metrics = result.evals[-1]
+    assert step == 4 and set(metrics) == {"top1@0", "top5@0", "top1@32", "top5@32"}
+    assert all(0.0 <= v <= 100.0 for v in metrics.values())
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["loss"]["mode"] == "multi" and saved["layer_decay"] == 0.75
+
+
+def test_resume_is_exact(smoke_run, tmp_path):
+    run, _ = smoke_run
+    main(_args(tmp_path / "b", "aug.randaug_n=2", "aug.reprob=0.5", "aug.mixup=0.8", "aug.cutmix=1.0",
+               f"train.resume={run / 'ckpt-00000002'}"))
+    a = read_state_dict(run / "model.safetensors")
+    b = read_state_dict(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_tokenopt_writes_table_and_png(smoke_run, tmp_path, capsys):
+    run, _ = smoke_run
+    out = tmp_path / "to"
+    result = tokenopt.main(["--checkpoint", str(run / "model.safetensors"), "--budgets", "64", "32",
+                            "--frames", "2", "4", "8", "--resolutions", "42", "56", "--base-resolution", "56",
+                            "--max-videos", "4", "--out", str(out)])
+    assert [r["budget"] for r in result["rows"]] == [64, 32]
+    for r in result["rows"]:
+        assert r["plain"]["tokens"] == r["budget"] and r["to"]["tokens"] == r["budget"]
+        assert r["to"]["frames"] * (r["to"]["resolution"] // 14) ** 2 >= r["budget"]
+    assert (out / "tokenopt.json").is_file() and (out / "tokenopt.md").is_file()
+    assert (out / "tokenopt.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 32 | 2 x 56 |" in (out / "tokenopt.md").read_text()
+    assert "TO top-1" in capsys.readouterr().out
+
+
+def test_presets_resolve():
+    for name in ("smoke", "k400_small", "k400_base"):
+        cfg = build_config(name)
+        assert cfg.loss.budgets and cfg.model.num_classes > 0
+    k = build_config("k400_base")
+    assert (k.optim.lr, k.optim.betas, k.optim.weight_decay, k.layer_decay) == (2e-4, (0.9, 0.999), 0.05, 0.75)
+    assert (k.aug.mixup, k.aug.cutmix, k.aug.label_smoothing, k.aug.randaug_m, k.aug.randaug_n, k.aug.reprob) == \
+        (0.8, 1.0, 0.1, 7, 4, 0.25)
+    assert k.model.drop_path_rate == 0.1 and k.train.mixed_precision == "bf16" and k.data.flux_preset == "finetune"
+    with pytest.raises(ValueError, match="unknown field"):
+        build_config("smoke", ["loss.budget=1"])
