@@ -76,6 +76,9 @@ def test_ensure_generates_only_when_absent(tmp_path, monkeypatch):
     from fluxvit.datasets import synth
     monkeypatch.setattr(synth, "make_synthetic_corpus", lambda *a, **k: pytest.fail("regenerated"))
     assert ensure_synthetic_corpus(tmp_path, **SMALL) == info
+    assert ensure_synthetic_corpus(tmp_path) == info  # no parameters: any complete corpus is used as it is
+    with pytest.raises(ValueError, match="num_train: has"):
+        ensure_synthetic_corpus(tmp_path, **{**SMALL, "num_train": SMALL["num_train"] + 1})
     assert (tmp_path / "train/00000.tar").stat().st_mtime_ns == stamp
 
 

@@ -236,15 +236,24 @@ def make_synthetic_corpus(out_dir: str | os.PathLike, num_train: int = 1000, num
 
 
 def ensure_synthetic_corpus(out_dir: str | os.PathLike, **kwargs) -> dict:
-    """Return the corpus in ``out_dir``, generating it with :func:`make_synthetic_corpus` only when absent
-    (no complete ``corpus.json``) or when it was made with other parameters than ``kwargs``."""
+    """Return the corpus in ``out_dir``, generating it with :func:`make_synthetic_corpus` only when absent.
+
+    An existing complete corpus (``corpus.json`` present) is returned as it is when no parameters are given or
+    when they match the ones it was made with. Parameters that contradict an existing corpus raise
+    ``ValueError``: a corpus is never deleted or regenerated behind the caller's back (delete the folder or pick
+    another one to make a different corpus).
+    """
     marker = Path(out_dir) / "corpus.json"
     if marker.exists():
         info = json.loads(marker.read_text())
-        wanted = asdict(SynthConfig(**{k: v for k, v in kwargs.items() if k in SynthConfig.__dataclass_fields__}))
-        if info.get("config") == wanted:
-            return info
-        log.info("synthetic corpus in %s was made with other parameters; regenerating", out_dir)
+        made = info.get("config", {})
+        asked = {k: v for k, v in kwargs.items() if k in SynthConfig.__dataclass_fields__}
+        conflicts = {k: (made.get(k), v) for k, v in asked.items() if made.get(k) != v}
+        if conflicts:
+            detail = ", ".join(f"{k}: has {a!r}, asked {b!r}" for k, (a, b) in sorted(conflicts.items()))
+            raise ValueError(f"the synthetic corpus in {out_dir} was made with other parameters ({detail}); "
+                             "delete it or choose another folder")
+        return info
     return make_synthetic_corpus(out_dir, **kwargs)
 
 

@@ -185,9 +185,9 @@ def build_source(cfg: DataConfig, seed: int, rank: int, world_size: int):
 
             if not cfg.root:
                 raise ValueError("data.source=synthetic-corpus needs data.root (where the corpus is generated)")
-            # Only rank 0 would need to write, but generation is idempotent and cheap to check.
-            corpus = ensure_synthetic_corpus(cfg.root, num_train=cfg.num_clips, num_val=cfg.num_val_clips,
-                                             num_test=cfg.num_val_clips, workers=1)
+            # An existing corpus is used as it is; a missing one is generated with the default parameters
+            # (``fluxvit-data synth --out ROOT`` makes other sizes).
+            corpus = ensure_synthetic_corpus(cfg.root)
             cfg.shards = cfg.shards or corpus["splits"]["train"]["shards"]
             cfg.val_shards = cfg.val_shards or corpus["splits"]["val"]["shards"]
         if not cfg.shards:

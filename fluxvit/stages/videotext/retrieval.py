@@ -89,15 +89,10 @@ def _from_annotations(ann_path: str, video_dir: str, frames: int, res: int, max_
 
 
 def corpus_splits(root: str) -> dict:
-    """Shard patterns per split of the synthetic corpus in ``root``: an existing complete corpus is used as it
-    is; a missing one is generated with the default parameters."""
-    marker = Path(root) / "corpus.json"
-    if marker.is_file():
-        info = json.loads(marker.read_text())
-    else:
-        from fluxvit.datasets.synth import ensure_synthetic_corpus
+    """Shard patterns per split of the synthetic corpus in ``root`` (generated with the defaults when absent)."""
+    from fluxvit.datasets.synth import ensure_synthetic_corpus
 
-        info = ensure_synthetic_corpus(root)
+    info = ensure_synthetic_corpus(root)
     return {split: v["shards"] for split, v in info["splits"].items()}
 
 
