@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig
 from .decoders import DecodeError, clean_reason, decode_clips
-from .shards import TruncatedShard, VIDEO_EXTENSIONS, iter_tar_samples, open_shard, parse_shard_spec, shard_sizes
+from .shards import IMAGE_EXTENSIONS, TruncatedShard, VIDEO_EXTENSIONS, iter_tar_samples, open_shard, parse_shard_spec, shard_sizes
 from .transforms import EvalTransform, VideoTransform
 
 __all__ = [
@@ -138,14 +138,18 @@ def process_sample(sample: dict, cfg: DataConfig, *, num_frames: int, size: int,
 
     Returns:
         ``{"video", "caption", "label", "key"}``; ``video`` is ``(3, T, S, S)`` float, or ``(V, 3, T, S, S)`` in
-        evaluation with ``eval_clips * eval_crops = V > 1`` views (clip-major).
+        evaluation with ``eval_clips * eval_crops = V > 1`` views (clip-major). An image sample (jpg, png,
+        webp; no video member) becomes a 1-frame video ``(3, 1, S, S)`` written to its own tensor, not ``out``.
 
     Raises:
-        SampleError: no video member, empty or undecodable video.
+        SampleError: no video or image member, empty or undecodable video.
     """
     ext = next((e for e in VIDEO_EXTENSIONS if e in sample), None)
     if ext is None:
-        raise SampleError("no video")
+        image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        if image_ext is None:
+            raise SampleError("no video")
+        return _process_image(sample, image_ext, cfg, size=size, rng=rng, flip_allowed=flip_allowed)
     data = sample[ext]
     if not data:
         raise SampleError("empty video")
@@ -176,6 +180,37 @@ def process_sample(sample: dict, cfg: DataConfig, *, num_frames: int, size: int,
         raise SampleError(f"decode error: {exc}") from None
     except (ValueError, RuntimeError) as exc:
         raise SampleError(f"decode error: {clean_reason(exc)}") from None
+    return {"video": video, "caption": _caption(sample, meta, rng, cfg.train), "label": _label(sample, meta),
+            "key": sample["__key__"]}
+
+
+def _read_meta(sample: dict) -> dict:
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _process_image(sample: dict, ext: str, cfg: DataConfig, *, size: int, rng: random.Random,
+                   flip_allowed: bool) -> dict:
+    """An image-text sample as a 1-frame video: (3, 1, S, S) (or (V, 3, 1, S, S) with several eval crops)."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    data = sample[ext]
+    if not data:
+        raise SampleError("empty image")
+    try:
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError) as exc:
+        raise SampleError(f"decode error: {clean_reason(exc)}") from None
+    clip = image.permute(1, 2, 0).unsqueeze(0).contiguous()  # (1, H, W, 3) uint8
+    if cfg.train:
+        video = VideoTransform(cfg.crop, cfg.flip, cfg.normalize, cfg.antialias)(clip, size, rng, flip_allowed)
+    else:
+        views = EvalTransform(cfg.eval_crops, cfg.normalize)(clip, size)
+        video = views[0] if len(views) == 1 else torch.stack(views)
+    meta = _read_meta(sample)
     return {"video": video, "caption": _caption(sample, meta, rng, cfg.train), "label": _label(sample, meta),
             "key": sample["__key__"]}
 
@@ -360,7 +395,9 @@ class VideoShardDataset(IterableDataset):
                     break
             if not batch or (len(batch) < cfg.batch_size and cfg.train):
                 break  # stream exhausted; training drops the last partial batch
-            out = collate_videos(batch, None if buf is None else buf[:len(batch)])
+            # image samples (1 frame) are not in the batch buffer: then the batch is stacked or listed
+            in_buf = buf is not None and all(e["video"].data_ptr() == buf[i].data_ptr() for i, e in enumerate(batch))
+            out = collate_videos(batch, buf[:len(batch)] if in_buf else None)
             report["samples"] = len(batch)
             out["_report"] = {**report, "skipped": dict(report["skipped"]), "keys": report["keys"][-32:]}
             report = {"samples": 0, "skipped": Counter(), "shard_errors": 0, "keys": []}

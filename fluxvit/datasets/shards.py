@@ -30,12 +30,14 @@ from braceexpand import braceexpand
 
 __all__ = [
     "ShardSource", "parse_shard_spec", "expand_urls", "shard_sizes", "open_shard", "iter_tar_samples",
-    "TruncatedShard", "ShardWriter", "VIDEO_EXTENSIONS",
+    "IMAGE_EXTENSIONS", "TruncatedShard", "ShardWriter", "VIDEO_EXTENSIONS",
 ]
 
 log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v", "gif")
+# Image-text samples (CC3M/COCO-style shards) train as 1-frame videos.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 @dataclass(frozen=True)
