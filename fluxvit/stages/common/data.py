@@ -113,9 +113,8 @@ class SyntheticClips:
 class LoaderSource:
     """Micro-batches of ``fluxvit.datasets.build_video_loader``, epochs chained with ``set_epoch``.
 
-    ``batches(start)`` skips ``start`` batches to restore a checkpoint's data position (exact for the
-    loader's seeded order; skipping decodes nothing but still iterates). ``skipped`` reports the data
-    pipeline's count of bad samples.
+    ``batches(start)`` restores a checkpoint's data position by seeking (see ``batches``). ``skipped`` reports
+    the data pipeline's count of bad samples.
     """
 
     def __init__(self, cfg: DataConfig, seed: int = 0, rank: int = 0, world_size: int = 1):
@@ -143,12 +142,24 @@ class LoaderSource:
                              flip=c.flip and train, grid=grid if train else None, **extra)
 
     def batches(self, start: int = 0) -> Iterator[dict]:
-        """Endless batches from ``start`` on."""
+        """Endless batches from micro-batch ``start`` on.
+
+        With a known epoch length (``sizes.json`` or ``epoch_size``) the loader seeks: epoch ``start // n`` at
+        ``start % n`` batches, skipping whole shards unread (the data pipeline's resume bound applies: at most
+        one shuffle buffer repeated or missed per stream). Without one it iterates ``start`` batches.
+        """
         loader = self.fd.build_video_loader(self._config(self.cfg.shards, True), rank=self.rank,
                                             world_size=self.world)
-        n, epoch = 0, 0
-        while True:
+        per_epoch = loader.num_batches
+        epoch, n = 0, 0
+        if start and per_epoch:
+            epoch, within = divmod(start, per_epoch)
             loader.set_epoch(epoch)
+            loader.load_state_dict(self.fd.loader_state(epoch, within * self.cfg.batch_size * self.world))
+            n = start
+        else:
+            loader.set_epoch(epoch)
+        while True:
             got = False
             for batch in loader:
                 got = True
@@ -158,6 +169,7 @@ class LoaderSource:
             if not got:
                 raise RuntimeError(f"data loader over {self.cfg.shards!r} yielded no batch")
             epoch += 1
+            loader.set_epoch(epoch)
 
     def held_out(self, grids=None) -> list[torch.Tensor]:
         """Up to ``num_val_clips`` clips (1, 3, num_frames, img_size, img_size) from ``val_shards``."""
