@@ -96,7 +96,7 @@ clean-venv:
 # Stage 3: Flux-Multi finetuning, then Token Optimization on its export.
 FT_RUN ?= $(RUN_DIR)/finetune_$(PRESET)
 CKPT ?= $(FT_RUN)/model.safetensors
-TO_ARGS ?= --budgets 128 64 32 --frames 2 4 6 8 12 16 --resolutions 42 56 70 84 --base-resolution 56 --max-videos 48
+TO_ARGS ?= --budgets 128 64 32 --frames 2 4 8 16 --resolutions 42 56 70 --base-resolution 56 --max-videos 24
 
 finetune: $(STAMP)
 	$(PY) -m fluxvit.stages.finetune --preset $(PRESET) --set train.run_dir=$(FT_RUN) $(ARGS)
