@@ -49,7 +49,6 @@ def main(argv=None) -> dict:
     p.add_argument("--run-dir", default="runs/finetune_claims")
     p.add_argument("--out", default="benchmarks/results/finetune_claims.json")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
     t_start = time.perf_counter()
     data = build_config("smoke").data
     run = Path(args.run_dir)
