@@ -112,7 +112,8 @@ _TINY_BUDGETS = (192, 128, 64)
 
 @presets.register
 def smoke() -> FinetuneConfig:
-    """Tiny FluxViT on the synthetic corpus's motion labels (8 classes), in memory: about a minute on a CPU."""
+    """Tiny FluxViT on the synthetic corpus's motion labels (8 classes), rendered in memory: 12 steps, 1-3 minutes
+    on a shared 2-core CPU (a pipeline check, not a trained model)."""
     return FinetuneConfig(
         model=ModelConfig(name="fluxvit_tiny_patch14", num_classes=8, drop_path_rate=0.0,
                           overrides={"head_budgets": _TINY_BUDGETS}),

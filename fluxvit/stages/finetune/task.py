@@ -67,6 +67,7 @@ class FinetuneModel(nn.Module):
         self.net = net
 
     def forward(self, video, budgets: Sequence[int], heads: Sequence[int], keeps: list | None = None):
+        """See the class docstring; one packed pass over len(budgets) * B views."""
         net = self.net
         if keeps is None:
             feats = net.forward_multi(video, list(budgets), list(heads))
@@ -310,6 +311,8 @@ class FinetuneTask:
         return terms, ntok
 
     def compute_loss(self, model: nn.Module, batch: dict, step: int) -> StepOutput:
+        """Augment, mix and run the Flux-Multi / Flux-Single loss on ``batch`` ({"video": (B, 3, T, H, W),
+        "label": (B,)}); terms ce_j / align_j / loss are logged."""
         self._seed(step)
         video = batch["video"]
         video = video.to(self.device, non_blocking=True) if isinstance(video, torch.Tensor) else \
