@@ -99,11 +99,31 @@ def smoke_corpus() -> DistillConfig:
     """``smoke`` on the synthetic mp4 corpus through ``fluxvit.datasets`` (generated into data.root on first
     use; decoding makes it several times slower than ``smoke`` on a CPU)."""
     cfg = smoke()
-    cfg.data.source, cfg.data.root, cfg.data.decoder = "synthetic-corpus", "data/synth_distill", "pyav"
-    cfg.data.num_clips, cfg.data.num_val_clips = 200, 8
+    cfg.data.source, cfg.data.root, cfg.data.decoder = "synthetic-corpus", "data/synthetic", "pyav"
+    cfg.data.num_val_clips = 8
     cfg.data.num_frames, cfg.data.img_size = 8, 112  # held-out clips
     cfg.train.run_dir = "runs/distill_smoke_corpus"
     cfg.eval_grid = []
+    return cfg
+
+
+@presets.register
+def demo() -> DistillConfig:
+    """`make pretrain`'s stage 1: a depth-4 tiny student distilled from a small random open_clip teacher on the
+    synthetic mp4 corpus (``data.root``), at the Flux grids stage 2's demo uses; about two minutes on 2 cores.
+    A random teacher teaches no semantics: this run exercises the pipeline and initialises stage 2."""
+    cfg = smoke()
+    cfg.student = StudentConfig(name="fluxvit_tiny_patch14", drop_path_rate=0.0, overrides={"depth": 4})
+    cfg.teacher.budget = 128
+    cfg.teacher.vision_cfg = dict(image_size=112, patch_size=14, width=96, layers=4, head_width=32)
+    cfg.loss = LossConfig(num_layers=2, budgets=(128, 96, 64), sampling="clip")
+    cfg.data = DataConfig(source="synthetic-corpus", root="data/synthetic", batch_size=16, num_workers=1,
+                          grids=[[8, 56], [4, 84], [6, 70]], num_frames=8, img_size=56, num_val_clips=16)
+    cfg.optim = OptimConfig(lr=1e-3, min_lr=1e-5, weight_decay=0.05, betas=(0.9, 0.98), warmup_steps=5,
+                            clip_grad=1.0)
+    cfg.train = TrainConfig(run_dir="runs/pretrain/distill", steps=40, log_every=5, keep_last=1, eval_every=40,
+                            seed=0)
+    cfg.eval_grid = [[8, 56]]
     return cfg
 
 

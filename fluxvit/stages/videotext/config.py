@@ -113,8 +113,8 @@ def demo() -> VideoTextConfig:
                           grids=[[8, 56], [4, 84], [6, 70]], normalize="imagenet", num_workers=1)
     cfg.retrieval = RetrievalEvalConfig(budgets=(128, 64), settings=[[8, 56], [4, 84]])
     cfg.optim = OptimConfig(lr=2e-3, weight_decay=0.02, warmup_steps=20, min_lr=1e-5, clip_grad=1.0)
-    cfg.train = TrainConfig(run_dir="runs/pretrain/videotext", steps=300, log_every=10, keep_last=1,
-                            ckpt_every=100, export_name="videotext.safetensors")
+    cfg.train = TrainConfig(run_dir="runs/pretrain/videotext", steps=160, log_every=10, keep_last=1,
+                            ckpt_every=80, eval_every=80, export_name="videotext.safetensors")
     return cfg
 
 
