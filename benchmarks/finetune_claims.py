@@ -4,8 +4,9 @@
 (b) Flux-Multi finetuning loses less top-1 from the largest to the smallest budget than single-budget finetuning;
 (c) Token Optimization beats the plain (unmasked, fewer frames) setting of the same small budget.
 
-Scale: a CPU-sized FluxViT (the tiny config narrowed to width 96, depth 3) trained from scratch for ``--steps``
-steps on in-memory renders of the synthetic corpus (8 motion classes, chance 12.5 %). Both finetunes use the same
+Scale: a CPU-sized FluxViT (the tiny config narrowed to width 96, depth 3) trained from scratch, or the tower of a
+stage-1/2 export (``--init-from``, e.g. ``make pretrain``'s video-text model), finetuned for ``--steps`` steps on
+in-memory renders of the synthetic corpus (8 motion classes, chance 12.5 %). Both finetunes use the same
 seed, data stream and steps; TO searches on the val split and every number is reported on the test split.
 
     .venv/bin/python -m benchmarks.finetune_claims --steps 60 --seed 0
@@ -29,12 +30,24 @@ MICRO = {"head_budgets": list(BUDGETS), "depth": 3, "embed_dim": 96, "num_heads"
          "attn_pool_num_heads": 4}
 
 
-def finetune(mode: str, steps: int, seed: int, run_dir: Path) -> tuple[Path, float]:
+def export_arch(path: str) -> dict:
+    """Architecture overrides that rebuild the FluxViT stored in a stage-1/2 export (its embedded config)."""
+    from fluxvit.models.checkpoint import read_metadata
+
+    cfg = json.loads(read_metadata(path)["fluxvit_config"])
+    keys = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "img_size", "num_frames",
+            "clip_embed_dim", "attn_pool_num_heads")
+    return {**{k: cfg[k] for k in keys}, "head_budgets": list(BUDGETS)}
+
+
+def finetune(mode: str, steps: int, seed: int, run_dir: Path, arch: dict, init_from: str = "",
+             batch_size: int = 8) -> tuple[Path, float]:
     """Train one model (Flux-Multi or Flux-Single) and return its export and wall seconds."""
     sets = [f"train.run_dir={run_dir}", f"train.steps={steps}", f"train.seed={seed}", "train.ckpt_every=0",
             "train.tensorboard=false", "train.progress=false", f"train.log_every={max(1, steps // 5)}",
-            f"model.overrides={json.dumps(MICRO)}", f"loss.mode={mode}", f"loss.budgets={list(BUDGETS)}",
-            "data.batch_size=8", "data.grids=[[6,56],[8,56],[6,70],[8,70]]", "data.num_clips=1000",
+            f"train.init_from={init_from}", f"data.batch_size={batch_size}",
+            f"model.overrides={json.dumps(arch)}", f"loss.mode={mode}", f"loss.budgets={list(BUDGETS)}",
+            "data.grids=[[6,56],[8,56],[6,70],[8,70]]", "data.num_clips=1000",
             "optim.lr=2e-3", "optim.warmup_steps=5", "layer_decay=1.0", "eval.budgets=[]"]
     t0 = time.perf_counter()
     finetune_main(["--preset", "smoke", *[a for s in sets for a in ("--set", s)]])
@@ -46,18 +59,23 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--videos", type=int, default=80, help="videos of the val (TO search) and test splits")
+    p.add_argument("--init-from", default="", help="stage-1/2 export to finetune from (its architecture is used); "
+                   "default: the micro model from scratch")
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--run-dir", default="runs/finetune_claims")
     p.add_argument("--out", default="benchmarks/results/finetune_claims.json")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
     data = build_config("smoke").data
     run = Path(args.run_dir)
-    res: dict = {"seed": args.seed, "steps": args.steps, "budgets": list(BUDGETS), "model": MICRO,
+    arch = export_arch(args.init_from) if args.init_from else MICRO
+    res: dict = {"seed": args.seed, "steps": args.steps, "budgets": list(BUDGETS), "model": arch,
+                 "init_from": args.init_from, "batch_size": args.batch_size,
                  "eval_input": [EVAL_FRAMES, EVAL_RES], "videos": args.videos}
 
     ckpts = {}
     for mode in ("multi", "single"):
-        ckpts[mode], secs = finetune(mode, args.steps, args.seed, run / mode)
+        ckpts[mode], secs = finetune(mode, args.steps, args.seed, run / mode, arch, args.init_from, args.batch_size)
         res[f"train_seconds_{mode}"] = round(secs, 1)
         print(f"trained Flux-{mode}: {args.steps} steps in {secs:.0f} s")
 

@@ -131,6 +131,12 @@ def test_smoke_run_end_to_end_then_retrieval_from_checkpoint(tiny_corpus, tmp_pa
 
     model, tower = load_videotext(result.export_path)
     assert model.video.config.depth == 2 and tower.dim == 384
+    # stage 3 initialises from this file: its video tower loads into a plain FluxViT ("video." prefix stripped)
+    from fluxvit.models import load_official_checkpoint
+    net = create_model("fluxvit_tiny_patch14", depth=2, num_classes=8)
+    report = load_official_checkpoint(net, result.export_path, strict=False)
+    assert not report.missing or all(k.startswith("head.") for k in report.missing)
+    torch.testing.assert_close(net.blocks[1].attn.qkv.weight, model.video.blocks[1].attn.qkv.weight)
     report = retrieval_main(["--checkpoint", str(result.export_path), "--root", str(tiny_corpus), "--budgets", "64",
                              "16", "--settings", "4x56", "--out", str(tmp_path / "r.json")])
     assert [r["budget"] for r in report["results"]] == [64, 16]

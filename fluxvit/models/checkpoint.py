@@ -20,7 +20,9 @@ from .pos_embed import resize_pos_grid
 __all__ = ["LoadReport", "load_model", "load_official_checkpoint", "read_state_dict", "save_model"]
 
 log = logging.getLogger(__name__)
-_PREFIXES = ("module.", "backbone.", "encoder.")
+# Wrapper prefixes: DDP/DeepSpeed ("module."), the release ("backbone.", "encoder."), and this project's stage-2
+# video-text export, whose video tower sits under "video.".
+_PREFIXES = ("module.", "backbone.", "encoder.", "video.")
 CONFIG_KEY = "fluxvit_config"
 
 
@@ -74,7 +76,8 @@ def load_official_checkpoint(model: FluxViT, path_or_state_dict, strict: bool = 
     """Load released FluxViT weights into ``model``.
 
     Accepts a path (``.pth``, ``.bin``, ``.safetensors``) or a state dict; weights may sit under ``model``,
-    ``module`` or ``state_dict`` and carry ``module.`` / ``backbone.`` / ``encoder.`` prefixes. A pos-embed
+    ``module`` or ``state_dict`` and carry ``module.`` / ``backbone.`` / ``encoder.`` prefixes (or ``video.``, the
+    video tower of a stage-2 export). A pos-embed
     stored for another grid is resized to the model's grid (linear in time, bicubic in space).
 
     With ``strict`` (default) any missing, unexpected or wrongly shaped key raises ``ValueError``; without
