@@ -1,6 +1,7 @@
 """The loop skeleton shared by the three training stages: configs and presets, accelerate setup,
 AdamW/cosine/EMA, atomic checkpoints with exact resume, rank-0 logging, batch sources and ``fit``."""
 from .checkpoint import CheckpointManager, find_latest
+from .cli import parse_stage_args, print_config, resolve_config, start_run
 from .config import (DataConfig, OptimConfig, PresetRegistry, TrainConfig, apply_overrides, config_to_dict,
                      parse_value, save_config)
 from .data import LoaderSource, SyntheticClips, build_source, flux_grids, normalize_video
@@ -13,5 +14,5 @@ __all__ = [
     "NonFiniteLossError", "OptimConfig", "PresetRegistry", "StepOutput", "SyntheticClips", "TrainConfig",
     "TrainResult", "TrainTask", "apply_overrides", "build_accelerator", "build_optimizer", "build_scheduler",
     "build_source", "config_to_dict", "cosine_lr", "find_latest", "fit", "flux_grids", "normalize_video",
-    "param_groups", "parse_value", "resolve_mixed_precision", "save_config", "seed_everything", "setup_logging",
+    "param_groups", "parse_stage_args", "parse_value", "print_config", "resolve_config", "start_run", "resolve_mixed_precision", "save_config", "seed_everything", "setup_logging",
 ]

@@ -6,11 +6,11 @@
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from typing import Sequence
 
-from ..common import apply_overrides, build_accelerator, build_source, fit, seed_everything, setup_logging
+from ..common import build_source, fit
+from ..common.cli import parse_stage_args, print_config, resolve_config, start_run
 from ..common.loop import TrainResult
 from .config import DistillConfig, presets
 from .task import DistillTask
@@ -20,19 +20,14 @@ __all__ = ["build_config", "main", "parse_args"]
 log = logging.getLogger("fluxvit.train")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fluxvit.stages.distill",
-                                description="FluxViT stage 1: Flux-UMT masked-teacher distillation")
-    p.add_argument("--preset", default="smoke", help=f"named preset: {', '.join(presets.names())}")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config field, e.g. --set optim.lr=1e-3 (repeatable)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    return p.parse_args(argv)
+def parse_args(argv: Sequence[str] | None = None):
+    return parse_stage_args("fluxvit.stages.distill", "FluxViT stage 1: Flux-UMT masked-teacher distillation",
+                            presets, argv)
 
 
 def build_config(preset: str, overrides: Sequence[str] = ()) -> DistillConfig:
     """The named preset with ``key.sub=value`` overrides applied."""
-    return apply_overrides(presets.get(preset), list(overrides))
+    return resolve_config(presets, preset, overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> TrainResult | None:
@@ -40,26 +35,8 @@ def main(argv: Sequence[str] | None = None) -> TrainResult | None:
     args = parse_args(argv)
     cfg = build_config(args.preset, args.overrides)
     if args.print_config:
-        import json
-        import sys
-
-        from ..common import config_to_dict
-
-        sys.stdout.write(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-        return None
-
-    # Seed identically on every rank so the student and decoders start equal; data and token sampling
-    # are seeded per (step, rank) inside the source and the task.
-    seed_everything(cfg.train.seed)
-    acc = build_accelerator(cfg.train, cfg.data.batch_size, cfg.optim.clip_grad)
-    setup_logging(acc.is_main_process)
-    log.info("distill preset %s on %d process(es) (%s), device %s, mixed precision %s", args.preset,
-             acc.num_processes, acc.distributed_type.value, acc.device, acc.mixed_precision)
-    if cfg.train.deterministic:
-        import torch
-
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
+        return print_config(cfg)
+    acc = start_run(cfg, "distill", args.preset)
     task = DistillTask(cfg, rank=acc.process_index)
     # Rank 0 generates the synthetic corpus (when asked for) before the other ranks read it.
     with acc.main_process_first():

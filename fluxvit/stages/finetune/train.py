@@ -8,11 +8,11 @@
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from typing import Sequence
 
-from ..common import apply_overrides, build_accelerator, fit, seed_everything, setup_logging
+from ..common import fit
+from ..common.cli import parse_stage_args, print_config, resolve_config, start_run
 from ..common.loop import TrainResult
 from .config import FinetuneConfig, presets
 from .data import build_train_source
@@ -23,19 +23,14 @@ __all__ = ["build_config", "main", "parse_args"]
 log = logging.getLogger("fluxvit.train")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fluxvit.stages.finetune",
-                                description="FluxViT stage 3: classification finetuning with Flux-Multi")
-    p.add_argument("--preset", default="smoke", help=f"named preset: {', '.join(presets.names())}")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config field, e.g. --set optim.lr=1e-3 (repeatable)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    return p.parse_args(argv)
+def parse_args(argv: Sequence[str] | None = None):
+    return parse_stage_args("fluxvit.stages.finetune", "FluxViT stage 3: classification finetuning with Flux-Multi",
+                            presets, argv)
 
 
 def build_config(preset: str, overrides: Sequence[str] = ()) -> FinetuneConfig:
     """The named preset with ``key.sub=value`` overrides applied (``model.init`` feeds ``train.init_from``)."""
-    cfg = apply_overrides(presets.get(preset), list(overrides))
+    cfg = resolve_config(presets, preset, overrides)
     if cfg.model.init and not cfg.train.init_from:
         cfg.train.init_from = cfg.model.init
     return cfg
@@ -47,20 +42,8 @@ def main(argv: Sequence[str] | None = None) -> TrainResult | None:
     args = parse_args(argv)
     cfg = build_config(args.preset, args.overrides)
     if args.print_config:
-        import json
-        import sys
-
-        from ..common import config_to_dict
-
-        sys.stdout.write(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-        return None
-
-    # Same seed on every rank so the classifier starts equal; augmentation and data are seeded per (step, rank).
-    seed_everything(cfg.train.seed)
-    acc = build_accelerator(cfg.train, cfg.data.batch_size, cfg.optim.clip_grad)
-    setup_logging(acc.is_main_process)
-    log.info("finetune preset %s on %d process(es), device %s, mixed precision %s", args.preset,
-             acc.num_processes, acc.device, acc.mixed_precision)
+        return print_config(cfg)
+    acc = start_run(cfg, "finetune", args.preset)
     task = FinetuneTask(cfg, rank=acc.process_index, world_size=acc.num_processes)
     source = build_train_source(cfg.data, cfg.train.seed, acc.process_index, acc.num_processes)
     result = fit(cfg, task, source, acc)

@@ -6,13 +6,11 @@
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import sys
 from typing import Sequence
 
-from ..common import apply_overrides, build_accelerator, build_source, config_to_dict, fit, seed_everything, setup_logging
+from ..common import build_source, fit
+from ..common.cli import parse_stage_args, print_config, resolve_config, start_run
 from ..common.loop import TrainResult
 from .config import VideoTextConfig, presets
 from .retrieval import corpus_splits
@@ -25,7 +23,7 @@ log = logging.getLogger("fluxvit.train")
 
 def build_config(preset: str, overrides: Sequence[str] = ()) -> VideoTextConfig:
     """The named preset with ``key.sub=value`` overrides applied."""
-    return apply_overrides(presets.get(preset), list(overrides))
+    return resolve_config(presets, preset, overrides)
 
 
 def _make_evaluator(cfg: VideoTextConfig):
@@ -50,21 +48,12 @@ def _make_evaluator(cfg: VideoTextConfig):
 
 def main(argv: Sequence[str] | None = None) -> TrainResult | None:
     """Run stage 2; returns the ``TrainResult`` (also callable in-process from tests)."""
-    p = argparse.ArgumentParser(prog="python -m fluxvit.stages.videotext",
-                                description="FluxViT stage 2: Flux-CLIP video-text contrastive pretraining")
-    p.add_argument("--preset", default="smoke", help=f"named preset: {', '.join(presets.names())}")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config field, e.g. --set optim.lr=1e-3 (repeatable)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    args = p.parse_args(argv)
+    args = parse_stage_args("fluxvit.stages.videotext",
+                            "FluxViT stage 2: Flux-CLIP video-text contrastive pretraining", presets, argv)
     cfg = build_config(args.preset, args.overrides)
     if args.print_config:
-        sys.stdout.write(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-        return None
-
-    seed_everything(cfg.train.seed)
-    acc = build_accelerator(cfg.train, cfg.data.batch_size, cfg.optim.clip_grad)
-    setup_logging(acc.is_main_process)
+        return print_config(cfg)
+    acc = start_run(cfg, "videotext", args.preset)
     # The synthetic corpus is generated once, by the main process, before any rank reads it.
     if cfg.data.source == "synthetic-corpus":
         if acc.is_main_process:
@@ -74,8 +63,6 @@ def main(argv: Sequence[str] | None = None) -> TrainResult | None:
         cfg.data.shards = cfg.data.shards or splits["train"]
         cfg.data.val_shards = cfg.data.val_shards or splits.get("val", "")
         cfg.data.source = "shards"
-    log.info("videotext preset %s on %d process(es), device %s, mixed precision %s", args.preset,
-             acc.num_processes, acc.device, acc.mixed_precision)
     task = VideoTextTask(cfg)
     if cfg.train.eval_every and acc.is_main_process:
         task.evaluator = _make_evaluator(cfg)
