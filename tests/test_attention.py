@@ -6,10 +6,18 @@ from fluxvit.models import attention
 from fluxvit.models.attention import BACKENDS, available_backends, force_backend, varlen_attention
 
 
-def _pack(lengths, heads=3, dim=16, dtype=torch.float32, device="cpu", seed=0):
+def _pack(lengths, heads=3, dim=16, dtype=torch.float32, device="cpu", seed=0, fused=False):
+    """q, k, v (N, heads, dim) leaf tensors; ``fused``: strided views of one (N, 3, heads*dim) tensor, the
+    layout the model's fused qkv projection produces."""
     g = torch.Generator().manual_seed(seed)
     n = sum(lengths)
-    q, k, v = (torch.randn(n, heads, dim, generator=g).to(device=device, dtype=dtype).requires_grad_() for _ in range(3))
+    if fused:
+        qkv = torch.randn(n, 3, heads * dim, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        q, k, v = (t.reshape(n, heads, dim) for t in qkv.unbind(1))
+        assert not q.is_contiguous()
+    else:
+        q, k, v = (torch.randn(n, heads, dim, generator=g).to(device=device, dtype=dtype).requires_grad_()
+                   for _ in range(3))
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=device)
     return q, k, v, cu
 
@@ -23,8 +31,9 @@ def _run(backend, q, k, v, cu):
 
 @pytest.mark.parametrize("backend", [b for b in available_backends("cpu") if b != "math"])
 @pytest.mark.parametrize("lengths", [[1, 7, 33, 2], [65], [5, 5, 5, 5, 5, 40]])
-def test_backend_matches_math_forward_backward(backend, lengths):
-    q, k, v, cu = _pack(lengths)
+@pytest.mark.parametrize("fused", [False, True])
+def test_backend_matches_math_forward_backward(backend, lengths, fused):
+    q, k, v, cu = _pack(lengths, fused=fused)
     ref = _run("math", q, k, v, cu)
     got = _run(backend, q, k, v, cu)
     for a, b in zip(got, ref):

@@ -277,3 +277,15 @@ def test_load_model_rejects_foreign_safetensors(tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(ValueError, match="no embedded FluxViT config"):
         load_model(tmp_path / "x.safetensors")
+
+
+def test_every_cpu_backend_through_the_whole_model():
+    from fluxvit.models import available_backends, force_backend
+
+    m = tiny()
+    clips = [torch.randn(3, 4, 56, 56), torch.randn(3, 2, 84, 56)]
+    with torch.no_grad(), force_backend("math"):
+        ref = m(clips, num_tokens=[30, None])
+    for name in available_backends("cpu"):
+        with torch.no_grad(), force_backend(name):
+            torch.testing.assert_close(m(clips, num_tokens=[30, None]), ref, rtol=1e-5, atol=1e-5, msg=name)

@@ -165,7 +165,10 @@ def _nested(q, k, v, cu_seqlens, scale):
     offsets = cu_seqlens.to(device=q.device, dtype=torch.int64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "nested tensors are a prototype" notices
-        qn, kn, vn = (torch.nested.nested_tensor_from_jagged(t, offsets).transpose(1, 2) for t in (q, k, v))
+        # Contiguous values: jagged tensors over strided views (q, k, v come out of one fused projection)
+        # take a CUDA-only path in some torch builds and fail on CPU machines.
+        qn, kn, vn = (torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets).transpose(1, 2)
+                      for t in (q, k, v))
         out = F.scaled_dot_product_attention(qn, kn, vn, scale=scale)
         return out.transpose(1, 2).values()
 
