@@ -31,40 +31,36 @@ log = logging.getLogger("fluxvit.train")
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """All-gather rows of every rank; backward sums the gradients of all ranks and returns this rank's slice
-    (works on gloo, which has no reduce-scatter)."""
+    """All-gather rows of every rank (``sizes``: rows per rank); backward sums the gradients of all ranks and
+    returns this rank's slice (works on gloo, which has no reduce-scatter)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        world, rank = dist.get_world_size(), dist.get_rank()
-        sizes = torch.tensor([x.shape[0]], device=x.device)
-        all_sizes = [torch.zeros_like(sizes) for _ in range(world)]
-        dist.all_gather(all_sizes, sizes)
-        all_sizes = [int(s) for s in all_sizes]
-        pad = max(all_sizes) - x.shape[0]
+    def forward(ctx, x: torch.Tensor, sizes: tuple) -> torch.Tensor:
+        pad = max(sizes) - x.shape[0]
         xp = torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x.contiguous()
-        parts = [torch.empty_like(xp) for _ in range(world)]
+        parts = [torch.empty_like(xp) for _ in sizes]
         dist.all_gather(parts, xp)
-        ctx.sizes, ctx.rank = all_sizes, rank
-        return torch.cat([p[:n] for p, n in zip(parts, all_sizes)])
+        ctx.sizes, ctx.rank = sizes, dist.get_rank()
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = sum(ctx.sizes[: ctx.rank])
-        return grad[start:start + ctx.sizes[ctx.rank]]
+        return grad[start:start + ctx.sizes[ctx.rank]], None
 
 
 def all_gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(B_local, D) -> ((B_global, D), offset of this rank's rows); identity without a process group."""
+    """(B_local, D) -> ((B_global, D), offset of this rank's rows); identity without a process group.
+    Ranks may hold different numbers of rows."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    gathered = _GatherWithGrad.apply(x)
-    sizes = torch.tensor([x.shape[0]], device=x.device)
-    all_sizes = [torch.zeros_like(sizes) for _ in range(dist.get_world_size())]
-    dist.all_gather(all_sizes, sizes)
-    return gathered, int(sum(int(s) for s in all_sizes[: dist.get_rank()]))
+    local = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, local)
+    sizes = tuple(int(n) for n in sizes)
+    return _GatherWithGrad.apply(x, sizes), sum(sizes[: dist.get_rank()])
 
 
 def contrastive_loss(video: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -246,8 +242,9 @@ class VideoTextTask:
             align = (2 - 2 * F.cosine_similarity(out[3].float(), target, dim=-1)).mean()
             loss = loss + self.cfg.align.weight * align
             terms["align"] = align.detach()
-        n = len(captions)
-        kept = sum(min(b, 10**9) for b in (budgets if isinstance(budgets, list) else [budgets])) * n
+        p = self.model.video.config.patch_size
+        clip_tokens = [c.shape[-3] * (c.shape[-2] // p) * (c.shape[-1] // p) for c in batch["video"]]
+        kept = sum(min(b, n) for b in (budgets if isinstance(budgets, list) else [budgets]) for n in clip_tokens)
         return StepOutput(loss=loss, terms=terms, tokens=int(kept))
 
     def evaluate(self, model: nn.Module, step: int) -> dict:
