@@ -1,0 +1,17 @@
+"""Benchmarks: measured, not asserted; each prints its figures and writes JSON under benchmarks/results/."""
+import json
+import os
+from pathlib import Path
+
+__all__ = ["write_result"]
+
+
+def write_result(path, data: dict) -> Path:
+    """Write a benchmark's result as JSON (atomically: temp file, then rename) and say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    return path

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import platform
 import random
@@ -31,6 +30,7 @@ import torch
 from fluxvit.datasets import DataConfig, available_backends, build_video_loader, decode_clips, process_sample
 from fluxvit.datasets.shards import iter_tar_samples, parse_shard_spec
 from fluxvit.datasets.synth import make_synthetic_corpus
+from benchmarks import write_result
 
 RESULTS = Path(__file__).resolve().parent / "results" / "data.json"
 
@@ -154,11 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {"frames": args.frames, "size": args.size, "seconds_per_figure": args.seconds,
               "torch": torch.__version__, "machine": platform.machine(), "backends": backends, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=1))
-    tmp_out.replace(args.out)
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     tmp.cleanup()
     return result
 

@@ -12,7 +12,6 @@ against a randomly initialised ViT-B/16-shaped open_clip tower, 8 x 224 clips, p
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -23,6 +22,7 @@ import torch
 from fluxvit.stages.common import StepOutput, build_optimizer
 from fluxvit.stages.common.data import SyntheticClips
 from fluxvit.stages.distill import DistillTask, build_config
+from benchmarks import write_result
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -106,10 +106,7 @@ def main(argv=None) -> dict:
     for r in rows:
         print(f"| {r['case']} | {r['device']} | {r['batch']} | {r['budgets']} | {r['step_s']:.3f} | "
               f"{r['student_tokens_per_step']} | {r['student_tokens_per_s']:.0f} | {r['teacher_share']:.1%} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result)
     return result
 
 

@@ -12,7 +12,6 @@ Prints a Markdown table and writes benchmarks/results/model.json. Use ``--models
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -23,6 +22,7 @@ import torch
 from fluxvit.models import available_backends, create_model, force_backend, varlen_attention
 from fluxvit.models.layers import segment_ids
 from fluxvit.models.selector import select_tokens
+from benchmarks import write_result
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -121,9 +121,7 @@ def main(argv=None) -> dict:
               f"{pack['speedup_vs_padded']:.2f}x; predicted by token count {pack['predicted_s']:.2f} s -> "
               f"packed/predicted {pack['packed_over_predicted']:.3f}")
         print("attention op on the mixed pack: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in backends.items()))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out}")
+    write_result(args.out, report)
     return report
 
 

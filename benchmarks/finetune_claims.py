@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from fluxvit.stages.finetune import build_config, main as finetune_main
 from fluxvit.stages.finetune.data import eval_views
 from fluxvit.stages.finetune.eval import evaluate, load_classifier
 from fluxvit.stages.finetune.tokenopt import plot_tokenopt, token_optimize, write_table
+from benchmarks import write_result
 
 BUDGETS = (96, 64, 32)
 EVAL_FRAMES, EVAL_RES = 8, 56  # 8 x (56 / 14)^2 = 128 tokens per view; a quarter is 32
@@ -124,10 +124,7 @@ def main(argv=None) -> dict:
             print(f"(c) K={k}: plain {v['plain'][0]}x{v['plain'][1]} {v['plain'][2]:.1f} | "
                   f"TO {v['to'][0]}x{v['to'][1]} {v['to'][2]:.1f} ({v['gain']:+.1f})")
     print(f"(c) -> {'holds' if res['c']['holds'] else 'does NOT hold'}; total {res['seconds']:.0f} s")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, res)
     return res
 
 
