@@ -88,3 +88,12 @@ def test_synth_cli(tmp_path, capsys):
     assert "train: 4 clips" in capsys.readouterr().out
     assert main(["check", str(tmp_path / "train/00000.tar"), "--num-frames", "4"]) == 0
     assert main(["synth", "--out", str(tmp_path), "--scale", "0"]) == 2
+
+
+def test_render_frame_subset_equals_full_render():
+    spec = draw_clip_spec(np.random.default_rng(3), label=5, size=64)
+    full = render_clip(spec, 12, 64)
+    idx = [0, 3, 3, 7, 11]
+    np.testing.assert_array_equal(render_clip(spec, 12, 64, indices=idx), full[idx])
+    with pytest.raises(ValueError, match="frame indices"):
+        render_clip(spec, 12, 64, indices=[12])

@@ -142,19 +142,27 @@ def _shape_mask(spec: ClipSpec, size: int) -> np.ndarray:
     return (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)
 
 
-def render_clip(spec: ClipSpec, num_frames: int, size: int) -> np.ndarray:
-    """Render a clip: ``uint8 (num_frames, size, size, 3)``; frame 0 does not depend on ``spec.label``."""
+def render_clip(spec: ClipSpec, num_frames: int, size: int, indices=None) -> np.ndarray:
+    """Render a clip: ``uint8 (num_frames, size, size, 3)``; frame 0 does not depend on ``spec.label``.
+
+    ``indices`` (optional sequence of frame numbers in ``[0, num_frames)``) renders only those frames, in that
+    order: ``(len(indices), size, size, 3)``, equal to ``render_clip(spec, num_frames, size)[indices]`` at a
+    fraction of the cost (training samples 8 of 32 frames).
+    """
+    ts = range(num_frames) if indices is None else [int(t) for t in indices]
+    if any(not 0 <= t < num_frames for t in ts):
+        raise ValueError(f"frame indices must lie in [0, {num_frames}), got {list(ts)}")
     bg = _background(spec, size)
     mask0 = _shape_mask(spec, size)
     colour = np.array(COLOURS[spec.colour], dtype=np.uint8)
     ux, uy = DIRECTIONS[spec.direction]
     step = SPEEDS[spec.speed] * size / 128
-    frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
-    for t in range(num_frames):
+    frames = np.empty((len(ts), size, size, 3), dtype=np.uint8)
+    for i, t in enumerate(ts):
         x = int(round(spec.x0 + ux * step * t)) % size
         y = int(round(spec.y0 + uy * step * t)) % size
         mask = np.roll(mask0, (y, x), axis=(0, 1))
-        frames[t] = np.where(mask[..., None], colour, bg)
+        frames[i] = np.where(mask[..., None], colour, bg)
     return frames
 
 
