@@ -105,3 +105,18 @@ def test_resume_after_crash_is_exact_and_old_checkpoints_pruned(tmp_path):
     a = torch.load(full.export_path)
     b = torch.load(resumed.export_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_metric_logger_logs_every_log_every_steps_without_a_bar(tmp_path, caplog):
+    import logging
+
+    from fluxvit.stages.common.runtime import MetricLogger
+
+    ml = MetricLogger(tmp_path, enabled=True, total=10, tensorboard=False, progress=False, log_every=4)
+    with caplog.at_level(logging.INFO, logger="fluxvit.train"):
+        for step in range(1, 11):
+            ml.log(step, {"loss": 1.0})
+    ml.close()
+    logged = [r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().startswith("step ")]
+    assert logged == ["step 1", "step 4", "step 8"]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 10  # every step still recorded

@@ -137,7 +137,8 @@ class MetricLogger:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(_fmt(scalars), refresh=False)
-        if step % self.log_every == 0 or self.bar is None:
+        # Every log_every-th step, and the first (so a run without a bar shows it started).
+        if step % self.log_every == 0 or step == 1:
             log.info("step %d: %s", step, _fmt(scalars))
 
     def close(self) -> None:
