@@ -81,3 +81,21 @@ def test_presets_resolve():
     assert k.model.drop_path_rate == 0.1 and k.train.mixed_precision == "bf16" and k.data.flux_preset == "finetune"
     with pytest.raises(ValueError, match="unknown field"):
         build_config("smoke", ["loss.budget=1"])
+
+
+def test_per_sample_grid_batches_are_packed_lists(tmp_path):
+    from fluxvit.stages.common.config import DataConfig
+    from fluxvit.stages.finetune.data import MotionClips
+
+    cfg = DataConfig(source="synthetic-motion", batch_size=4, grids=[[4, 56], [6, 70]], per_sample_grid=True,
+                     flip=False, num_clips=50)
+    batches = [MotionClips(cfg, seed=0).batch(n) for n in range(3)]
+    shapes = {tuple(v.shape) for b in batches for v in b["video"]}
+    assert all(isinstance(b["video"], list) and len(b["video"]) == 4 for b in batches)
+    assert shapes == {(3, 4, 56, 56), (3, 6, 70, 70)}  # clips of one batch draw their own grid
+    per_batch = MotionClips(DataConfig(**{**cfg.__dict__, "per_sample_grid": False}), seed=0).batch(0)
+    assert per_batch["video"].shape[0] == 4  # the default stays one grid per batch, stacked
+
+    result = main(_args(tmp_path / "ps", "data.per_sample_grid=true", "data.batch_size=3", "aug.mixup=0.8"))
+    assert result.steps == 4 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+    assert (tmp_path / "ps" / "model.safetensors").is_file()

@@ -40,7 +40,9 @@ class DataConfig:
     """Where clips come from. ``source``: "synthetic" (in-memory generated clips, no files) or "shards"
     (WebDataset shards through ``fluxvit.datasets.build_video_loader``; "synthetic-corpus" generates the
     synthetic mp4 corpus into ``root`` first). ``grids`` lists the Flux (frames, resolution) pairs one
-    per-rank batch is drawn from (empty: ``fluxvit.datasets.FluxGrid.preset(flux_preset)``)."""
+    per-rank batch is drawn from (empty: ``fluxvit.datasets.FluxGrid.preset(flux_preset)``);
+    ``per_sample_grid`` draws one pair per clip instead, and the batch's ``video`` is then a list of clips
+    ``(3, T_i, R_i, R_i)`` (the packed input FluxViT takes)."""
 
     source: str = "synthetic"
     shards: str = ""
@@ -51,6 +53,7 @@ class DataConfig:
     num_frames: int = 8
     img_size: int = 224
     grids: list = field(default_factory=list)
+    per_sample_grid: bool = False
     flux_preset: str = "distill"
     normalize: str = "imagenet"
     decoder: str = ""

@@ -19,7 +19,7 @@ import torch
 
 from .config import DataConfig
 
-__all__ = ["LoaderSource", "SyntheticClips", "build_source", "flux_grids", "normalize_video"]
+__all__ = ["LoaderSource", "SyntheticClips", "build_source", "draw_grids", "flux_grids", "normalize_video"]
 
 log = logging.getLogger("fluxvit.train")
 
@@ -44,12 +44,22 @@ def flux_grids(cfg: DataConfig) -> list[tuple[int, int]]:
     return FluxGrid.preset(cfg.flux_preset).valid_pairs()
 
 
+def draw_grids(rng: random.Random, grids: Sequence[tuple[int, int]], batch_size: int,
+               per_sample: bool) -> list[tuple[int, int]]:
+    """The (frames, resolution) of each clip of a micro-batch: one Flux draw for the whole batch, or one per
+    clip when ``per_sample`` (``batch_size`` pairs either way)."""
+    if per_sample:
+        return [rng.choice(grids) for _ in range(batch_size)]
+    return [rng.choice(grids)] * batch_size
+
+
 class SyntheticClips:
     """In-memory synthetic video clips for smoke runs and tests.
 
     Clip ``i`` is a fixed random scene (3 coloured blobs moving linearly over a drifting sinusoidal grating),
     rendered at any (frames, resolution), so Flux grids cost nothing. Micro-batch ``n`` of rank ``r`` draws
-    one (F, R) from ``grids`` and ``batch_size`` clip ids, both from a generator seeded by (seed, n, r).
+    one (F, R) from ``grids`` (one per clip with ``per_sample_grid``: ``video`` is then a list) and
+    ``batch_size`` clip ids, both from a generator seeded by (seed, n, r).
 
     Args:
         cfg: data config (``batch_size``, ``grids`` or ``flux_preset``, ``num_clips``, ``normalize``).
@@ -84,12 +94,13 @@ class SyntheticClips:
     def batch(self, n: int) -> dict:
         """Micro-batch ``n`` of this rank."""
         rng = random.Random(f"{self.seed}-{n}-{self.rank}")
-        frames, size = rng.choice(self.grids)
+        grids = draw_grids(rng, self.grids, self.cfg.batch_size, self.cfg.per_sample_grid)
         ids = [rng.randrange(self.cfg.num_clips) for _ in range(self.cfg.batch_size)]
-        video = torch.stack([self.render(i, frames, size, self.seed) for i in ids])
-        if self.cfg.flip and rng.random() < 0.5:
-            video = video.flip(-1)
-        return {"video": normalize_video(video, self.cfg.normalize), "caption": [""] * len(ids),
+        clips = [self.render(i, f, r, self.seed) for i, (f, r) in zip(ids, grids)]
+        flip = self.cfg.flip and rng.random() < 0.5
+        clips = [normalize_video((c.flip(-1) if flip else c)[None], self.cfg.normalize)[0] for c in clips]
+        video = clips if self.cfg.per_sample_grid else torch.stack(clips)
+        return {"video": video, "caption": [""] * len(ids),
                 "label": torch.full((len(ids),), -1, dtype=torch.long), "key": [f"synth{i:06d}" for i in ids]}
 
     def batches(self, start: int = 0) -> Iterator[dict]:
@@ -139,7 +150,8 @@ class LoaderSource:
         extra = {"decoder": c.decoder} if c.decoder else {}
         return fd.DataConfig(shards=shards, num_frames=c.num_frames, img_size=c.img_size, batch_size=c.batch_size,
                              num_workers=c.num_workers, seed=self.seed, normalize=c.normalize, train=train,
-                             flip=c.flip and train, grid=grid if train else None, **extra)
+                             flip=c.flip and train, grid=grid if train else None,
+                             per_sample_grid=c.per_sample_grid and train, **extra)
 
     def batches(self, start: int = 0) -> Iterator[dict]:
         """Endless batches from micro-batch ``start`` on.

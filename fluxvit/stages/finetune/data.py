@@ -2,8 +2,8 @@
 
 * ``MotionClips``: a resumable ``BatchSource`` over the synthetic corpus's clips (``fluxvit.datasets.synth``:
   the same clip specs and motion labels as the mp4 corpus, rendered directly instead of decoded). Micro-batch
-  ``n`` of rank ``r`` draws one Flux (F, R) and its clip ids from a generator seeded by (seed, n, r), TSN-samples
-  F of the clip's frames and applies the training crop; so a resumed run sees exactly the same batches.
+  ``n`` of rank ``r`` draws one Flux (F, R) (one per clip with ``data.per_sample_grid``) and its clip ids from a
+  generator seeded by (seed, n, r), TSN-samples F of the clip's frames and applies the training crop; so a resumed run sees exactly the same batches.
 * ``eval_views``: evaluation batches (temporal clips x spatial crops per video) from the synthetic corpus or
   from validation shards, as ``{"video": (V, 3, F, R, R), "video_index": (V,), "label": (N,)}``.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..common.config import DataConfig
-from ..common.data import flux_grids
+from ..common.data import draw_grids, flux_grids
 
 __all__ = ["MotionClips", "eval_views", "motion_clip", "NUM_MOTION_CLASSES"]
 
@@ -53,7 +53,8 @@ class MotionClips:
             ``normalize``, ``flip`` (keep False: a mirrored clip moves the other way)).
         seed: base seed; rank, world_size: this process and the number of processes.
 
-    ``batch(n)`` -> ``{"video": (B, 3, F, R, R) float, "label": (B,) int64, "key": list[str]}``.
+    ``batch(n)`` -> ``{"video": (B, 3, F, R, R) float (per-sample grids: a list of B (3, F_i, R_i, R_i)),
+    "label": (B,) int64, "key": list[str]}``.
     """
 
     def __init__(self, cfg: DataConfig, seed: int = 0, rank: int = 0, world_size: int = 1):
@@ -69,15 +70,16 @@ class MotionClips:
         from fluxvit.datasets import sample_tsn_indices
 
         rng = random.Random(f"{self.seed}-{n}-{self.rank}")
-        frames, size = rng.choice(self.grids)
+        grids = draw_grids(rng, self.grids, self.cfg.batch_size, self.cfg.per_sample_grid)
         ids = [rng.randrange(self.cfg.num_clips) for _ in range(self.cfg.batch_size)]
         clips, labels = [], []
-        for i in ids:
+        for i, (frames, size) in zip(ids, grids):
             # Only the TSN-sampled frames of the 32-frame clip are rendered (4x cheaper at 8 frames).
             video, label = motion_clip("train", i, indices=sample_tsn_indices(CLIP_FRAMES, frames, rng))
             clips.append(self.transform(video, size, rng))
             labels.append(label)
-        return {"video": torch.stack(clips), "label": torch.tensor(labels, dtype=torch.long),
+        return {"video": clips if self.cfg.per_sample_grid else torch.stack(clips),
+                "label": torch.tensor(labels, dtype=torch.long),
                 "key": [f"train{i:06d}" for i in ids]}
 
     def batches(self, start: int = 0) -> Iterator[dict]:
