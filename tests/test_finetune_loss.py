@@ -118,3 +118,20 @@ def test_augment_and_random_keep():
     keep = random_keep((4, 2, 2), 5)
     assert keep.shape == (5,) and torch.all(keep[1:] > keep[:-1]) and keep.max() < 16
     assert random_keep((2, 2, 2), 100).tolist() == list(range(8))
+
+
+def test_budget_zero_keeps_every_token_and_micro_presets_resolve():
+    from fluxvit.stages.finetune import FinetuneTask, build_config
+
+    cfg = build_config("smoke", ["loss.mode=single", "loss.budgets=[0]", "loss.heads=[0]",
+                                 'model.overrides={"depth": 1, "head_budgets": [192, 128, 64]}'])
+    task = FinetuneTask(cfg)
+    video = torch.randn(2, 3, 4, 56, 56)  # 4 x 16 = 64 tokens per clip, all kept
+    terms, ntok = task.forward_loss(task.model, video, torch.tensor([1, 3]))
+    assert ntok == 2 * (64 + 1) and set(terms) == {"loss", "ce_0"}
+    with pytest.raises(ValueError, match=">= 0"):
+        FinetuneTask(build_config("smoke", ["loss.budgets=[-1,2,3]"]))
+    start, multi = build_config("micro_scratch"), build_config("micro_multi")
+    assert start.loss.budgets == (0,) and start.optim.min_lr == start.optim.lr  # constant lr from scratch
+    assert multi.loss.budgets == (96, 64, 32) and multi.model.overrides["head_budgets"] == (96, 64, 32)
+    assert all(f * (r // 14) ** 2 >= 96 for f, r in multi.data.grids)  # every Flux grid holds the largest budget

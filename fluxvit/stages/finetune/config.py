@@ -36,6 +36,7 @@ class FluxLossConfig:
     mode "multi": every clip at each of ``budgets`` with ``heads`` in ONE packed forward;
     loss = sum_j CE(head_j at budgets[j]) + align_weight * sum_{j>0} SmoothL1(dec_{j-1}(p_j), sg(norm(p_0))).
     mode "single": the clip at ``budgets[0]`` with ``heads[0]`` and CE only (the single-budget baseline).
+    A budget of 0 keeps every token (no selection).
     selection: "dynamic" (group-dynamic selector) or "random" (uniform random tokens, an ablation).
     """
 
@@ -130,6 +131,49 @@ def smoke() -> FinetuneConfig:
         layer_decay=0.75,
         scale_lr=False,
     )
+
+
+# CPU-scale experiment behind benchmarks/finetune_claims.py: the tiny config narrowed to width 96 and depth 3, with
+# LayerScale 0.1 (CaiT's value for shallow models) since it trains from scratch; budgets 3 : 2 : 1 of 96 tokens.
+MICRO_ARCH = {"embed_dim": 96, "depth": 3, "num_heads": 3, "clip_embed_dim": 96, "attn_pool_num_heads": 4,
+              "init_values": 0.1}
+MICRO_BUDGETS = (96, 64, 32)
+
+
+def _micro(mode: str, budgets: tuple, grids: list, steps: int, min_lr: float, run_dir: str) -> FinetuneConfig:
+    return FinetuneConfig(
+        model=ModelConfig(name="fluxvit_tiny_patch14", num_classes=8, drop_path_rate=0.0,
+                          overrides={**MICRO_ARCH, "head_budgets": MICRO_BUDGETS}),
+        loss=FluxLossConfig(mode=mode, budgets=budgets, heads=tuple(range(len(budgets)))),
+        aug=AugConfig(mixup=0.0, cutmix=0.0, label_smoothing=0.1, randaug_n=0, reprob=0.0),
+        data=DataConfig(source="synthetic-motion", batch_size=16, grids=grids, flip=False, num_clips=100_000,
+                        num_val_clips=200),
+        optim=OptimConfig(lr=1e-3, min_lr=min_lr, weight_decay=0.05, betas=(0.9, 0.999), warmup_steps=100,
+                          clip_grad=1.0),
+        train=TrainConfig(run_dir=run_dir, steps=steps, log_every=250, ckpt_every=500, keep_last=1, seed=0,
+                          export_name="model.safetensors", tensorboard=False),
+        eval=EvalConfig(frames=8, resolution=56, num_clips=1, num_crops=1, budgets=(0, 96, 64, 32), max_videos=200,
+                        batch_size=50),
+        layer_decay=1.0,
+        scale_lr=False,
+    )
+
+
+@presets.register
+def micro_scratch() -> FinetuneConfig:
+    """The shared starting point of the stage-3 claims (``benchmarks/finetune_claims.py``): a micro FluxViT trained
+    from scratch on the synthetic corpus's motion classes with every token of 8 x 56 clips (no selection), constant
+    lr 1e-3, 3000 steps of 16 clips (about 8 min on one core). Training clips are drawn from the first 100 000
+    clips of the corpus generator's train split (rendered in memory; the written corpus holds the first 1000)."""
+    return _micro("single", (0,), [[8, 56]], 3000, 1e-3, "runs/micro_scratch")
+
+
+@presets.register
+def micro_multi() -> FinetuneConfig:
+    """Flux-Multi finetuning of the micro FluxViT (set ``train.init_from``, e.g. ``micro_scratch``'s export):
+    budgets 96 / 64 / 32 with heads 0 / 1 / 2 on Flux grids of 6-8 frames x 56-70 px (96-200 tokens), cosine lr
+    1e-3 -> 1e-5, 1500 steps. ``--set loss.mode=single`` is the Flux-Single baseline (budget 96, head 0)."""
+    return _micro("multi", MICRO_BUDGETS, [[6, 56], [8, 56], [6, 70], [8, 70]], 1500, 1e-5, "runs/micro_multi")
 
 
 def _k400(name: str, batch_size: int) -> FinetuneConfig:

@@ -238,10 +238,16 @@ class FinetuneTask:
             raise ValueError(f"loss.heads {lc.heads} and loss.budgets {lc.budgets} differ in length")
         net = create_model(m.name, num_classes=m.num_classes, drop_path_rate=m.drop_path_rate, **m.overrides)
         self.model = FinetuneModel(net)
-        self.budgets = [int(b) for b in (lc.budgets if lc.mode == "multi" else lc.budgets[:1])]
+        if any(int(b) < 0 for b in lc.budgets):
+            raise ValueError(f"loss.budgets must be >= 0 (0 = every token), got {lc.budgets}")
+        # 0 = every token of the clip (no selection), as in eval.budgets.
+        self.budgets = [int(b) or None for b in (lc.budgets if lc.mode == "multi" else lc.budgets[:1])]
         self.heads = [int(h) for h in (lc.heads if lc.mode == "multi" else lc.heads[:1])]
         self.augment = VideoAugment(cfg.aug.randaug_n, cfg.aug.randaug_m, cfg.aug.reprob, cfg.data.normalize)
         self.mixer = _mixer(cfg)
+        if self.mixer is not None and cfg.data.per_sample_grid:
+            log.warning("data.per_sample_grid: clips of a batch differ in shape, so mixup / cutmix are skipped "
+                        "(label smoothing %.2g still applies)", cfg.aug.label_smoothing)
         self.device = torch.device("cpu")
         log.info("finetune: %s (%.1f M params), Flux-%s budgets %s heads %s", m.name,
                  sum(p.numel() for p in net.parameters()) / 1e6, lc.mode.capitalize(), self.budgets, self.heads)
@@ -299,7 +305,7 @@ class FinetuneTask:
             return None
         p = self.model.net.config.patch_size
         clips = list(video.unbind(0)) if isinstance(video, torch.Tensor) else list(video)
-        return [random_keep((c.shape[1], c.shape[2] // p, c.shape[3] // p), b, generator)
+        return [random_keep((c.shape[1], c.shape[2] // p, c.shape[3] // p), b or math.inf, generator)
                 for b in self.budgets for c in clips]
 
     def forward_loss(self, model: nn.Module, video, target: torch.Tensor) -> tuple[dict, int]:
