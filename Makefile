@@ -11,7 +11,7 @@ TEXT ?=
 LAUNCH ?= launch/cpu.yaml
 RUN_DIR ?= runs
 
-.PHONY: help setup test test-fast bench bench-data bench-distill pretrain distill retrieval-eval finetune tokenopt clean-venv
+.PHONY: help setup test test-fast bench bench-data bench-distill bench-finetune pretrain distill retrieval-eval finetune tokenopt clean-venv
 
 help:
 	@echo "make pretrain        stage 1 + stage 2 on the synthetic corpus (demo scale)"
@@ -22,6 +22,7 @@ help:
 	@echo "make test            the CPU test suite (bootstraps .venv)"
 	@echo "make bench           model benchmarks (selector cost, packed vs padded)"
 	@echo "make bench-data      data pipeline benchmark"
+	@echo "make bench-finetune  stage-3 claims on the synthetic corpus (about 50 min on 2 cores)"
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v ffmpeg >/dev/null 2>&1 || { \
@@ -100,6 +101,11 @@ TO_ARGS ?= --budgets 128 64 32 --frames 2 4 8 16 --resolutions 42 56 70 --base-r
 
 finetune: $(STAMP)
 	$(PY) -m fluxvit.stages.finetune --preset $(PRESET) --set train.run_dir=$(FT_RUN) $(ARGS)
+
+# The three stage-3 claims (selector vs random, Flux-Multi vs Flux-Single, Token Optimization), measured.
+CLAIMS_ARGS ?=
+bench-finetune: $(STAMP)
+	$(PY) -m benchmarks.finetune_claims $(CLAIMS_ARGS)
 
 tokenopt: $(STAMP)
 	test -f $(CKPT) || $(MAKE) finetune PRESET=$(PRESET)
