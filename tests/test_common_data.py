@@ -27,3 +27,44 @@ def test_seek_to_epoch_boundary_is_exact_and_decodes_little(corpus, monkeypatch)
     assert next(resumed)["key"] == uninterrupted[12]
     assert len(decoded) == 4  # only the delivered batch was decoded, not the 12 before it
     assert next(resumed)["key"] == uninterrupted[13]
+
+
+def test_set_overrides_reach_the_loader_and_the_saved_config(corpus, tmp_path):
+    import json
+
+    from fluxvit.stages.common.config import apply_overrides, save_config
+    from fluxvit.stages.distill.config import smoke
+
+    cfg = apply_overrides(smoke(), [
+        "data.source=shards", f"data.shards={corpus['splits']['train']['shards']}", "data.resampled=true",
+        "data.epoch_size=12", "data.shuffle_buffer=5", "data.crop=rrc", "data.decoder=pyav", "data.num_workers=0",
+        "data.grids=[[2,28]]"])
+    source = LoaderSource(cfg.data, seed=1)
+    got = source.loader.cfg
+    assert (got.resampled, got.epoch_size, got.shuffle_buffer, got.crop, got.decoder, got.num_workers) == \
+        (True, 12, 5, "rrc", "pyav", 0)
+    assert got.grid.valid_pairs() == [(2, 28)] and len(source.loader) == 12 // cfg.data.batch_size
+    saved = json.loads(save_config(cfg, tmp_path).read_text())["data"]
+    for key, value in {"resampled": True, "epoch_size": 12, "shuffle_buffer": 5, "crop": "rrc", "decoder": "pyav",
+                       "num_workers": 0}.items():
+        assert saved[key] == value
+    with pytest.raises(ValueError, match="data.crop"):
+        LoaderSource(apply_overrides(smoke(), ["data.source=shards", "data.shards=x.tar", "data.crop=bogus"]).data)
+
+
+def test_no_val_shards_skips_held_out_once_and_never_reads_training_shards(corpus, caplog):
+    from fluxvit.stages.common import data as common_data
+
+    cfg = DataConfig(source="shards", shards=corpus["splits"]["train"]["shards"], batch_size=4, grids=[[2, 28]],
+                     num_workers=0, decoder="pyav")
+    before = dict(vars(cfg))
+    source = LoaderSource(cfg)
+    common_data._ONCE.clear()
+    with caplog.at_level("WARNING", logger="fluxvit.train"):
+        assert source.held_out() == [] and source.held_out() == []
+    assert sum("held-out evaluation is skipped" in r.message for r in caplog.records) == 1
+    assert vars(cfg) == before  # resolving shards never rewrites the user's config
+    with_val = LoaderSource(DataConfig(**{**before, "val_shards": corpus["splits"]["train"]["shards"],
+                                          "num_val_clips": 3}))
+    clips = with_val.held_out([(2, 28)])
+    assert len(clips) == 3 and clips[0].shape == (1, 3, 2, 28, 28)

@@ -29,6 +29,7 @@ class FluxGrid:
         resolutions: candidate square resolutions ``R`` in pixels (multiples of ``patch_size`` in practice).
         threshold: ``(lo, hi)``; a pair is valid when ``lo <= F * (R // patch_size) ** 2 <= hi``.
         patch_size: spatial patch size (14 for FluxViT).
+        pairs: an explicit list of ``(F, R)`` pairs (see :meth:`from_pairs`); when given, exactly these are valid.
 
     ``sample(rng)`` draws uniformly over :meth:`valid_pairs`, so every valid pair has probability ``1 / len(pairs)``.
     """
@@ -37,8 +38,10 @@ class FluxGrid:
     resolutions: Sequence[int] = field(default=tuple(range(168, 253, 28)))
     threshold: tuple[int, int] = (2048, 4096)
     patch_size: int = 14
+    pairs: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "pairs", tuple(sorted({(int(f), int(r)) for f, r in self.pairs})))
         object.__setattr__(self, "frames", _as_tuple(self.frames))
         object.__setattr__(self, "resolutions", _as_tuple(self.resolutions))
         lo, hi = (int(v) for v in self.threshold)
@@ -54,6 +57,8 @@ class FluxGrid:
 
     def valid_pairs(self) -> list[tuple[int, int]]:
         """All ``(F, R)`` pairs whose token count lies inside ``threshold`` (inclusive), sorted."""
+        if self.pairs:
+            return list(self.pairs)
         lo, hi = self.threshold
         return [(f, r) for f in sorted(set(self.frames)) for r in sorted(set(self.resolutions))
                 if lo <= self.tokens(f, r) <= hi]
@@ -62,6 +67,16 @@ class FluxGrid:
         """Draw one valid ``(F, R)`` uniformly; ``rng`` is a :class:`random.Random` (module RNG when ``None``)."""
         pairs = self.valid_pairs()
         return (rng or random).choice(pairs)
+
+    @classmethod
+    def from_pairs(cls, pairs, patch_size: int = 14) -> "FluxGrid":
+        """A grid of exactly the given ``[(F, R), ...]`` pairs (a stage's ``data.grids``), drawn uniformly."""
+        pairs = [(int(f), int(r)) for f, r in pairs]
+        if not pairs:
+            raise ValueError("FluxGrid.from_pairs needs at least one (frames, resolution) pair")
+        tokens = [f * (r // patch_size) ** 2 for f, r in pairs]
+        return cls(frames=[f for f, _ in pairs], resolutions=[r for _, r in pairs],
+                   threshold=(min(tokens), max(tokens)), patch_size=patch_size, pairs=tuple(pairs))
 
     @classmethod
     def preset(cls, name: str) -> "FluxGrid":

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from fluxvit.datasets.config import LoaderOptions
+
 __all__ = [
     "DataConfig", "OptimConfig", "PresetRegistry", "TrainConfig", "apply_overrides", "config_to_dict",
     "parse_value", "save_config",
@@ -35,30 +37,39 @@ class OptimConfig:
     clip_grad: float = 1.0  # max global grad norm; 0 disables clipping
 
 
-@dataclass
-class DataConfig:
-    """Where clips come from. ``source``: "synthetic" (in-memory generated clips, no files) or "shards"
-    (WebDataset shards through ``fluxvit.datasets.build_video_loader``; "synthetic-corpus" generates the
-    synthetic mp4 corpus into ``root`` first). ``grids`` lists the Flux (frames, resolution) pairs one
-    per-rank batch is drawn from (empty: ``fluxvit.datasets.FluxGrid.preset(flux_preset)``);
-    ``per_sample_grid`` draws one pair per clip instead, and the batch's ``video`` is then a list of clips
-    ``(3, T_i, R_i, R_i)`` (the packed input FluxViT takes)."""
+SOURCES = ("synthetic", "synthetic-motion", "synthetic-corpus", "shards")
 
+
+@dataclass
+class DataConfig(LoaderOptions):
+    """A stage's ``data`` section: every loader knob of ``fluxvit.datasets.LoaderOptions`` (batch size, workers,
+    decoder for training and evaluation, crop, resampled mode, shuffle buffer, epoch size, ...) plus the
+    stage-only fields below. ``fluxvit.stages.common.data.build_loader`` turns it into a loader.
+
+    Attributes:
+        source: "synthetic" (in-memory generated clips, no files), "synthetic-motion" (stage 3: the synthetic
+            corpus's clips with motion labels, rendered in memory), "shards" (WebDataset shards) or
+            "synthetic-corpus" (the synthetic mp4 corpus, generated into ``root`` on first use; its train / val
+            splits are used unless ``shards`` / ``val_shards`` are set).
+        shards: training shard spec (``fluxvit.datasets.shards``).
+        val_shards: held-out shard spec; empty: held-out evaluation is skipped (never the training shards).
+        root: folder of the synthetic corpus.
+        grids: the Flux ``[frames, resolution]`` pairs one batch is drawn from (empty: the valid pairs of
+            ``FluxGrid.preset(flux_preset)``); ``per_sample_grid`` draws one pair per clip instead, and the
+            batch's ``video`` is then a list of clips ``(3, T_i, R_i, R_i)`` (the packed input FluxViT takes).
+        flux_preset: ``FluxGrid`` preset used when ``grids`` is empty.
+        num_clips: size of the in-memory synthetic training set.
+        num_val_clips: held-out clips evaluated during training.
+    """
+
+    num_workers: int = 0
     source: str = "synthetic"
     shards: str = ""
     val_shards: str = ""
     root: str = ""
-    batch_size: int = 8
-    num_workers: int = 0
-    num_frames: int = 8
-    img_size: int = 224
     grids: list = field(default_factory=list)
-    per_sample_grid: bool = False
     flux_preset: str = "distill"
-    normalize: str = "imagenet"
-    decoder: str = ""
-    flip: bool = True
-    num_clips: int = 256  # size of the in-memory synthetic set
+    num_clips: int = 256
     num_val_clips: int = 16
 
 

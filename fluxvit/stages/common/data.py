@@ -3,8 +3,9 @@
 * ``SyntheticClips``: clips rendered in memory (moving blobs over drifting gratings), deterministic in
   (seed, micro-batch index, rank), so a resumed run sees exactly the batches the uninterrupted run saw. Used by
   the smoke presets, tests and benchmarks; needs no files or decoder.
-* ``LoaderSource``: WebDataset shards through ``fluxvit.datasets.build_video_loader``; resuming skips the
-  micro-batches already consumed (exact for a seeded, non-resampled loader).
+* ``LoaderSource``: WebDataset shards through ``build_loader`` (the one function turning a data section into a
+  ``fluxvit.datasets`` loader); resuming skips the micro-batches already consumed. ``resolve_shards`` is the one
+  place the synthetic mp4 corpus is resolved.
 
 Both yield the data contract's dicts: ``video`` (B, 3, T, H, W) normalised float, ``caption``, ``label``, ``key``.
 """
@@ -19,7 +20,10 @@ import torch
 
 from .config import DataConfig
 
-__all__ = ["LoaderSource", "SyntheticClips", "build_source", "draw_grids", "flux_grids", "normalize_video"]
+__all__ = [
+    "LoaderSource", "SyntheticClips", "build_loader", "build_source", "draw_grids", "flux_grids", "loader_grid",
+    "log_once", "normalize_video", "resolve_shards",
+]
 
 log = logging.getLogger("fluxvit.train")
 
@@ -121,53 +125,105 @@ class SyntheticClips:
         return out
 
 
-class LoaderSource:
-    """Micro-batches of ``fluxvit.datasets.build_video_loader``, epochs chained with ``set_epoch``.
+_ONCE: set[str] = set()
 
-    ``batches(start)`` restores a checkpoint's data position by seeking (see ``batches``). ``skipped`` reports
-    the data pipeline's count of bad samples.
+
+def log_once(message: str, *args) -> None:
+    """Log ``message`` at warning level the first time it is seen in this process."""
+    text = message % args if args else message
+    if text not in _ONCE:
+        _ONCE.add(text)
+        log.warning(text)
+
+
+def resolve_shards(cfg: DataConfig) -> tuple[str, str]:
+    """``(training shards, held-out shards)`` of a data section; the one place the synthetic corpus is resolved.
+
+    ``source="synthetic-corpus"`` generates the corpus into ``cfg.root`` when absent (call it on the main process
+    first in multi-process runs) and fills what ``shards`` / ``val_shards`` leave empty with its train / val
+    splits. ``cfg`` is never modified. The held-out spec is empty when there is none (no ``val_shards``).
+    """
+    if cfg.source == "synthetic-corpus":
+        from fluxvit.datasets.synth import ensure_synthetic_corpus
+
+        if not cfg.root:
+            raise ValueError("data.source=synthetic-corpus needs data.root (where the corpus is generated)")
+        # An existing corpus is used as it is; a missing one is generated with the default parameters
+        # (``fluxvit-data synth --out ROOT`` makes other sizes).
+        splits = ensure_synthetic_corpus(cfg.root)["splits"]
+        val = splits.get("val", {})
+        return (cfg.shards or splits["train"]["shards"],
+                cfg.val_shards or (val.get("shards", "") if val.get("num_samples") else ""))
+    if cfg.source == "shards":
+        if not cfg.shards:
+            raise ValueError("data.source=shards needs data.shards (a brace pattern of .tar files)")
+        return cfg.shards, cfg.val_shards
+    raise ValueError(f"data.source={cfg.source!r} reads no shards; use shards or synthetic-corpus")
+
+
+def loader_grid(cfg: DataConfig):
+    """The ``FluxGrid`` of a data section: exactly ``cfg.grids`` when given, else ``FluxGrid.preset(flux_preset)``."""
+    from fluxvit.datasets import FluxGrid
+
+    return FluxGrid.from_pairs(cfg.grids) if cfg.grids else FluxGrid.preset(cfg.flux_preset)
+
+
+def build_loader(cfg: DataConfig, shards: str, *, train: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 **view):
+    """The one way a stage builds a ``fluxvit.datasets`` loader from its data section.
+
+    Every loader knob of ``cfg`` (``LoaderOptions``: workers, decoder, crop, resampled, shuffle buffer, epoch
+    size, ...) is passed on. Training loaders draw ``loader_grid(cfg)``; evaluation loaders read ``shards`` once in
+    order at ``num_frames`` x ``img_size`` (or the ``view`` overrides: ``num_frames``, ``img_size``, ``eval_clips``,
+    ``eval_crops``, ``batch_size``) without flips.
+
+    Returns:
+        a ``fluxvit.datasets.VideoLoader`` yielding ``{"video": (B, 3, T, H, W) | list, "caption", "label", "key"}``.
+    """
+    from fluxvit import datasets as fd
+
+    opts = cfg.loader_options()
+    opts.update({k: v for k, v in view.items() if k in opts})
+    extra = {k: v for k, v in view.items() if k not in opts}
+    if not train:
+        opts.update(flip=False, per_sample_grid=False, resampled=False)
+    dc = fd.DataConfig(**opts, shards=shards, train=train, seed=seed, grid=loader_grid(cfg) if train else None,
+                       **extra)
+    return fd.build_video_loader(dc, rank=rank, world_size=world_size)
+
+
+class LoaderSource:
+    """Micro-batches of ``fluxvit.datasets`` loaders over the data section's shards, epochs chained with
+    ``set_epoch``.
+
+    ``batches(start)`` restores a checkpoint's data position by seeking (see ``batches``). ``skipped`` counts the
+    bad samples of the training loader only (held-out evaluation keeps its own counts).
     """
 
     def __init__(self, cfg: DataConfig, seed: int = 0, rank: int = 0, world_size: int = 1):
-        from fluxvit import datasets as fd
-
-        self.fd = fd
         self.cfg, self.seed, self.rank, self.world = cfg, seed, rank, world_size
+        self.shards, self.val_shards = resolve_shards(cfg)
+        self.loader = build_loader(cfg, self.shards, train=True, seed=seed, rank=rank, world_size=world_size)
 
     @property
     def skipped(self) -> int:
-        return int(self.fd.stats().skipped)
-
-    def _config(self, shards: str, train: bool):
-        fd, c = self.fd, self.cfg
-        if c.grids:
-            pairs = flux_grids(c)
-            tokens = [f * (r // 14) ** 2 for f, r in pairs]
-            grid = fd.FluxGrid(frames=sorted({f for f, _ in pairs}), resolutions=sorted({r for _, r in pairs}),
-                               threshold=(min(tokens), max(tokens)))
-        else:
-            grid = fd.FluxGrid.preset(c.flux_preset)
-        extra = {"decoder": c.decoder} if c.decoder else {}
-        return fd.DataConfig(shards=shards, num_frames=c.num_frames, img_size=c.img_size, batch_size=c.batch_size,
-                             num_workers=c.num_workers, seed=self.seed, normalize=c.normalize, train=train,
-                             flip=c.flip and train, grid=grid if train else None,
-                             per_sample_grid=c.per_sample_grid and train, **extra)
+        return int(self.loader.stats.skipped)
 
     def batches(self, start: int = 0) -> Iterator[dict]:
         """Endless batches from micro-batch ``start`` on.
 
         With a known epoch length (``sizes.json`` or ``epoch_size``) the loader seeks: epoch ``start // n`` at
         ``start % n`` batches, skipping whole shards unread (the data pipeline's resume bound applies: at most
-        one shuffle buffer repeated or missed per stream). Without one it iterates ``start`` batches.
+        one shuffle buffer repeated or missed per stream). Without one it iterates ``start`` batches. Every rank
+        takes the same number of batches per epoch (the loader's shared epoch length).
         """
-        loader = self.fd.build_video_loader(self._config(self.cfg.shards, True), rank=self.rank,
-                                            world_size=self.world)
+        loader = self.loader
         per_epoch = loader.num_batches
         epoch, n = 0, 0
         if start and per_epoch:
             epoch, within = divmod(start, per_epoch)
             loader.set_epoch(epoch)
-            loader.load_state_dict(self.fd.loader_state(epoch, within * self.cfg.batch_size * self.world))
+            loader.load_state_dict({"epoch": epoch, "samples_seen": within * self.cfg.batch_size * self.world})
             n = start
         else:
             loader.set_epoch(epoch)
@@ -179,17 +235,22 @@ class LoaderSource:
                     yield batch
                 n += 1
             if not got:
-                raise RuntimeError(f"data loader over {self.cfg.shards!r} yielded no batch")
+                raise RuntimeError(f"data loader over {self.shards!r} yielded no batch on rank {self.rank}: "
+                                   f"{loader.stats.skipped} samples skipped, reasons {dict(loader.stats.reasons)}")
             epoch += 1
             loader.set_epoch(epoch)
 
     def held_out(self, grids=None) -> list[torch.Tensor]:
-        """Up to ``num_val_clips`` clips (1, 3, num_frames, img_size, img_size) from ``val_shards``."""
-        cfg = self._config(self.cfg.val_shards or self.cfg.shards, False)
-        if grids:
-            cfg.num_frames, cfg.img_size = (int(v) for v in grids[0])
+        """Up to ``num_val_clips`` clips (1, 3, num_frames, img_size, img_size) from the held-out shards
+        (``[]``, logged once, when there are none: the training shards are never reused for evaluation)."""
+        if not self.val_shards:
+            log_once("data.val_shards is empty: held-out evaluation is skipped (set data.val_shards to evaluate)")
+            return []
+        frames, size = (int(v) for v in grids[0]) if grids else (self.cfg.num_frames, self.cfg.img_size)
+        loader = build_loader(self.cfg, self.val_shards, train=False, seed=self.seed, num_frames=frames,
+                              img_size=size)
         out = []
-        for batch in self.fd.build_video_loader(cfg, rank=0, world_size=1):
+        for batch in loader:
             video = batch["video"]
             clips = list(video) if isinstance(video, (list, tuple)) else list(video.unbind(0))
             out.extend(c[None] for c in clips)
@@ -199,22 +260,11 @@ class LoaderSource:
 
 
 def build_source(cfg: DataConfig, seed: int, rank: int, world_size: int):
-    """The batch source named by ``cfg.source``: "synthetic", "shards" or "synthetic-corpus" (shards of the
-    generated synthetic mp4 corpus under ``cfg.root``)."""
+    """The batch source named by ``cfg.source``: "synthetic" (``SyntheticClips``), or "shards" /
+    "synthetic-corpus" (``LoaderSource``; the corpus is generated under ``cfg.root`` when absent). ``cfg`` is not
+    modified."""
     if cfg.source == "synthetic":
         return SyntheticClips(cfg, seed, rank, world_size)
     if cfg.source in ("shards", "synthetic-corpus"):
-        if cfg.source == "synthetic-corpus":
-            from fluxvit.datasets.synth import ensure_synthetic_corpus
-
-            if not cfg.root:
-                raise ValueError("data.source=synthetic-corpus needs data.root (where the corpus is generated)")
-            # An existing corpus is used as it is; a missing one is generated with the default parameters
-            # (``fluxvit-data synth --out ROOT`` makes other sizes).
-            corpus = ensure_synthetic_corpus(cfg.root)
-            cfg.shards = cfg.shards or corpus["splits"]["train"]["shards"]
-            cfg.val_shards = cfg.val_shards or corpus["splits"]["val"]["shards"]
-        if not cfg.shards:
-            raise ValueError("data.source=shards needs data.shards (a brace pattern of .tar files)")
         return LoaderSource(cfg, seed, rank, world_size)
     raise ValueError(f"unknown data.source {cfg.source!r}; use synthetic, shards or synthetic-corpus")

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from ..common.config import DataConfig
-from ..common.data import draw_grids, flux_grids
+from ..common.data import build_loader, build_source, draw_grids, flux_grids, log_once, resolve_shards
 
-__all__ = ["MotionClips", "eval_views", "motion_clip", "NUM_MOTION_CLASSES"]
+__all__ = ["MotionClips", "build_train_source", "eval_shards", "eval_views", "has_held_out", "motion_clip",
+           "NUM_MOTION_CLASSES"]
 
 log = logging.getLogger("fluxvit.train")
 
@@ -62,7 +63,7 @@ class MotionClips:
 
         self.cfg, self.seed, self.rank, self.world = cfg, seed, rank, world_size
         self.grids = flux_grids(cfg)
-        self.transform = VideoTransform(crop="multiscale", flip=cfg.flip, normalize=cfg.normalize)
+        self.transform = VideoTransform(crop=cfg.crop, flip=cfg.flip, normalize=cfg.normalize)
         self.skipped = 0
 
     def batch(self, n: int) -> dict:
@@ -114,15 +115,12 @@ def _motion_views(split: str, num_videos: int, frames: int, resolution: int, num
                "label": torch.tensor(labels, dtype=torch.long)}
 
 
-def _shard_views(shards: str, frames: int, resolution: int, num_clips: int, num_crops: int, normalize: str,
+def _shard_views(data: DataConfig, shards: str, frames: int, resolution: int, num_clips: int, num_crops: int,
                  batch_size: int, max_videos: int) -> Iterator[dict]:
-    import fluxvit.datasets as fd
-
-    dc = fd.DataConfig(shards=shards, num_frames=frames, img_size=resolution, batch_size=batch_size,
-                       num_workers=0, normalize=normalize, train=False, flip=False, eval_clips=num_clips,
-                       eval_crops=num_crops)
+    loader = build_loader(data, shards, train=False, num_frames=frames, img_size=resolution, batch_size=batch_size,
+                          eval_clips=num_clips, eval_crops=num_crops)
     seen = 0
-    for batch in fd.build_video_loader(dc, rank=0, world_size=1):
+    for batch in loader:
         video = batch["video"]
         clips = list(video) if isinstance(video, (list, tuple)) else list(video.unbind(0))
         views, index = [], []
@@ -142,12 +140,38 @@ def _shard_views(shards: str, frames: int, resolution: int, num_clips: int, num_
             return
 
 
+def eval_shards(data: DataConfig, split: str) -> str:
+    """The shard spec ``eval_views`` reads for ``split`` ("" when there is none: evaluation is then skipped)."""
+    train, val = resolve_shards(data)
+    if split == "train":
+        return train
+    if data.source == "synthetic-corpus" and not data.val_shards and split != "val":
+        from fluxvit.datasets.synth import ensure_synthetic_corpus
+
+        info = ensure_synthetic_corpus(data.root)["splits"].get(split, {})
+        return info.get("shards", "") if info.get("num_samples") else ""
+    return val
+
+
+def has_held_out(data: DataConfig, split: str) -> bool:
+    """Whether ``eval_views(data, split, ...)`` has videos to show; logs once when a shard source has none."""
+    if data.source == "synthetic-motion":
+        return True
+    if data.source in ("shards", "synthetic-corpus") and not eval_shards(data, split):
+        log_once(f"no held-out shards for split {split!r} (data.val_shards is empty): held-out evaluation is "
+                 "skipped; the training shards are never used for it")
+        return False
+    return True
+
+
 def eval_views(data: DataConfig, split: str, frames: int, resolution: int, num_clips: int = 1, num_crops: int = 1,
                max_videos: int = 0, batch_size: int = 8) -> Iterator[dict]:
     """Multi-view evaluation batches of ``batch_size`` videos.
 
     Synthetic sources render ``split`` of the synthetic corpus (``max_videos`` or ``data.num_val_clips``
-    videos); shard sources read ``data.val_shards`` (or ``data.shards`` when ``split`` is "train").
+    videos); shard sources read ``data.val_shards`` (the corpus's ``split`` for "synthetic-corpus"; the training
+    shards only when ``split`` is "train"), with the data section's decoder and workers. No held-out shards:
+    nothing is yielded (``has_held_out`` logs it once).
 
     Yields:
         ``{"video": (V, 3, frames, resolution, resolution), "video_index": (V,) int64 in [0, N),
@@ -157,12 +181,9 @@ def eval_views(data: DataConfig, split: str, frames: int, resolution: int, num_c
         n = max_videos or data.num_val_clips
         return _motion_views(split, n, frames, resolution, num_clips, num_crops, data.normalize, batch_size)
     if data.source in ("shards", "synthetic-corpus"):
-        shards = data.shards if split == "train" else (data.val_shards or data.shards)
-        if data.source == "synthetic-corpus" and split != "train" and not data.val_shards:
-            from fluxvit.datasets.synth import ensure_synthetic_corpus
-
-            shards = ensure_synthetic_corpus(data.root)["splits"][split]["shards"]
-        return _shard_views(shards, frames, resolution, num_clips, num_crops, data.normalize, batch_size,
+        if not has_held_out(data, split):
+            return iter(())
+        return _shard_views(data, eval_shards(data, split), frames, resolution, num_clips, num_crops, batch_size,
                             max_videos)
     raise ValueError(f"stage 3 evaluation needs labelled clips; data.source {data.source!r} has none "
                      f"(use synthetic-motion, synthetic-corpus or shards)")
@@ -174,10 +195,4 @@ def build_train_source(cfg: DataConfig, seed: int, rank: int, world_size: int):
         return MotionClips(cfg, seed, rank, world_size)
     if cfg.source == "synthetic":
         raise ValueError("data.source=synthetic has no labels; use synthetic-motion for stage 3")
-    from ..common import build_source
-
-    if cfg.source == "synthetic-corpus" and not cfg.shards:
-        from fluxvit.datasets.synth import ensure_synthetic_corpus
-
-        cfg.shards = ensure_synthetic_corpus(cfg.root)["splits"]["train"]["shards"]
     return build_source(cfg, seed, rank, world_size)

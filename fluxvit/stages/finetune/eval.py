@@ -62,12 +62,14 @@ def evaluate(net: FluxViT, data: DataConfig, *, split: str = "val", frames: int 
         batches: precomputed evaluation batches (``{"video" (V, 3, F, R, R), "video_index" (V,), "label" (N,)}``).
 
     Returns:
-        one dict per budget: ``budget, tokens, head, frames, resolution, views, videos, top1, top5, gflops``
-        (paper GFLOPs per view, ``metrics.fluxvit_gflops``).
+        ``[]`` when a shard source has no held-out shards; else one dict per budget: ``budget, tokens, head,
+        frames, resolution, views, videos, top1, top5, gflops`` (paper GFLOPs per view, ``metrics.fluxvit_gflops``).
     """
-    from .data import eval_views
+    from .data import eval_views, has_held_out
 
     budgets = [int(b) for b in budgets]
+    if batches is None and not has_held_out(data, split):
+        return []  # no held-out shards (logged once); the training shards are not evaluated instead
     if batches is None:
         batches = eval_views(data, split, frames, resolution, num_clips, num_crops, max_videos, batch_size)
     was_training = net.training

@@ -26,6 +26,9 @@ import torch
 
 from fluxvit.metrics import chance_recall, retrieval_metrics
 
+from ..common.config import DataConfig
+from ..common.data import build_loader
+
 __all__ = ["RetrievalSet", "corpus_splits", "evaluate_retrieval", "format_table", "load_retrieval_set", "main"]
 
 log = logging.getLogger("fluxvit.eval")
@@ -45,13 +48,10 @@ class RetrievalSet:
     keys: list
 
 
-def _from_shards(shards: str, frames: int, res: int, max_videos: int, normalize: str) -> RetrievalSet:
-    from fluxvit.datasets import DataConfig, build_video_loader
-
-    cfg = DataConfig(shards=shards, num_frames=frames, img_size=res, batch_size=16, num_workers=0, train=False,
-                     normalize=normalize)
+def _from_shards(shards: str, frames: int, res: int, max_videos: int, data: DataConfig) -> RetrievalSet:
+    loader = build_loader(data, shards, train=False, num_frames=frames, img_size=res, batch_size=16)
     videos, texts, keys = [], [], []
-    for batch in build_video_loader(cfg, rank=0, world_size=1):
+    for batch in loader:
         video = batch["video"]
         clips = list(video) if isinstance(video, (list, tuple)) else list(video.unbind(0))
         for clip, caption, key in zip(clips, batch["caption"], batch["key"]):
@@ -97,18 +97,24 @@ def corpus_splits(root: str) -> dict:
 
 
 def load_retrieval_set(data: str, frames: int, res: int, *, root: str = "data/synthetic", split: str = "test",
-                       max_videos: int = 0, normalize: str = "imagenet") -> RetrievalSet:
-    """Decode the evaluation videos of ``data`` (see the module docstring) at one (frames, res) setting."""
+                       max_videos: int = 0, normalize: str = "imagenet",
+                       options: DataConfig | None = None) -> RetrievalSet:
+    """Decode the evaluation videos of ``data`` (see the module docstring) at one (frames, res) setting.
+
+    ``options``: the loader knobs (decoder, workers, ...) of a stage's data section; default: a ``DataConfig``
+    with ``normalize``.
+    """
+    options = options or DataConfig(normalize=normalize)
     if data == "synthetic":
         splits = corpus_splits(root)
         if split not in splits:
             raise ValueError(f"the synthetic corpus in {root} has no {split!r} split")
-        return _from_shards(splits[split], frames, res, max_videos, normalize)
+        return _from_shards(splits[split], frames, res, max_videos, options)
     if data.startswith("shards:"):
-        return _from_shards(data[len("shards:"):], frames, res, max_videos, normalize)
+        return _from_shards(data[len("shards:"):], frames, res, max_videos, options)
     if data.startswith("msrvtt:"):
         _, ann, video_dir = data.split(":", 2)
-        return _from_annotations(ann, video_dir, frames, res, max_videos, normalize)
+        return _from_annotations(ann, video_dir, frames, res, max_videos, options.normalize, options.decoder)
     raise ValueError(f"unknown --data {data!r}: use synthetic, shards:SPEC or msrvtt:ANNOTATIONS.json:VIDEO_DIR")
 
 
@@ -178,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--max-videos", type=int, default=0)
     p.add_argument("--out", default="", help="JSON output (default: beside the checkpoint)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--decoder", default="decord", choices=("decord", "pyav", "torchcodec"),
+                   help="video decoder (a missing one falls back to PyAV)")
+    p.add_argument("--workers", type=int, default=0, help="decoding worker processes")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -197,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for frames, res in settings:
         log.info("decoding %s at %dx%d", args.data, frames, res)
         rset = load_retrieval_set(args.data, frames, res, root=args.root, split=args.split,
-                                  max_videos=args.max_videos)
+                                  max_videos=args.max_videos,
+                                  options=DataConfig(decoder=args.decoder, num_workers=args.workers))
         if not rset.videos:
             p.error(f"no captioned videos found in {args.data}")
         for budget, m in evaluate_retrieval(model, tower, rset, budgets, args.dual_softmax, args.device).items():

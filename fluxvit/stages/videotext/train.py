@@ -10,10 +10,10 @@ import logging
 from typing import Sequence
 
 from ..common import build_source, fit
+from ..common.data import log_once
 from ..common.cli import parse_stage_args, print_config, resolve_config, start_run
 from ..common.loop import TrainResult
 from .config import VideoTextConfig, presets
-from .retrieval import corpus_splits
 from .task import VideoTextTask
 
 __all__ = ["build_config", "main"]
@@ -26,19 +26,22 @@ def build_config(preset: str, overrides: Sequence[str] = ()) -> VideoTextConfig:
     return resolve_config(presets, preset, overrides)
 
 
-def _make_evaluator(cfg: VideoTextConfig):
-    """Held-out retrieval during training: the first retrieval setting and budget on the val split."""
+def _make_evaluator(cfg: VideoTextConfig, val_shards: str):
+    """Held-out retrieval during training: the first retrieval setting and budget on ``val_shards`` (None when
+    there are none: logged once, the training shards are never evaluated instead)."""
     from .retrieval import evaluate_retrieval, load_retrieval_set
 
+    if not val_shards:
+        log_once("data.val_shards is empty: held-out retrieval during training is skipped")
+        return None
     frames, res = cfg.retrieval.settings[0]
     budget = cfg.retrieval.budgets[0]
-    shards = cfg.data.val_shards or cfg.data.shards
     cache = {}
 
     def evaluator(model, tower) -> dict:
         if "set" not in cache:
-            cache["set"] = load_retrieval_set(f"shards:{shards}", frames, res, max_videos=cfg.retrieval.max_videos or 64,
-                                              normalize=cfg.data.normalize)
+            cache["set"] = load_retrieval_set(f"shards:{val_shards}", frames, res,
+                                              max_videos=cfg.retrieval.max_videos or 64, options=cfg.data)
         device = next(model.parameters()).device
         m = evaluate_retrieval(model, tower, cache["set"], [budget], cfg.retrieval.dual_softmax, device)[budget]
         return {"val_t2v_r1": m["t2v_r1"], "val_v2t_r1": m["v2t_r1"], "val_chance_r1": m["chance_r1"]}
@@ -54,19 +57,12 @@ def main(argv: Sequence[str] | None = None) -> TrainResult | None:
     if args.print_config:
         return print_config(cfg)
     acc = start_run(cfg, "videotext", args.preset)
-    # The synthetic corpus is generated once, by the main process, before any rank reads it.
-    if cfg.data.source == "synthetic-corpus":
-        if acc.is_main_process:
-            corpus_splits(cfg.data.root)
-        acc.wait_for_everyone()
-        splits = corpus_splits(cfg.data.root)
-        cfg.data.shards = cfg.data.shards or splits["train"]
-        cfg.data.val_shards = cfg.data.val_shards or splits.get("val", "")
-        cfg.data.source = "shards"
     task = VideoTextTask(cfg)
+    # Rank 0 generates the synthetic corpus (when asked for) before the other ranks read it.
+    with acc.main_process_first():
+        source = build_source(cfg.data, cfg.train.seed, acc.process_index, acc.num_processes)
     if cfg.train.eval_every and acc.is_main_process:
-        task.evaluator = _make_evaluator(cfg)
-    source = build_source(cfg.data, cfg.train.seed, acc.process_index, acc.num_processes)
+        task.evaluator = _make_evaluator(cfg, getattr(source, "val_shards", ""))
     result = fit(cfg, task, source, acc)
     if acc.is_main_process and result.evals:
         log.info("held-out retrieval: %s -> %s", result.evals[0][1], result.evals[-1][1])
