@@ -21,7 +21,7 @@ def tiny(**kw):
 # ----------------------------------------------------------------------------- registry
 def test_registry_names_and_timm():
     assert list_models() == ["fluxvit_base_patch14", "fluxvit_large_patch14", "fluxvit_small_patch14",
-                             "fluxvit_tiny_patch14"]
+                             "fluxvit_tiny_patch14", "internvideo2_1b_patch14"]
     m = timm.create_model("fluxvit_tiny_patch14", num_classes=3)
     assert isinstance(m, FluxViT) and m.config.num_classes == 3
 

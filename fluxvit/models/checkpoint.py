@@ -1,4 +1,4 @@
-"""Checkpoint I/O: the official FluxViT ``.pth`` files and the project's own safetensors files.
+"""Checkpoint I/O: the official FluxViT and InternVideo2 ``.pth`` files and the project's own safetensors files.
 
 Nothing here unpickles arbitrary objects: ``.pth`` files are read with ``torch.load(weights_only=True)``
 and the project's own checkpoints are safetensors with the model config stored as JSON metadata.
@@ -15,6 +15,7 @@ from typing import Mapping, Union
 import torch
 
 from .fluxvit import FluxViT, FluxViTConfig
+from .internvideo2 import InternVideo2, resize_internvideo2_pos_embed
 from .pos_embed import resize_pos_grid
 
 __all__ = ["LoadReport", "load_model", "load_official_checkpoint", "read_state_dict", "save_model"]
@@ -28,13 +29,15 @@ CONFIG_KEY = "fluxvit_config"
 
 @dataclass
 class LoadReport:
-    """What ``load_official_checkpoint`` did: keys loaded, resized, skipped (shape), missing, unexpected."""
+    """What ``load_official_checkpoint`` did: keys loaded, resized, skipped (shape), missing, unexpected, and
+    (InternVideo2) dropped: the distillation-only and non-vision keys the official loader drops too."""
 
     loaded: list = field(default_factory=list)
     resized: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     missing: list = field(default_factory=list)
     unexpected: list = field(default_factory=list)
+    dropped: list = field(default_factory=list)
 
 
 def read_state_dict(path: Union[str, os.PathLike]) -> dict:
@@ -72,8 +75,10 @@ def _unwrap(obj) -> dict:
     return out
 
 
-def load_official_checkpoint(model: FluxViT, path_or_state_dict, strict: bool = True) -> LoadReport:
-    """Load released FluxViT weights into ``model``.
+def load_official_checkpoint(model: Union[FluxViT, InternVideo2], path_or_state_dict, strict: bool = True,
+                             **kwargs) -> LoadReport:
+    """Load released FluxViT (or, for an ``InternVideo2`` model, InternVideo2; see
+    ``load_internvideo2_checkpoint``) weights into ``model``.
 
     Accepts a path (``.pth``, ``.bin``, ``.safetensors``) or a state dict; weights may sit under ``model``,
     ``module`` or ``state_dict`` and carry ``module.`` / ``backbone.`` / ``encoder.`` prefixes (or ``video.``, the
@@ -83,6 +88,10 @@ def load_official_checkpoint(model: FluxViT, path_or_state_dict, strict: bool = 
     With ``strict`` (default) any missing, unexpected or wrongly shaped key raises ``ValueError``; without
     it, classifier heads of another class count and similar mismatches are skipped and reported.
     """
+    if isinstance(model, InternVideo2):
+        return load_internvideo2_checkpoint(model, path_or_state_dict, strict=strict, **kwargs)
+    if kwargs:
+        raise TypeError(f"unexpected arguments for a FluxViT checkpoint: {', '.join(sorted(kwargs))}")
     src = path_or_state_dict
     if isinstance(src, (str, os.PathLike)):
         src = read_state_dict(src)
@@ -128,6 +137,100 @@ def _resize_official_pos_embed(value: torch.Tensor, model: FluxViT) -> torch.Ten
     s = round((n // t0) ** 0.5)
     grid = resize_pos_grid(value[0, 1:].reshape(t0, s, s, D).float(), *model.pos_grid)
     return torch.cat([value[0, :1].float(), grid.reshape(-1, D)], dim=0)[None].to(value.dtype)
+
+
+# Keys of the official stage-2 file that the official teacher loader drops: the distillation student's decoders
+# and position embeddings of the decoder / image paths.
+_IV2_DROPPED = ("clip_decoder", "final_clip_decoder", "clip_pos_embed", "clip_img_pos_embed", "img_pos_embed")
+
+
+def _internvideo2_grid(n: int, model: InternVideo2, orig_t_size: Union[int, None]) -> tuple:
+    """(T0, H0, W0) of a stored pos-embed with ``n`` token rows."""
+    T, H, W = model.pos_grid
+    if orig_t_size:
+        s = round((n // orig_t_size) ** 0.5)
+        if orig_t_size * s * s != n:
+            raise ValueError(f"a pos_embed of {n} positions is not {orig_t_size} frames of a square grid")
+        return orig_t_size, s, s
+    if n % (H * W) == 0:  # the model's spatial grid, another frame count (the stage-2 file: 4 frames)
+        return n // (H * W), H, W
+    candidates = [t for t in range(1, n + 1) if n % t == 0 and round((n // t) ** 0.5) ** 2 == n // t]
+    if not candidates:
+        raise ValueError(f"cannot infer the grid of a pos_embed with {n} positions; pass orig_t_size=")
+    t0 = min(candidates, key=lambda t: abs(t - T))
+    s = round((n // t0) ** 0.5)
+    return t0, s, s
+
+
+def load_internvideo2_checkpoint(model: InternVideo2, path_or_state_dict, strict: bool = True,
+                                 orig_t_size: Union[int, None] = None) -> LoadReport:
+    """Load official InternVideo2 weights (e.g. the stage-2 1B file) into ``model``, as the official
+    ``teacher_internvideo2_stage2_1B`` loader does, but strict by default.
+
+    Reads weights under ``module`` (or ``model`` / ``state_dict``) or bare; when ``vision_encoder.*`` keys are
+    present only those are kept (prefix stripped) and every other key is dropped; distillation-only keys
+    (``clip_decoder``, ``final_clip_decoder``, ``clip_pos_embed``, ``clip_img_pos_embed``, ``img_pos_embed``) are
+    dropped; a pos-embed stored for another grid (the stage-2 file's 4 frames) is resized to the model's grid
+    with the official ``interpolate_pos_embed`` steps (linear in time, bicubic in space). ``orig_t_size`` gives
+    its frame count when the grid cannot be inferred.
+
+    A model built on the meta device (``with torch.device("meta"): create_model(...)``) receives the checkpoint's
+    tensors directly (``assign``), converted to the model's dtype, so nothing is initialised twice.
+    With ``strict`` any missing, unexpected or wrongly shaped key raises ``ValueError`` naming the keys.
+    """
+    src = path_or_state_dict
+    if isinstance(src, (str, os.PathLike)):
+        src = read_state_dict(src)
+    while isinstance(src, Mapping) and any(isinstance(src.get(k), Mapping) for k in ("module", "model", "state_dict")):
+        src = next(src[k] for k in ("module", "model", "state_dict") if isinstance(src.get(k), Mapping))
+    if not isinstance(src, Mapping):
+        raise ValueError(f"checkpoint holds a {type(src).__name__}, expected a state dict")
+    report = LoadReport()
+    state = {}
+    for name, value in src.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        while name.startswith("module."):
+            name = name[len("module."):]
+        state[name] = value
+    if any(k.startswith("vision_encoder.") for k in state):
+        report.dropped += sorted(k for k in state if not k.startswith("vision_encoder."))
+        state = {k[len("vision_encoder."):]: v for k, v in state.items() if k.startswith("vision_encoder.")}
+    for name in sorted(state):
+        if name.split(".")[0] in _IV2_DROPPED:
+            report.dropped.append(name)
+            del state[name]
+    own = model.state_dict()
+    to_load = {}
+    for name, value in state.items():
+        if name not in own:
+            report.unexpected.append(name)
+            continue
+        target = own[name]
+        if name == "pos_embed" and value.shape != target.shape and value.dim() == 3 and \
+                value.shape[-1] == target.shape[-1]:
+            grid = _internvideo2_grid(value.shape[1] - 1, model, orig_t_size)
+            value = resize_internvideo2_pos_embed(value.float(), grid, model.pos_grid)
+            report.resized.append(name)
+        if value.shape != target.shape:
+            report.skipped.append(f"{name}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}")
+            continue
+        to_load[name] = value.to(target.dtype)
+        report.loaded.append(name)
+    report.missing = sorted(set(own) - set(to_load))
+    if strict and (report.missing or report.unexpected or report.skipped):
+        raise ValueError(
+            "InternVideo2 checkpoint does not match the model: "
+            f"missing {report.missing[:8]}{'...' if len(report.missing) > 8 else ''}, "
+            f"unexpected {report.unexpected[:8]}{'...' if len(report.unexpected) > 8 else ''}, "
+            f"shape mismatches {report.skipped[:8]} (pass strict=False to load what fits)"
+        )
+    on_meta = any(p.is_meta for p in model.parameters())
+    model.load_state_dict(to_load, strict=False, assign=on_meta)
+    log.info("InternVideo2: loaded %d tensors (%d resized, %d dropped, %d skipped, %d missing, %d unexpected)",
+             len(report.loaded), len(report.resized), len(report.dropped), len(report.skipped),
+             len(report.missing), len(report.unexpected))
+    return report
 
 
 def save_model(model: FluxViT, path: Union[str, os.PathLike], metadata: Union[dict, None] = None) -> Path:
