@@ -12,18 +12,35 @@ __all__ = [
     "dual_softmax",
     "fluxvit_gflops",
     "retrieval_metrics",
+    "retrieval_protocol",
     "topk_accuracy",
 ]
 
 
-def dual_softmax(sim: torch.Tensor, temperature: float = 100.0) -> torch.Tensor:
-    """Dual-softmax re-scoring of a (num_texts, num_videos) similarity matrix.
+def dual_softmax(sim: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dual-softmax (DSL) re-scoring of a (num_texts, num_videos) similarity matrix, one prior per direction.
 
-    Each score is multiplied by the softmax of its column over texts (the prior that a video is best
-    described by this text), as in CAMoE / InternVideo retrieval evaluation. Same shape out.
+    Follows InternVideo2's ``tasks_clip/retrieval_utils.py``: each score is multiplied by a softmax of the
+    similarities over the *other* side of the query, so a candidate that another query claims more strongly is
+    pushed down.
+
+    Args:
+        sim: (M texts, N videos) similarities (InternVideo2: raw cosine).
+        temperature: tau in ``softmax(sim / tau)``; InternVideo2 uses tau = 1 on cosine similarity.
+
+    Returns:
+        ``(t2v, v2t)``, both (M, N): ``t2v = sim * softmax(sim / tau)`` over the texts of each video (dim 0),
+        used to rank the videos of each text; ``v2t = sim * softmax(sim / tau)`` over the videos of each text
+        (dim 1), used to rank the texts of each video.
     """
-    prior = torch.softmax(sim * temperature, dim=0)
-    return sim * prior
+    if temperature <= 0:
+        raise ValueError(f"dual softmax temperature must be > 0, got {temperature}")
+    return sim * torch.softmax(sim / temperature, dim=0), sim * torch.softmax(sim / temperature, dim=1)
+
+
+def retrieval_protocol(dual_softmax_temperature: float | None) -> str:
+    """How a retrieval table was scored: ``"plain"`` or ``"DSL tau=T"`` (for reports)."""
+    return "plain" if dual_softmax_temperature is None else f"DSL tau={dual_softmax_temperature:g}"
 
 
 def _ranks(sim: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
@@ -51,7 +68,9 @@ def retrieval_metrics(sim, text_to_video: Sequence[int], dual_softmax_temperatur
     Args:
         sim: (num_texts, num_videos) similarity matrix (tensor or array-like).
         text_to_video: (num_texts,) index of the video each text describes; several texts may share one video.
-        dual_softmax_temperature: when given, re-score with ``dual_softmax`` first.
+        dual_softmax_temperature: when given, re-score with ``dual_softmax`` first (tau; InternVideo2 uses 1
+            on cosine similarity): T2V ranks the prior taken over the texts of each video, V2T the prior taken
+            over the videos of each text.
 
     Returns:
         ``t2v_r1, t2v_r5, t2v_r10, t2v_medr, t2v_meanr, v2t_r1, v2t_r5, v2t_r10, v2t_medr, v2t_meanr``:
@@ -67,13 +86,14 @@ def retrieval_metrics(sim, text_to_video: Sequence[int], dual_softmax_temperatur
         raise ValueError(f"text_to_video has {t2v.numel()} entries for {sim.shape[0]} texts")
     if t2v.numel() and (t2v.min() < 0 or t2v.max() >= sim.shape[1]):
         raise ValueError(f"text_to_video indexes videos outside [0, {sim.shape[1]})")
+    sim_t2v = sim_v2t = sim
     if dual_softmax_temperature is not None:
-        sim = dual_softmax(sim, dual_softmax_temperature)
+        sim_t2v, sim_v2t = dual_softmax(sim, dual_softmax_temperature)
     positives = torch.zeros_like(sim, dtype=torch.bool)
     positives[torch.arange(sim.shape[0]), t2v] = True
-    out = _summary(_ranks(sim, positives), "t2v")
+    out = _summary(_ranks(sim_t2v, positives), "t2v")
     has_text = positives.any(dim=0)
-    out.update(_summary(_ranks(sim.T[has_text], positives.T[has_text]), "v2t"))
+    out.update(_summary(_ranks(sim_v2t.T[has_text], positives.T[has_text]), "v2t"))
     return out
 
 

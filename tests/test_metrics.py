@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fluxvit.metrics import (aggregate_views, chance_recall, dual_softmax, fluxvit_gflops, retrieval_metrics,
-                             topk_accuracy)
+                             retrieval_protocol, topk_accuracy)
 
 
 def test_perfect_and_reversed_retrieval():
@@ -47,17 +47,46 @@ def test_several_captions_per_video_v2t_uses_best_text():
     assert m["v2t_r1"] == 50.0 and m["v2t_meanr"] == 1.5 and m["v2t_medr"] == 1.5
 
 
-def test_dual_softmax_option_and_errors():
+def test_dual_softmax_one_prior_per_direction_hand_built():
+    # texts are rows, videos columns; text i describes video i.
+    sim = torch.tensor([[0.8, 0.9, 0.6],
+                        [0.0, 0.8, 0.0],
+                        [0.0, 0.1, 0.5]])
+    plain = retrieval_metrics(sim, [0, 1, 2])
+    # T2V: text 0 prefers video 1 (0.9 > 0.8); V2T: video 1 prefers text 0 (0.9 > 0.8), video 2 text 0 (0.6 > 0.5)
+    assert plain["t2v_r1"] == pytest.approx(200 / 3) and plain["v2t_r1"] == pytest.approx(100 / 3)
+    e = torch.exp
+    # T2V prior: softmax over the texts of each video (column). Text 0 on video 0: 0.8 * e^.8 / (e^.8 + 2) = 0.421;
+    # on video 1: 0.9 * e^.9 / (e^.9 + e^.8 + e^.1) = 0.382 -> video 0 now ranks first.
+    t2v_00 = 0.8 * e(torch.tensor(0.8)) / (e(torch.tensor(0.8)) + 2)
+    t2v_01 = 0.9 * e(torch.tensor(0.9)) / (e(torch.tensor(0.9)) + e(torch.tensor(0.8)) + e(torch.tensor(0.1)))
+    # V2T prior: softmax over the videos of each text (row). Video 1: text 1 scores 0.8 * e^.8 / (e^.8 + 2) = 0.421,
+    # text 0 scores 0.9 * e^.9 / (e^.8 + e^.9 + e^.6) = 0.340; video 2: text 2 0.5 * e^.5 / (1 + e^.1 + e^.5) = 0.220,
+    # text 0 0.6 * e^.6 / (e^.8 + e^.9 + e^.6) = 0.168 -> every video ranks its own text first.
+    v2t_11 = 0.8 * e(torch.tensor(0.8)) / (e(torch.tensor(0.8)) + 2)
+    v2t_01 = 0.9 * e(torch.tensor(0.9)) / (e(torch.tensor(0.8)) + e(torch.tensor(0.9)) + e(torch.tensor(0.6)))
+    t2v, v2t = dual_softmax(sim, temperature=1.0)
+    torch.testing.assert_close(t2v[0, :2], torch.stack([t2v_00, t2v_01]))
+    torch.testing.assert_close(v2t[:2, 1], torch.stack([v2t_01, v2t_11]))
+    assert t2v_00 > t2v_01 and v2t_11 > v2t_01
+
+    dsl = retrieval_metrics(sim, [0, 1, 2], dual_softmax_temperature=1.0)
+    assert dsl["t2v_r1"] == 100.0 and dsl["v2t_r1"] == 100.0
+    # Reusing the text-side prior for V2T (the old behaviour) leaves video 1 and 2 at rank 2: the direction matters.
+    reused = retrieval_metrics(sim * torch.softmax(sim, dim=0), [0, 1, 2])
+    assert reused["v2t_r1"] == pytest.approx(100 / 3)
+    # A sharper prior (tau -> small) is a different protocol with its own figures; the name says which.
+    assert retrieval_protocol(None) == "plain" and retrieval_protocol(1.0) == "DSL tau=1"
+
+
+def test_retrieval_errors_and_chance():
     sim = torch.tensor([[0.5, 0.1], [0.45, 0.4]])
-    plain = retrieval_metrics(sim, [0, 1])
-    assert plain["t2v_r1"] == 50.0
-    rescored = retrieval_metrics(sim, [0, 1], dual_softmax_temperature=100.0)
-    assert rescored["t2v_r1"] == 100.0  # column priors: video 0 -> text 0, video 1 -> text 1, so text 1 now ranks video 1 first
-    assert dual_softmax(sim).shape == sim.shape
     with pytest.raises(ValueError, match="entries"):
         retrieval_metrics(sim, [0])
     with pytest.raises(ValueError, match="outside"):
         retrieval_metrics(sim, [0, 2])
+    with pytest.raises(ValueError, match="temperature"):
+        retrieval_metrics(sim, [0, 1], dual_softmax_temperature=0.0)
     assert chance_recall(100) == 1.0 and chance_recall(100, 10) == 10.0
 
 

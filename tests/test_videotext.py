@@ -1,5 +1,6 @@
 """Stage 2: contrastive loss across processes, text towers, smoke run, retrieval from a saved checkpoint."""
 import json
+import math
 import os
 import socket
 
@@ -184,3 +185,60 @@ def test_unmasked_teacher_alignment_term(tiny_corpus, monkeypatch):
     out.loss.backward()
     assert task.model.align_decoder[1].weight.grad.abs().sum() > 0
     assert not any(p.requires_grad for p in task.teacher.parameters())
+
+
+def test_open_clip_tower_loads_a_local_weights_file_and_fails_in_one_line_offline(tmp_path, monkeypatch):
+    """The paper presets' MobileCLIP-B tower runs offline from a local file (``text.weights``); a tag that is
+    neither cached nor downloadable is a one-line error. A tiny open_clip config stands in for MobileCLIP-B."""
+    import open_clip
+
+    from fluxvit.stages.videotext.text import resolve_open_clip_weights
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                           "patch_size": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "fluxvit-tiny-text.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "fluxvit-tiny-text.json")
+    torch.manual_seed(3)
+    ref = open_clip.create_model("fluxvit-tiny-text")
+    torch.save(ref.state_dict(), tmp_path / "weights.bin")
+
+    tower = build_text_tower("open_clip:fluxvit-tiny-text", weights=str(tmp_path / "weights.bin"))
+    torch.testing.assert_close(tower.model.text_projection, ref.text_projection)
+    feats = tower(["a red circle", "a blue square"])
+    assert feats.shape == (2, 16) and not feats.requires_grad and tower.dim == 16
+
+    with pytest.raises(FileNotFoundError, match="not found"):
+        build_text_tower("open_clip:fluxvit-tiny-text", weights=str(tmp_path / "missing.bin"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(FileNotFoundError) as err:
+        resolve_open_clip_weights("MobileCLIP-B", "datacompdr")
+    assert "text.weights" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="text.weights applies"):
+        build_text_tower("minilm", weights=str(tmp_path / "weights.bin"))
+
+
+def test_paper_projection_layout_and_temperature_clamp():
+    """Flux-CLIP (InternVideo2 small CLIP): LayerNorm + Linear on the video side, the text tower's own 512-d output
+    as the joint space, fixed temperature 1/100; UMT: learnable temperature clamped to [0.001, 0.5]."""
+    from fluxvit.stages.videotext import build_config
+
+    torch.manual_seed(0)
+    video = create_model("fluxvit_tiny_patch14", num_classes=0, depth=1, img_size=28, num_frames=2)
+    model = VideoTextModel(video, 16, 16, temperature=0.01, learnable_temperature=False, vision_proj="ln_linear",
+                           text_proj="none")
+    text = torch.randn(2, 16)
+    v, t, scale = model(torch.randn(2, 3, 2, 28, 28), text_features=text)
+    torch.testing.assert_close(t, torch.nn.functional.normalize(text, dim=-1))  # no trained text projection
+    assert isinstance(model.vision_proj[0], torch.nn.LayerNorm) and scale.item() == pytest.approx(4.60517, 1e-5)
+    assert not any("logit_scale" in n for n, _ in model.named_parameters())
+    with pytest.raises(ValueError, match="equal"):
+        VideoTextModel(video, 12, 16, text_proj="none")
+    umt = VideoTextModel(video, 12, 16, temperature=0.9, min_temperature=0.001, max_temperature=0.5)
+    assert umt.clamped_scale().item() == pytest.approx(math.log(2.0))  # 0.9 clamped to 0.5
+    cfg = build_config("paper_s")
+    assert (cfg.text.spec, cfg.contrast.text_proj, cfg.contrast.vision_proj) == \
+        ("open_clip:MobileCLIP-B:datacompdr", "none", "ln_linear")

@@ -84,7 +84,8 @@ class FluxGrid:
         presets = {
             # Stage 1: the paper gives the grid; the threshold is assumed equal to stage 2's.
             "distill": dict(frames=range(4, 25, 2), resolutions=range(168, 253, 28), threshold=(2048, 4096)),
-            "videotext": dict(frames=range(4, 25, 2), resolutions=range(168, 253, 28), threshold=(2048, 4096)),
+            # Stage 2: Table 16 (frames 4..26, resolution 168..280).
+            "videotext": dict(frames=range(4, 27, 2), resolutions=range(168, 281, 28), threshold=(2048, 4096)),
             # The public finetuning release.
             "finetune": dict(frames=range(6, 25, 2), resolutions=range(112, 337, 28), threshold=(2048, 6144)),
         }

@@ -28,23 +28,32 @@ class VideoConfig:
 
 @dataclass
 class TextConfig:
-    """The text tower: ``spec`` as in ``fluxvit.stages.videotext.text.build_text_tower``."""
+    """The text tower: ``spec`` as in ``fluxvit.stages.videotext.text.build_text_tower``; ``weights`` a local
+    weights file for an ``open_clip:`` tower (how the MobileCLIP-B tower of the paper presets runs offline)."""
 
     spec: str = "minilm"
     freeze: bool = True
     pooling: str = "mean"
     max_length: int = 64
+    weights: str = ""
 
 
 @dataclass
 class ContrastConfig:
     """VTC: symmetric InfoNCE over the global batch in an ``embed_dim`` joint space. Temperature learnable
-    (init ``temperature``, clamped to >= ``min_temperature``) or fixed."""
+    (init ``temperature``, clamped to [``min_temperature``, ``max_temperature``]; 0 = no upper clamp) or fixed.
+
+    ``vision_proj``: "linear" (pooled -> embed_dim) or "ln_linear" (LayerNorm then Linear, InternVideo2's
+    ``vision_align``). ``text_proj``: "linear" (trained) or "none" (the tower's own output is the joint space,
+    as InternVideo2's small CLIP uses MobileCLIP-B's frozen 512-d projection; needs tower dim == embed_dim)."""
 
     embed_dim: int = 512
     temperature: float = 0.07
     learnable_temperature: bool = True
     min_temperature: float = 0.01
+    max_temperature: float = 0.0
+    vision_proj: str = "linear"
+    text_proj: str = "linear"
 
 
 @dataclass
@@ -59,11 +68,13 @@ class TeacherAlignConfig:
 
 @dataclass
 class RetrievalEvalConfig:
-    """Zero-shot retrieval settings: token budgets and (frames, resolution) settings to test, dual softmax."""
+    """Zero-shot retrieval settings: token budgets and (frames, resolution) settings to test; ``dual_softmax``
+    scores with InternVideo2's dual softmax at ``dual_softmax_temperature`` (tau, 1 on cosine similarity)."""
 
     budgets: tuple = (2048, 1024)
     settings: list = field(default_factory=lambda: [[8, 224]])
     dual_softmax: bool = False
+    dual_softmax_temperature: float = 1.0
     max_videos: int = 0  # 0: all
 
 
@@ -118,28 +129,91 @@ def demo() -> VideoTextConfig:
     return cfg
 
 
-def _paper(model: str) -> VideoTextConfig:
+# ------------------------------------------------------------------------------------------- paper presets
+# Flux-CLIP (FLUXVIT.md section 5): Table 16 gives the optimiser, schedule, batches, grid and crop; the rest follows
+# InternVideo2's public small-CLIP config (scripts/pretraining/clip/S14/config.py), whose numbers Table 16 matches.
+# Every value and its source: RECIPES.md (checked field by field by tests/test_recipes.py).
+CORPUS_25M, CORPUS_2M5 = 25_000_000, 2_500_000
+PAPER_PROCESSES = 64  # data.batch_size is per process: 64 processes x 64 = the global batch 4096 of Table 16
+
+
+def _steps(epochs: float, corpus: int, global_batch: int) -> int:
+    """Optimizer steps of ``epochs`` passes over ``corpus`` samples at ``global_batch`` samples per step."""
+    return int(round(epochs * corpus / global_batch))
+
+
+def _flux_clip(model: str, phase: str) -> VideoTextConfig:
+    base = model.endswith("base_patch14")
     cfg = VideoTextConfig()
     cfg.video = VideoConfig(name=model, drop_path_rate=0.1, budgets=(2048, 1024), budget_mode="sample")
-    cfg.text = TextConfig(spec="hf:bert-base-uncased", freeze=True)
-    cfg.contrast = ContrastConfig(embed_dim=512, temperature=0.01, learnable_temperature=False)
-    cfg.data = DataConfig(source="shards", batch_size=64, flux_preset="videotext", num_workers=8)
-    cfg.optim = OptimConfig(lr=4e-4, weight_decay=0.02, betas=(0.9, 0.98), warmup_fraction=0.2, min_lr=1e-6)
-    cfg.train = TrainConfig(run_dir=f"runs/videotext_{model}", steps=100_000, log_every=50, ckpt_every=2000,
+    cfg.text = TextConfig(spec="open_clip:MobileCLIP-B:datacompdr", freeze=True, max_length=77)
+    cfg.contrast = ContrastConfig(embed_dim=512, temperature=0.01, learnable_temperature=False,
+                                  vision_proj="ln_linear", text_proj="none")
+    if phase == "25m":
+        global_batch, lr, epochs, warmup, corpus = 4096, 4e-4, 3, 0.6, CORPUS_25M
+    else:  # the 2.5 M post-pretraining phase, initialised from the 25 M phase's export
+        global_batch, lr, epochs, warmup, corpus = (2048 if base else 4096), 2e-5, 1, 0.0, CORPUS_2M5
+    cfg.data = DataConfig(source="shards", batch_size=global_batch // PAPER_PROCESSES, flux_preset="videotext",
+                          num_workers=8, normalize="imagenet")
+    cfg.optim = OptimConfig(lr=lr, min_lr=lr * 0.01, weight_decay=0.02, betas=(0.9, 0.98),
+                            warmup_fraction=warmup / epochs, clip_grad=0.0)
+    cfg.train = TrainConfig(run_dir=f"runs/flux_clip_{phase}_{model}", steps=_steps(epochs, corpus, global_batch),
+                            mixed_precision="bf16", log_every=50, ckpt_every=2000,
                             export_name="videotext.safetensors")
     cfg.retrieval = RetrievalEvalConfig(budgets=(2048, 1024, 512), settings=[[8, 224], [16, 224]],
-                                        dual_softmax=True)
+                                        dual_softmax=True, dual_softmax_temperature=1.0)
     return cfg
 
 
 @presets.register
 def paper_s() -> VideoTextConfig:
-    """FluxViT-S Flux-CLIP recipe (25 M corpus stage: lr 4e-4, wd 0.02, AdamW 0.9/0.98, temperature 1/100,
-    frozen text tower). Set ``data.shards``, ``train.init_from`` (stage-1 export) and ``train.steps``."""
-    return _paper("fluxvit_small_patch14")
+    """Flux-CLIP for FluxViT-S, 25 M phase (Table 16): frozen MobileCLIP-B text tower, joint dim 512, VTC only,
+    temperature 1/100, AdamW (0.9, 0.98) wd 0.02, lr 4e-4, 3 epochs, warmup 0.6 epoch. Set ``data.shards``,
+    ``train.init_from`` (the stage-1 export) and, offline, ``text.weights``. Then ``paper_s_2m5``."""
+    return _flux_clip("fluxvit_small_patch14", "25m")
 
 
 @presets.register
 def paper_b() -> VideoTextConfig:
-    """FluxViT-B Flux-CLIP recipe (see ``paper_s``)."""
-    return _paper("fluxvit_base_patch14")
+    """Flux-CLIP for FluxViT-B, 25 M phase (see ``paper_s``)."""
+    return _flux_clip("fluxvit_base_patch14", "25m")
+
+
+@presets.register
+def paper_s_2m5() -> VideoTextConfig:
+    """Flux-CLIP for FluxViT-S, 2.5 M phase (S-MiT, InternVid2M, COCO): lr 2e-5, 1 epoch, no warmup; set
+    ``train.init_from`` to ``paper_s``'s export."""
+    return _flux_clip("fluxvit_small_patch14", "2m5")
+
+
+@presets.register
+def paper_b_2m5() -> VideoTextConfig:
+    """Flux-CLIP for FluxViT-B, 2.5 M phase (batch 2048, Table 16); see ``paper_s_2m5``."""
+    return _flux_clip("fluxvit_base_patch14", "2m5")
+
+
+def _umt(model: str) -> VideoTextConfig:
+    # UMT's stage 2 (FLUXVIT.md section 5): BERT-base text, learnable temperature 0.07 clamped to [0.001, 0.5],
+    # trained projections, plain (no dual softmax) retrieval. Of its losses only VTC is implemented here (VTM,
+    # MLM and ITM re-ranking are not); the unmasked-teacher alignment is ``align.weight``.
+    cfg = _flux_clip(model, "25m")
+    cfg.text = TextConfig(spec="hf:bert-base-uncased", freeze=True, pooling="cls", max_length=32)
+    cfg.contrast = ContrastConfig(embed_dim=512, temperature=0.07, learnable_temperature=True,
+                                  min_temperature=0.001, max_temperature=0.5, vision_proj="linear",
+                                  text_proj="linear")
+    cfg.train.run_dir = f"runs/umt_{model}"
+    cfg.retrieval = RetrievalEvalConfig(budgets=(2048, 1024, 512), settings=[[8, 224]], dual_softmax=False)
+    return cfg
+
+
+@presets.register
+def umt_s() -> VideoTextConfig:
+    """UMT-style stage 2 for FluxViT-S: BERT-base text tower (frozen here), learnable temperature, VTC; the
+    Flux-CLIP data and schedule of ``paper_s``."""
+    return _umt("fluxvit_small_patch14")
+
+
+@presets.register
+def umt_b() -> VideoTextConfig:
+    """UMT-style stage 2 for FluxViT-B (see ``umt_s``)."""
+    return _umt("fluxvit_base_patch14")

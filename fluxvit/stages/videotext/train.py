@@ -43,7 +43,8 @@ def _make_evaluator(cfg: VideoTextConfig, val_shards: str):
             cache["set"] = load_retrieval_set(f"shards:{val_shards}", frames, res,
                                               max_videos=cfg.retrieval.max_videos or 64, options=cfg.data)
         device = next(model.parameters()).device
-        m = evaluate_retrieval(model, tower, cache["set"], [budget], cfg.retrieval.dual_softmax, device)[budget]
+        tau = cfg.retrieval.dual_softmax_temperature if cfg.retrieval.dual_softmax else None
+        m = evaluate_retrieval(model, tower, cache["set"], [budget], tau, device)[budget]
         return {"val_t2v_r1": m["t2v_r1"], "val_v2t_r1": m["v2t_r1"], "val_chance_r1": m["chance_r1"]}
 
     return evaluator
