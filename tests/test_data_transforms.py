@@ -27,9 +27,14 @@ def test_more_frames_than_video_repeats():
 
 def test_middle_and_multi_clip():
     assert sample_middle_indices(80, 8) == [5, 15, 25, 35, 45, 55, 65, 75]
+    # the release's test mode: segments of 79 / 8 = 9.875 frames starting at round(9.875 i) (0, 10, 20, 30, 40,
+    # 49, 59, 69); clip k of 4 adds int(9.875 / 5 * (k + 1)) = 1, 3, 5, 7
     clips = multi_clip_indices(80, 8, 4)
-    assert len(clips) == 4 and clips[0][0] < clips[1][0] < clips[2][0] < clips[3][0]
-    assert multi_clip_indices(80, 8, 1)[0] == sample_middle_indices(80, 8)
+    starts = [0, 10, 20, 30, 40, 49, 59, 69]
+    assert clips == [[s + d for s in starts] for d in (1, 3, 5, 7)]
+    assert multi_clip_indices(80, 8, 1)[0] == [s + 4 for s in starts]  # one clip: the middle of each segment
+    # short video: segments of 0.25 frame start at round(0.25 i) (half to even), the offset int(0.2) is 0
+    assert multi_clip_indices(3, 8, 4)[3] == [0, 0, 0, 1, 1, 1, 2, 2]
     with pytest.raises(ValueError):
         sample_tsn_indices(0, 4)
 

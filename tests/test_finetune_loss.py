@@ -1,13 +1,15 @@
 """Stage 3 Flux-Multi loss: one packed forward equals the release's three separate forwards (loss and grads);
-multi-view aggregation on hand-built logits; layer-wise lr decay groups; augmentation shapes."""
+multi-view aggregation on hand-built logits; layer-decay groups equal to the release's ids on FluxViT-S; the
+release's lr scaling and warmup; random token selection."""
 import pytest
 import torch
 
 from fluxvit.metrics import aggregate_views, topk_accuracy
 from fluxvit.models import create_model
 from fluxvit.stages.finetune.eval import eval_head, view_tokens
-from fluxvit.stages.finetune.task import (FinetuneModel, VideoAugment, flux_multi_loss, layer_decay_groups,
-                                          random_keep, soft_cross_entropy)
+from fluxvit.stages.common.optim import cosine_lr, layer_decay_groups, scale_lr
+from fluxvit.stages.finetune.loss import flux_multi_loss, smooth_targets, soft_cross_entropy
+from fluxvit.stages.finetune.model import FinetuneModel, random_keep
 from fluxvit.stages.finetune.tokenopt import candidate_pairs, plain_pair
 
 BUDGETS, HEADS = (96, 64, 32), (0, 1, 2)
@@ -97,24 +99,60 @@ def test_tokenopt_search_space():
     assert plain_pair(128, 56) == (8, 56) and plain_pair(100, 224) == (1, 140)
 
 
-def test_layer_decay_groups(net):
+def _release_layer_id(name: str, num_max_layer: int) -> int:
+    # An independent re-statement of the release's optim_factory.get_num_layer_for_vit (FluxViT names).
+    if name in ("cls_token", "mask_token", "pos_embed"):
+        return 0
+    if name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks"):
+        return int(name.split(".")[1]) + 1
+    return num_max_layer - 1
+
+
+def test_layer_decay_groups_equal_the_release_ids_on_fluxvit_s():
+    net = create_model("fluxvit_small_patch14", num_classes=400)
     model = FinetuneModel(net)
-    groups = layer_decay_groups(model, depth=2, weight_decay=0.05, layer_decay=0.75, lr=1.0)
-    by_name = {n: g for g in groups for n in g["names"]}
-    assert by_name["net.head.0.weight"]["lr"] == pytest.approx(1.0)
-    assert by_name["net.blocks.1.mlp.fc1.weight"]["lr"] == pytest.approx(0.75)
-    assert by_name["net.blocks.0.mlp.fc1.weight"]["lr"] == pytest.approx(0.75 ** 2)
-    assert by_name["net.patch_embed.proj.weight"]["lr"] == pytest.approx(0.75 ** 3)
-    assert by_name["net.pos_embed"]["weight_decay"] == 0.0 and by_name["net.blocks.0.mlp.fc1.bias"]["weight_decay"] == 0
-    n_params = sum(1 for p in model.parameters() if p.requires_grad)
-    assert sum(len(g["params"]) for g in groups) == n_params
+    groups = layer_decay_groups(model, weight_decay=0.05, layer_decay=0.75, lr=8e-4)
+    depth = 12
+    values = [0.75 ** (depth + 1 - i) for i in range(depth + 2)]  # the release's LayerDecayValueAssigner
+    skip = {"pos_embed", "cls_token"}
+    seen = 0
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    for name, p in net.named_parameters():
+        g = by_param[id(p)]
+        lid = _release_layer_id(name, depth + 2)
+        assert g["lr_scale"] == pytest.approx(values[lid]), name
+        assert g["lr"] == pytest.approx(8e-4 * values[lid]), name
+        no_decay = p.ndim == 1 or name.endswith(".bias") or name in skip
+        assert g["weight_decay"] == (0.0 if no_decay else 0.05), name
+        seen += 1
+    assert seen == sum(len(g["params"]) for g in groups) == sum(1 for _ in model.parameters())
+    # the quirk: gpe_proj (the global PE's affine) trains at the head's full lr, the pos-embed at 0.75 ** 13
+    assert by_param[id(net.gpe_proj.depthwise_conv.weight)]["lr_scale"] == 1.0
+    assert by_param[id(net.pos_embed)]["lr_scale"] == pytest.approx(0.75 ** 13)
+    assert by_param[id(net.blocks[0].mlp.fc1.weight)]["lr_scale"] == pytest.approx(0.75 ** 12)
+    assert by_param[id(net.gpe_proj.depthwise_conv.weight)]["weight_decay"] == 0.05  # 5-D kernel: decays
 
 
-def test_augment_and_random_keep():
-    torch.manual_seed(0)
-    video = torch.randn(2, 3, 4, 28, 28)
-    out = VideoAugment(randaug_n=2, randaug_m=7, reprob=1.0)(video)
-    assert out.shape == video.shape and not torch.equal(out, video)
+def test_release_lr_scaling_and_warmup():
+    # 64 GPUs x 8 videos x 2 samples at 2e-4 per 256 -> 8e-4; min / warmup lr 1e-6 -> 4e-6
+    assert scale_lr(2e-4, 8, 1, 64, num_sample=2) == pytest.approx(8e-4)
+    assert scale_lr(1e-6, 8, 1, 64, num_sample=2) == pytest.approx(4e-6)
+    assert scale_lr(2e-4, 8, 1, 64, num_sample=1) == pytest.approx(4e-4)
+    # warmup from warmup_lr at step 0 to lr at step warmup - 1 (np.linspace), then cosine to min_lr
+    assert cosine_lr(0, 100, 5, 1.0, 0.0, warmup_lr=0.2) == pytest.approx(0.2)
+    assert cosine_lr(2, 100, 5, 1.0, 0.0, warmup_lr=0.2) == pytest.approx(0.6)
+    assert cosine_lr(4, 100, 5, 1.0, 0.0, warmup_lr=0.2) == pytest.approx(1.0)
+    assert cosine_lr(100, 100, 5, 1.0, 0.1) == pytest.approx(0.1)
+
+
+def test_targets_and_random_keep():
+    t = smooth_targets(torch.tensor([2, 0]), 4, 0.1)
+    torch.testing.assert_close(t[0], torch.tensor([0.025, 0.025, 0.925, 0.025]))
+    logits = torch.randn(2, 4)
+    manual = -(t * torch.log_softmax(logits, -1)).sum(-1).mean()
+    torch.testing.assert_close(soft_cross_entropy(logits, t), manual)
     keep = random_keep((4, 2, 2), 5)
     assert keep.shape == (5,) and torch.all(keep[1:] > keep[:-1]) and keep.max() < 16
     assert random_keep((2, 2, 2), 100).tolist() == list(range(8))
@@ -123,7 +161,7 @@ def test_augment_and_random_keep():
 def test_budget_zero_keeps_every_token_and_micro_presets_resolve():
     from fluxvit.stages.finetune import FinetuneTask, build_config
 
-    cfg = build_config("smoke", ["loss.mode=single", "loss.budgets=[0]", "loss.heads=[0]",
+    cfg = build_config("smoke", ["loss.mode=single", "loss.single_budget=0", "loss.single_head=0",
                                  'model.overrides={"depth": 1, "head_budgets": [192, 128, 64]}'])
     task = FinetuneTask(cfg)
     video = torch.randn(2, 3, 4, 56, 56)  # 4 x 16 = 64 tokens per clip, all kept
@@ -131,6 +169,8 @@ def test_budget_zero_keeps_every_token_and_micro_presets_resolve():
     assert ntok == 2 * (64 + 1) and set(terms) == {"loss", "ce_0"}
     with pytest.raises(ValueError, match=">= 0"):
         FinetuneTask(build_config("smoke", ["loss.budgets=[-1,2,3]"]))
+    with pytest.raises(ValueError, match="pooling heads"):
+        FinetuneTask(build_config("smoke", ["loss.mode=single", "loss.single_head=3"]))
     start, multi = build_config("micro_scratch"), build_config("micro_multi")
     assert start.loss.budgets == (0,) and start.optim.min_lr == start.optim.lr  # constant lr from scratch
     assert multi.loss.budgets == (96, 64, 32) and multi.model.overrides["head_budgets"] == (96, 64, 32)

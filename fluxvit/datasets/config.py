@@ -36,6 +36,12 @@ class LoaderOptions:
         normalize: ``"imagenet"`` or ``"clip"`` mean/std.
         flip: random horizontal flip in training (per source ``noflip`` turns it off).
         crop: training crop, ``"multiscale"`` (TSN scales 1, .875, .75, .66) or ``"rrc"`` (RandomResizedCrop).
+        crop_scale: area range of the ``"rrc"`` crop (stage-3 release: (0.08, 1); stage 2: (0.5, 1)).
+        randaug: timm RandAugment config (e.g. ``"rand-m7-n4-mstd0.5-inc1"``) applied to the full decoded frames
+            before the crop, the same ops on every frame (:mod:`fluxvit.datasets.augment`); ``""``: off.
+        reprob: random-erasing probability (timm, pixel mode, one box through every frame); 0: off.
+        num_sample: repeated augmentation, differently augmented clips per decoded video (release: 2); the
+            training batch then holds ``batch_size * num_sample`` clips, copies of one video adjacent.
         resampled: draw shards with replacement (weighted by source); an epoch is ``epoch_size`` samples.
         per_sample_grid: draw ``(T, H)`` per sample instead of per batch (the batch is then a list).
         epoch_size: samples per epoch over all ranks; ``None`` reads ``sizes.json``.
@@ -54,6 +60,10 @@ class LoaderOptions:
     normalize: str = "imagenet"
     flip: bool = True
     crop: str = "multiscale"
+    crop_scale: tuple = (0.25, 1.0)
+    randaug: str = ""
+    reprob: float = 0.0
+    num_sample: int = 1
     resampled: bool = False
     per_sample_grid: bool = False
     epoch_size: int | None = None
@@ -80,6 +90,16 @@ class LoaderOptions:
         if self.num_workers < 0 or self.shuffle_buffer < 0:
             raise ValueError(f"data.num_workers and data.shuffle_buffer must be >= 0, got {self.num_workers} and "
                              f"{self.shuffle_buffer}")
+        lo, hi = (float(v) for v in self.crop_scale)
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"data.crop_scale must satisfy 0 < lo <= hi <= 1, got {tuple(self.crop_scale)}")
+        if not 0.0 <= self.reprob <= 1.0:
+            raise ValueError(f"data.reprob must be in [0, 1], got {self.reprob}")
+        if self.num_sample < 1:
+            raise ValueError(f"data.num_sample must be >= 1, got {self.num_sample}")
+        if self.randaug and not self.randaug.startswith("rand"):
+            raise ValueError(f"data.randaug must be a timm RandAugment string like 'rand-m7-n4-mstd0.5-inc1', got "
+                             f"{self.randaug!r}")
         if self.epoch_size is not None and self.epoch_size < 1:
             raise ValueError(f"data.epoch_size must be >= 1 or None, got {self.epoch_size}")
 

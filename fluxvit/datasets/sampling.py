@@ -50,15 +50,19 @@ def sample_middle_indices(n: int, num_frames: int) -> list[int]:
 
 
 def multi_clip_indices(n: int, num_frames: int, num_clips: int) -> list[list[int]]:
-    """Multi-clip evaluation views: clip ``k`` takes offset ``(k + 0.5) / num_clips`` within every segment.
+    """Multi-clip evaluation views, the release's test mode (``_get_seq_frames`` of its Kinetics dataset).
 
-    With ``num_clips == 1`` this is :func:`sample_middle_indices`. The clips interleave, so together they cover
-    the segments evenly (the "4 temporal clips" of FLUXVIT.md section 6).
+    The video is cut into ``num_frames`` segments of ``(n - 1) / num_frames`` frames; temporal clip ``k`` of
+    ``num_clips`` takes, in segment ``i``, the frame ``round(seg * i) + int(seg / (num_clips + 1) * (k + 1))``,
+    i.e. the point at fraction ``(k + 1) / (num_clips + 1)`` of every segment (4 clips: 1/5, 2/5, 3/5, 4/5; the
+    "4 temporal clips" of FLUXVIT.md section 6). One clip takes the middle of every segment.
 
     Returns:
-        ``num_clips`` lists of ``num_frames`` indices each.
+        ``num_clips`` lists of ``num_frames`` non-decreasing indices in ``[0, n)`` each.
     """
     _check(n, num_frames)
     if num_clips < 1:
         raise ValueError(f"num_clips must be >= 1, got {num_clips}")
-    return [_segment_indices(n, num_frames, [(k + 0.5) / num_clips] * num_frames) for k in range(num_clips)]
+    seg = max(0.0, (n - 1) / num_frames)
+    step = seg / (num_clips + 1)
+    return [[min(n - 1, round(seg * i) + int(step * (k + 1))) for i in range(num_frames)] for k in range(num_clips)]

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 __all__ = [
     "NORMALIZE", "Box", "MultiScaleCrop", "RandomResizedCrop", "center_crop_box", "three_crop_boxes",
@@ -28,8 +29,8 @@ __all__ = [
 Box = tuple[int, int, int, int]  # (top, left, height, width) in source pixels
 
 NORMALIZE: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    "clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
 }
 
 

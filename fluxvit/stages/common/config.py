@@ -34,6 +34,8 @@ class OptimConfig:
     warmup_steps: int = 0
     # Fraction of total steps used for warmup when warmup_steps is 0 (paper: 20 of 100 epochs = 0.2).
     warmup_fraction: float = 0.0
+    # lr at the first warmup step (the release: 1e-6 per 256, scaled like lr); 0: warmup starts at lr / warmup.
+    warmup_lr: float = 0.0
     clip_grad: float = 1.0  # max global grad norm; 0 disables clipping
 
 

@@ -18,6 +18,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from fluxvit.datasets.transforms import NORMALIZE
+
 from .config import DataConfig
 
 __all__ = [
@@ -27,8 +29,7 @@ __all__ = [
 
 log = logging.getLogger("fluxvit.train")
 
-_MEANS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-          "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))}
+_MEANS = NORMALIZE  # timm's ImageNet / OpenAI-CLIP constants (fluxvit.datasets.transforms)
 
 
 def normalize_video(video: torch.Tensor, kind: str = "imagenet") -> torch.Tensor:

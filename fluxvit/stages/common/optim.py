@@ -1,4 +1,5 @@
-"""AdamW with weight-decay groups, the cosine-with-warmup schedule and an EMA of the weights."""
+"""AdamW with weight-decay groups (optionally layer-decayed, through timm), the release's lr scaling, the
+cosine-with-warmup schedule and an EMA of the weights."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +11,8 @@ from torch import nn
 
 from .config import OptimConfig
 
-__all__ = ["ModelEMA", "build_optimizer", "cosine_lr", "param_groups", "build_scheduler", "warmup_steps"]
+__all__ = ["ModelEMA", "build_optimizer", "cosine_lr", "layer_decay_groups", "param_groups", "release_vit_layer_id",
+           "build_scheduler", "scale_lr", "warmup_steps"]
 
 
 def _no_decay_names(module: nn.Module) -> set:
@@ -50,6 +52,50 @@ def param_groups(model: nn.Module, weight_decay: float, extra_no_decay: Iterable
     ]
 
 
+def release_vit_layer_id(name: str, depth: int) -> int:
+    """The FluxViT / UMT release's layer id of a parameter (``optim_factory.get_num_layer_for_vit``).
+
+    ``cls_token``, ``mask_token``, ``pos_embed`` (exact names) and ``patch_embed.*`` -> 0; ``blocks.i.*`` -> i + 1;
+    everything else -> depth + 1, the id of the heads. Note the release's quirk: ``gpe_proj`` (the global PE's
+    per-channel affine, applied right after the pos-embed) is not in the stem list, so it gets the head's id and the
+    full learning rate rather than the stem's ``layer_decay ** (depth + 1)``.
+    """
+    if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float, lr: float) -> list[dict]:
+    """AdamW groups with layer-wise lr decay from ``timm.optim.param_groups_layer_decay``.
+
+    The layer of a parameter comes from ``model.group_matcher()`` (timm's hook; ``FinetuneModel`` maps names to
+    the release's ids), the no-decay set from 1-D tensors plus ``model.no_weight_decay()``. Group ``k`` gets
+    ``lr * layer_decay ** (L - id)`` with L the largest id (the heads: full lr).
+
+    Returns:
+        groups with ``params``, ``weight_decay``, ``lr_scale`` and ``lr`` (= lr * lr_scale).
+    """
+    from timm.optim import param_groups_layer_decay
+
+    if not hasattr(model, "group_matcher"):
+        raise TypeError(f"{type(model).__name__} has no group_matcher(): layer decay needs the model's layer ids")
+    groups = param_groups_layer_decay(model, weight_decay=weight_decay,
+                                      no_weight_decay_list=sorted(_no_decay_names(model)), layer_decay=layer_decay)
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
+    return groups
+
+
+def scale_lr(value: float, batch_per_process: int, grad_accum: int, world_size: int, num_sample: int = 1,
+             per: int = 256) -> float:
+    """The release's linear scaling: ``value * total_batch * num_sample / per`` with total_batch = videos per
+    process x grad accumulation x processes and ``num_sample`` the repeated-augmentation copies of each video
+    (``run_flexible_finetune.py``: lr, min_lr and warmup_lr alike; 64 GPUs x 8 x 2 at 2e-4 -> 8e-4)."""
+    return value * batch_per_process * grad_accum * world_size * num_sample / per
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """``torch.optim.AdamW`` over ``param_groups(model, cfg.weight_decay)`` (a torch optimizer, so DeepSpeed
     needs no compiled fused Adam)."""
@@ -63,10 +109,13 @@ def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
     return cfg.warmup_steps if cfg.warmup_steps > 0 else int(round(cfg.warmup_fraction * total_steps))
 
 
-def cosine_lr(step: int, total_steps: int, warmup: int, lr: float, min_lr: float) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warmup from lr/warmup to ``lr`` over
-    ``warmup`` steps, then a half cosine from ``lr`` down to ``min_lr`` at ``total_steps``."""
+def cosine_lr(step: int, total_steps: int, warmup: int, lr: float, min_lr: float, warmup_lr: float = 0.0) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup over ``warmup`` steps, from ``warmup_lr``
+    at step 0 to ``lr`` at step ``warmup - 1`` (the release's ``np.linspace``; ``warmup_lr`` 0: from
+    ``lr / warmup``), then a half cosine from ``lr`` down to ``min_lr`` at ``total_steps``."""
     if warmup > 0 and step < warmup:
+        if warmup_lr > 0:
+            return warmup_lr + (lr - warmup_lr) * step / max(1, warmup - 1)
         return lr * (step + 1) / warmup
     span = max(1, total_steps - warmup)
     progress = min(1.0, (step - warmup) / span)
@@ -79,7 +128,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
     base = cfg.lr
 
     def factor(step: int) -> float:
-        return cosine_lr(step, total_steps, warm, base, cfg.min_lr) / base if base > 0 else 0.0
+        # A ratio to the peak: groups keep their own (scaled, layer-decayed) peak lr, and min / warmup lr scale
+        # with it.
+        return cosine_lr(step, total_steps, warm, base, cfg.min_lr, cfg.warmup_lr) / base if base > 0 else 0.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

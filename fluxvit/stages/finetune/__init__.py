@@ -1,10 +1,13 @@
 """Stage 3: classification finetuning with Flux-Multi, multi-view evaluation and Token Optimization
-(FLUXVIT.md sections 6-8)."""
+(FLUXVIT.md sections 6-8). ``model`` (the packed multi-budget wrapper), ``loss`` (Flux-Multi, label mixing),
+``task`` (the training task), ``data`` (labelled sources, evaluation views), ``eval``, ``tokenopt``."""
 from .config import AugConfig, EvalConfig, FinetuneConfig, FluxLossConfig, ModelConfig, presets
-from .task import FinetuneModel, FinetuneTask, flux_multi_loss, layer_decay_groups, random_keep
-from .train import build_config, main
+from .loss import flux_multi_loss
+from .model import FinetuneModel, random_keep
+from .task import FinetuneTask
+from .train import build_config, main, resolve_schedule
 
 __all__ = [
     "AugConfig", "EvalConfig", "FinetuneConfig", "FinetuneModel", "FinetuneTask", "FluxLossConfig", "ModelConfig",
-    "build_config", "flux_multi_loss", "layer_decay_groups", "main", "presets", "random_keep",
+    "build_config", "flux_multi_loss", "main", "presets", "random_keep", "resolve_schedule",
 ]

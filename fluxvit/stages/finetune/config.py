@@ -1,8 +1,15 @@
 """Stage 3 (classification finetuning with Flux-Multi) config and named presets.
 
-Batch size convention: ``data.batch_size`` is the per-process micro-batch; the global batch is
-``data.batch_size * num_processes * train.grad_accum``. ``optim.lr`` is the peak rate per ``lr_batch``
-(256) clips and is scaled linearly by the global batch when ``scale_lr`` is set (release: 2e-4 per 256).
+Batch size convention: ``data.batch_size`` is the per-process micro-batch of *videos*; with repeated augmentation
+(``data.num_sample`` = N) a micro-batch holds N clips of each video. The total batch is
+``data.batch_size * num_processes * train.grad_accum`` videos. With ``scale_lr`` the release's rule applies:
+``optim.lr``, ``optim.min_lr`` and ``optim.warmup_lr`` are per ``lr_batch`` (256) clips and are multiplied by
+``total batch * num_sample / lr_batch`` (2e-4 at 64 GPUs x 8 videos x 2 samples -> 8e-4).
+
+``epochs`` > 0 sets the length as the release does: ``train_videos // total batch`` steps per epoch, ``epochs`` and
+``warmup_epochs`` of them (resolved at start, when the number of processes is known; the saved config has the
+resulting ``train.steps`` / ``optim.warmup_steps``). Every value of the paper / release presets and its source:
+RECIPES.md.
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ __all__ = ["AugConfig", "EvalConfig", "FinetuneConfig", "FluxLossConfig", "Model
 class ModelConfig:
     """The FluxViT classifier: a registered name plus ``create_model`` overrides.
 
-    ``init``: "" (random), a stage-1/2 export (``.safetensors`` from ``save_model``) or an official FluxViT
+    ``init``: "" (random), a stage-1/2/3 export (``.safetensors`` from ``save_model``) or an official FluxViT
     checkpoint (``.pth``/``.pt``/``.bin``; weights under ``model``/``module`` or bare). Heads whose shape does not
     match (another number of classes) are left at their initialisation.
     """
@@ -35,14 +42,16 @@ class FluxLossConfig:
 
     mode "multi": every clip at each of ``budgets`` with ``heads`` in ONE packed forward;
     loss = sum_j CE(head_j at budgets[j]) + align_weight * sum_{j>0} SmoothL1(dec_{j-1}(p_j), sg(norm(p_0))).
-    mode "single": the clip at ``budgets[0]`` with ``heads[0]`` and CE only (the single-budget baseline).
-    A budget of 0 keeps every token (no selection).
+    mode "single": the clip at ``single_budget`` with head ``single_head`` and CE only (the release's Flux-Single
+    scripts: 2048 tokens, head 1). A budget of 0 keeps every token (no selection).
     selection: "dynamic" (group-dynamic selector) or "random" (uniform random tokens, an ablation).
     """
 
     mode: str = "multi"
     budgets: tuple = (3072, 2048, 1024)
     heads: tuple = (0, 1, 2)
+    single_budget: int = 2048
+    single_head: int = 1
     align_weight: float = 1.0
     smooth_l1_beta: float = 1.0
     selection: str = "dynamic"
@@ -50,21 +59,16 @@ class FluxLossConfig:
 
 @dataclass
 class AugConfig:
-    """Batch-level augmentation (applied in the task on the device; 0 disables each part).
-
-    mixup/cutmix alphas and ``mix_prob``/``switch_prob`` follow timm's ``Mixup``; label smoothing is folded
-    into the mixed targets. RandAugment (``randaug_n`` ops of magnitude ``randaug_m``, the same ops for every
-    frame of a clip) and random erasing (probability ``reprob``, one box through all frames) are per clip.
-    """
+    """Batch-level label mixing, run in the task on the device (timm ``Mixup``, batch mode; 0 disables each part):
+    mixup / cutmix alphas, ``mix_prob`` / ``switch_prob``, label smoothing folded into the targets. The per-clip
+    augmentation (RandAugment, crop, flip, random erasing, repeated augmentation) is the data section's
+    (``data.randaug``, ``data.crop_scale``, ``data.reprob``, ``data.num_sample``; ``fluxvit.datasets.augment``)."""
 
     mixup: float = 0.8
     cutmix: float = 1.0
     mix_prob: float = 1.0
     switch_prob: float = 0.5
     label_smoothing: float = 0.1
-    randaug_n: int = 4
-    randaug_m: int = 7
-    reprob: float = 0.25
 
 
 @dataclass
@@ -103,6 +107,9 @@ class FinetuneConfig:
     layer_decay: float = 0.75
     scale_lr: bool = True
     lr_batch: int = 256
+    epochs: float = 0.0
+    warmup_epochs: float = 0.0
+    train_videos: int = 0
 
 
 presets = PresetRegistry("finetune")
@@ -119,7 +126,7 @@ def smoke() -> FinetuneConfig:
         model=ModelConfig(name="fluxvit_tiny_patch14", num_classes=8, drop_path_rate=0.0,
                           overrides={"head_budgets": _TINY_BUDGETS}),
         loss=FluxLossConfig(mode="multi", budgets=_TINY_BUDGETS, heads=(0, 1, 2)),
-        aug=AugConfig(mixup=0.0, cutmix=0.0, label_smoothing=0.1, randaug_n=0, reprob=0.0),
+        aug=AugConfig(mixup=0.0, cutmix=0.0, label_smoothing=0.1),
         data=DataConfig(source="synthetic-motion", batch_size=4, grids=[[4, 84], [8, 56], [6, 70], [8, 70]],
                         flip=False, num_clips=400, num_val_clips=16),
         optim=OptimConfig(lr=1e-3, min_lr=1e-5, weight_decay=0.05, betas=(0.9, 0.999), warmup_steps=5,
@@ -144,8 +151,10 @@ def _micro(mode: str, budgets: tuple, grids: list, steps: int, min_lr: float, ru
     return FinetuneConfig(
         model=ModelConfig(name="fluxvit_tiny_patch14", num_classes=8, drop_path_rate=0.0,
                           overrides={**MICRO_ARCH, "head_budgets": MICRO_BUDGETS}),
-        loss=FluxLossConfig(mode=mode, budgets=budgets, heads=tuple(range(len(budgets)))),
-        aug=AugConfig(mixup=0.0, cutmix=0.0, label_smoothing=0.1, randaug_n=0, reprob=0.0),
+        # Flux-Single, as the release's 2048 / head 1 of 3072 / 2048 / 1024: the middle budget and head.
+        loss=FluxLossConfig(mode=mode, budgets=budgets, heads=tuple(range(len(budgets))),
+                            single_budget=budgets[len(budgets) // 2], single_head=len(budgets) // 2),
+        aug=AugConfig(mixup=0.0, cutmix=0.0, label_smoothing=0.1),
         data=DataConfig(source="synthetic-motion", batch_size=16, grids=grids, flip=False, num_clips=100_000,
                         num_val_clips=200),
         optim=OptimConfig(lr=1e-3, min_lr=min_lr, weight_decay=0.05, betas=(0.9, 0.999), warmup_steps=100,
@@ -177,37 +186,94 @@ def micro_multi() -> FinetuneConfig:
     return _micro("multi", MICRO_BUDGETS, [[6, 56], [8, 56], [6, 70], [8, 70]], 1500, 1e-5, "runs/micro_multi")
 
 
-def _k400(name: str, batch_size: int) -> FinetuneConfig:
-    # Release recipe (FLUXVIT.md section 6): AdamW (0.9, 0.999), wd 0.05, lr 2e-4 per 256 clips, layer decay
-    # 0.75, drop path 0.1, bf16 + DeepSpeed ZeRO-1 (launch/deepspeed_zero1.yaml), mixup 0.8 / cutmix 1.0,
-    # label smoothing 0.1, RandAugment m7 n4, random erasing 0.25, Flux grid 6..24 frames x 112..336 px with
-    # 2048..6144 tokens, Flux-Multi 3072 / 2048 / 1024. K400 ~240 k clips; 35 epochs at global batch 512
-    # (~16.4 k steps), 5 warmup epochs. Evaluation 4 clips x 3 crops at 8 x 224, 2048 tokens.
+# ----------------------------------------------------------------------------------------- release presets
+# The release recipe (FLUXVIT.md section 6; OpenGVLab/FluxViT single_modality: run_flexible_finetune.py defaults and
+# exp/*/k400 scripts) and the schedules of Table 15. Every value and its source: RECIPES.md.
+RELEASE_PROCESSES = 64  # the release scripts: 64 GPUs; data.batch_size is per process
+TRAIN_VIDEOS = {"k710": 658_340, "k400": 240_436, "ssv2": 168_913, "coin": 9_030}  # [inferred] usual list sizes
+NUM_CLASSES = {"k710": 710, "k400": 400, "ssv2": 174, "coin": 180}
+# (epochs, warmup epochs, total batch, base lr) per dataset and size (Table 15; COIN: lr 5e-4)
+SCHEDULES = {
+    ("k710", "small"): (35, 5, 1024, 2e-4), ("k710", "base"): (20, 5, 1024, 2e-4),
+    ("k400", "small"): (5, 1, 512, 2e-4), ("k400", "base"): (3, 1, 512, 2e-4),
+    ("ssv2", "small"): (35, 5, 1024, 2e-4), ("ssv2", "base"): (20, 5, 1024, 2e-4),
+    ("coin", "small"): (40, 5, 512, 5e-4), ("coin", "base"): (25, 5, 512, 5e-4),
+}
+
+
+def _release(dataset: str, size: str) -> FinetuneConfig:
+    name = f"fluxvit_{size}_patch14"
+    epochs, warmup, total_batch, lr = SCHEDULES[(dataset, size)]
     return FinetuneConfig(
-        model=ModelConfig(name=name, num_classes=400, drop_path_rate=0.1),
-        loss=FluxLossConfig(mode="multi", budgets=(3072, 2048, 1024), heads=(0, 1, 2)),
-        aug=AugConfig(mixup=0.8, cutmix=1.0, label_smoothing=0.1, randaug_n=4, randaug_m=7, reprob=0.25),
-        data=DataConfig(source="shards", batch_size=batch_size, num_workers=8, flux_preset="finetune",
-                        num_frames=8, img_size=224, normalize="imagenet"),
-        optim=OptimConfig(lr=2e-4, min_lr=1e-6, weight_decay=0.05, betas=(0.9, 0.999), warmup_fraction=1 / 7,
+        model=ModelConfig(name=name, num_classes=NUM_CLASSES[dataset], drop_path_rate=0.1,
+                          init=f"runs/finetune_k710_{size}/model.safetensors" if dataset == "k400" else ""),
+        loss=FluxLossConfig(mode="multi", budgets=(3072, 2048, 1024), heads=(0, 1, 2), single_budget=2048,
+                            single_head=1),
+        aug=AugConfig(mixup=0.8, cutmix=1.0, mix_prob=1.0, switch_prob=0.5, label_smoothing=0.1),
+        data=DataConfig(source="shards", batch_size=total_batch // RELEASE_PROCESSES, num_workers=12,
+                        flux_preset="finetune", num_frames=8, img_size=224, normalize="imagenet",
+                        crop="rrc", crop_scale=(0.08, 1.0), randaug="rand-m7-n4-mstd0.5-inc1", reprob=0.25,
+                        num_sample=2, flip=dataset != "ssv2"),
+        optim=OptimConfig(lr=lr, min_lr=1e-6, warmup_lr=1e-6, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8,
                           clip_grad=0.0),
-        train=TrainConfig(run_dir=f"runs/finetune_k400_{name}", steps=16_400, mixed_precision="bf16",
+        train=TrainConfig(run_dir=f"runs/finetune_{dataset}_{size}", steps=0, mixed_precision="bf16",
                           log_every=50, ckpt_every=1000, keep_last=3, export_name="model.safetensors"),
         eval=EvalConfig(frames=8, resolution=224, num_clips=4, num_crops=3, budgets=(3072, 2048, 1024, 512)),
         layer_decay=0.75,
         scale_lr=True,
+        lr_batch=256,
+        epochs=epochs,
+        warmup_epochs=warmup,
+        train_videos=TRAIN_VIDEOS[dataset],
     )
 
 
 @presets.register
+def k710_small() -> FinetuneConfig:
+    """Release recipe, FluxViT-S on K710 (Table 15: 35 epochs, batch 1024, warmup 5); set data.shards,
+    data.val_shards and model.init (the stage-1/2 export). Then ``k400_small``."""
+    return _release("k710", "small")
+
+
+@presets.register
+def k710_base() -> FinetuneConfig:
+    """Release recipe, FluxViT-B on K710 (Table 15: 20 epochs, batch 1024, warmup 5). Then ``k400_base``."""
+    return _release("k710", "base")
+
+
+@presets.register
 def k400_small() -> FinetuneConfig:
-    """Release K400 recipe for FluxViT-S/14 (global batch 512 = 64 per GPU x 8 GPUs; set data.shards)."""
-    return _k400("fluxvit_small_patch14", 64)
+    """Release recipe, FluxViT-S on K400 initialised from ``k710_small``'s export (Table 15: 5 epochs, batch 512,
+    warmup 1; the release script: 64 GPUs x 8 videos x 2 samples)."""
+    return _release("k400", "small")
 
 
 @presets.register
 def k400_base() -> FinetuneConfig:
-    """Release K400 recipe for FluxViT-B/14 (global batch 512 = 32 per GPU x 8 GPUs x grad_accum 2)."""
-    cfg = _k400("fluxvit_base_patch14", 32)
-    cfg.train.grad_accum = 2
-    return cfg
+    """Release recipe, FluxViT-B on K400 initialised from ``k710_base``'s export (Table 15: 3 epochs, batch 512,
+    warmup 1)."""
+    return _release("k400", "base")
+
+
+@presets.register
+def ssv2_small() -> FinetuneConfig:
+    """Release recipe on Something-Something v2, FluxViT-S: no flip (left / right is the label)."""
+    return _release("ssv2", "small")
+
+
+@presets.register
+def ssv2_base() -> FinetuneConfig:
+    """Release recipe on Something-Something v2, FluxViT-B: no flip."""
+    return _release("ssv2", "base")
+
+
+@presets.register
+def coin_small() -> FinetuneConfig:
+    """Release recipe on COIN, FluxViT-S (Table 15: lr 5e-4, batch 512, warmup 5, 40 epochs)."""
+    return _release("coin", "small")
+
+
+@presets.register
+def coin_base() -> FinetuneConfig:
+    """Release recipe on COIN, FluxViT-B (Table 15: lr 5e-4, batch 512, warmup 5, 25 epochs)."""
+    return _release("coin", "base")

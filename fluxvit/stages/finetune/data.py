@@ -54,34 +54,39 @@ class MotionClips:
             ``normalize``, ``flip`` (keep False: a mirrored clip moves the other way)).
         seed: base seed; rank, world_size: this process and the number of processes.
 
-    ``batch(n)`` -> ``{"video": (B, 3, F, R, R) float (per-sample grids: a list of B (3, F_i, R_i, R_i)),
-    "label": (B,) int64, "key": list[str]}``.
+    ``batch(n)`` -> ``{"video": (B * N, 3, F, R, R) float (per-sample grids: a list of B * N (3, F_i, R_i, R_i)),
+    "label": (B * N,) int64, "key": list[str]}`` with N = ``num_sample`` (repeated augmentation: the N clips of a
+    video are adjacent and share its grid). The per-clip augmentation is ``fluxvit.datasets.augment``'s
+    (``data.randaug``, ``data.crop`` / ``crop_scale``, ``data.reprob``).
     """
 
     def __init__(self, cfg: DataConfig, seed: int = 0, rank: int = 0, world_size: int = 1):
-        from fluxvit.datasets import VideoTransform
+        from fluxvit.datasets.augment import build_train_transform
 
         self.cfg, self.seed, self.rank, self.world = cfg, seed, rank, world_size
         self.grids = flux_grids(cfg)
-        self.transform = VideoTransform(crop=cfg.crop, flip=cfg.flip, normalize=cfg.normalize)
+        self.transform = build_train_transform(cfg)
         self.skipped = 0
 
     def batch(self, n: int) -> dict:
-        """Micro-batch ``n`` of this rank."""
+        """Micro-batch ``n`` of this rank: ``batch_size`` videos x ``num_sample`` clips each."""
         from fluxvit.datasets import sample_tsn_indices
+        from fluxvit.datasets.augment import repeated_views
 
         rng = random.Random(f"{self.seed}-{n}-{self.rank}")
         grids = draw_grids(rng, self.grids, self.cfg.batch_size, self.cfg.per_sample_grid)
         ids = [rng.randrange(self.cfg.num_clips) for _ in range(self.cfg.batch_size)]
-        clips, labels = [], []
+        clips, labels, keys = [], [], []
+        n_rep = self.cfg.num_sample
         for i, (frames, size) in zip(ids, grids):
             # Only the TSN-sampled frames of the 32-frame clip are rendered (4x cheaper at 8 frames).
             video, label = motion_clip("train", i, indices=sample_tsn_indices(CLIP_FRAMES, frames, rng))
-            clips.append(self.transform(video, size, rng))
-            labels.append(label)
+            # repeated augmentation: num_sample differently augmented clips of the video, at its one Flux grid
+            clips.extend(repeated_views(self.transform, video, size, rng, n_rep, flip_allowed=True))
+            labels.extend([label] * n_rep)
+            keys.extend([f"train{i:06d}"] * n_rep)
         return {"video": clips if self.cfg.per_sample_grid else torch.stack(clips),
-                "label": torch.tensor(labels, dtype=torch.long),
-                "key": [f"train{i:06d}" for i in ids]}
+                "label": torch.tensor(labels, dtype=torch.long), "key": keys}
 
     def batches(self, start: int = 0) -> Iterator[dict]:
         """Micro-batches ``start, start + 1, ...`` (endless)."""

@@ -1,15 +1,13 @@
 """Stage 3 task: FluxViT classification finetuning with Flux-Multi (FLUXVIT.md section 6).
 
-One step on a batch of clips (B, 3, T, H, W) with labels (B,):
-  1. per-clip augmentation (RandAugment with the same ops on every frame, random erasing through all frames),
-     then batch mixup / cutmix with label smoothing -> soft targets (B, C);
+One step on a batch of clips (B, 3, T, H, W) (or a list of B clips) with labels (B,), already augmented per clip by
+the data path (``fluxvit.datasets.augment``: RandAugment, crop, flip, random erasing, repeated augmentation):
+  1. batch Mixup / CutMix with label smoothing -> soft targets (B, C) (``loss.build_mixup``, timm);
   2. Flux-Multi: ONE packed forward runs every clip at each budget K_j (default 3072 / 2048 / 1024) with head j
-     (``FluxViT.forward_multi``; views budget-major, view j*B + i = clip i at K_j);
-  3. loss = sum_j CE(logits_j, targets)
-          + align_weight * sum_{j>0} SmoothL1(dec_{j-1}(p_j), sg(L2norm(p_0)))   (beta 1, mean)
-     with p_j the pooled clip_embed_dim features of budget j and dec the model's two alignment decoders
-     (Linear -> LayerNorm -> L2). The release ran one forward per budget; packing gives the same loss
-     (``tests/test_finetune_loss.py``). Flux-Single: budget 0 and CE only.
+     (``model.FinetuneModel``; views budget-major, view j*B + i = clip i at K_j);
+  3. the loss terms of ``loss.flux_multi_loss``. Flux-Single: ``loss.single_budget`` / ``loss.single_head``, CE only.
+The optimiser is AdamW over timm's layer-decay groups with the release's layer ids and lr scaling
+(``common.optim.layer_decay_groups`` / ``scale_lr``).
 """
 from __future__ import annotations
 
@@ -17,210 +15,28 @@ import logging
 import math
 import random
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fluxvit.models import FluxViT, create_model, load_official_checkpoint, save_model
+from fluxvit.models import create_model, load_official_checkpoint, save_model
 
 from ..common.config import OptimConfig
 from ..common.loop import StepOutput
-from ..common.optim import param_groups
+from ..common.optim import layer_decay_groups, scale_lr
 from .config import FinetuneConfig
+from .loss import build_mixup, flux_multi_loss, smooth_targets
+from .model import FinetuneModel, random_keep
 
-__all__ = ["FinetuneModel", "FinetuneTask", "flux_multi_loss", "layer_decay_groups", "random_keep",
-           "soft_cross_entropy", "VideoAugment"]
+__all__ = ["FinetuneTask"]
 
 log = logging.getLogger("fluxvit.train")
 
 
-def random_keep(grid: tuple, budget: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Uniformly random kept-token indices (ablation against the group-dynamic selector).
-
-    Args:
-        grid: (T, H', W') patch grid of the clip.
-        budget: K; all T*H'*W' tokens when K >= T*H'*W'.
-
-    Returns:
-        (min(K, T*H'*W'),) int64 ascending indices.
-    """
-    n = math.prod(grid)
-    if budget >= n:
-        return torch.arange(n)
-    return torch.randperm(n, generator=generator)[:budget].sort().values
-
-
-class FinetuneModel(nn.Module):
-    """The trainable module: a FluxViT classifier whose forward runs several token budgets in one packed pass.
-
-    ``forward(video, budgets, heads, keeps=None)`` with video (B, 3, T, H, W) or a list of B clips returns
-    ``(logits (J*B, C), pooled (J*B, P), decoded list of J-1 tensors (B, P), tokens)``, budget-major; ``decoded[j-1]``
-    is alignment decoder j-1 applied to budget j's pooled features. ``keeps`` (J*B index tensors) replaces the
-    selector (random-selection ablation). Going through ``forward`` keeps DDP / DeepSpeed hooks intact.
-    """
-
-    def __init__(self, net: FluxViT):
-        super().__init__()
-        self.net = net
-
-    def forward(self, video, budgets: Sequence[int], heads: Sequence[int], keeps: list | None = None):
-        """See the class docstring; one packed pass over len(budgets) * B views."""
-        net = self.net
-        if keeps is None:
-            feats = net.forward_multi(video, list(budgets), list(heads))
-        else:
-            clips = list(video.unbind(0)) if isinstance(video, torch.Tensor) else list(video)
-            B = len(clips)
-            feats = net.forward_features(clips * len(budgets), keep=keeps,
-                                         head=[h for h in heads for _ in range(B)])
-        B = feats.pooled.shape[0] // len(budgets)
-        logits = net.logits(feats)
-        decs = net.final_clip_decoder_for_projs
-        decoded = [decs[j - 1](feats.pooled[j * B:(j + 1) * B]) for j in range(1, len(budgets)) if j - 1 < len(decs)]
-        return logits, feats.pooled, decoded, int(feats.cu_seqlens[-1])
-
-
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits (N, C) against soft targets (N, C) or hard labels (N,)."""
-    if target.dim() == 1:
-        return F.cross_entropy(logits.float(), target)
-    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-
-
-def flux_multi_loss(logits: torch.Tensor, pooled: torch.Tensor, decoded: list, target: torch.Tensor,
-                    num_budgets: int, align_weight: float = 1.0, beta: float = 1.0) -> dict:
-    """Flux-Multi loss terms from budget-major outputs.
-
-    Args:
-        logits: (J*B, C) classifier outputs, view j*B + i = clip i at budget j.
-        pooled: (J*B, P) pooled features (budget 0 is the teacher of the alignment terms).
-        decoded: J-1 tensors (B, P), alignment decoder outputs of budgets 1..J-1.
-        target: (B, C) soft targets or (B,) labels.
-        num_budgets: J.
-
-    Returns:
-        ``{"loss", "ce_0", ..., "align_1", ...}`` scalar tensors; loss = sum ce_j + align_weight * sum align_j.
-    """
-    B = logits.shape[0] // num_budgets
-    terms = {f"ce_{j}": soft_cross_entropy(logits[j * B:(j + 1) * B], target) for j in range(num_budgets)}
-    ref = F.normalize(pooled[:B].detach().float(), dim=-1)
-    for j, d in enumerate(decoded, start=1):
-        terms[f"align_{j}"] = F.smooth_l1_loss(d.float(), ref, beta=beta, reduction="mean")
-    loss = sum(v for k, v in terms.items() if k.startswith("ce_"))
-    aligns = [v for k, v in terms.items() if k.startswith("align_")]
-    if aligns:
-        loss = loss + align_weight * sum(aligns)
-    terms["loss"] = loss
-    return terms
-
-
-# ------------------------------------------------------------------------------------------ augmentation
-_MEANS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-          "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))}
-
-
-class VideoAugment:
-    """Per-clip RandAugment (torchvision, the same ops and magnitudes on every frame of a clip) and random
-    erasing (one box through all frames, filled with per-pixel normal noise, timm's "pixel" mode).
-
-    ``__call__(video (B, 3, T, H, W) normalised float) -> same shape``; randomness from torch's global RNG.
-    """
-
-    def __init__(self, randaug_n: int, randaug_m: int, reprob: float, normalize: str = "imagenet"):
-        self.reprob = reprob
-        self.randaug = None
-        if randaug_n > 0:
-            from torchvision.transforms import v2
-
-            self.randaug = v2.RandAugment(num_ops=randaug_n, magnitude=randaug_m)
-        mean, std = _MEANS[normalize]
-        self.mean = torch.tensor(mean).view(3, 1, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1, 1)
-
-    def _randaug(self, clip: torch.Tensor) -> torch.Tensor:
-        mean, std = self.mean.to(clip), self.std.to(clip)
-        u8 = ((clip * std + mean) * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 0, 2, 3)  # (T, 3, H, W)
-        out = self.randaug(u8).permute(1, 0, 2, 3).float().div(255)
-        return (out - mean) / std
-
-    def _erase(self, clip: torch.Tensor) -> torch.Tensor:
-        _, _, H, W = clip.shape
-        for _ in range(10):
-            area = H * W * random.uniform(0.02, 1 / 3)
-            aspect = math.exp(random.uniform(math.log(0.3), math.log(1 / 0.3)))
-            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-            if 0 < h < H and 0 < w < W:
-                top, left = random.randint(0, H - h), random.randint(0, W - w)
-                clip = clip.clone()
-                clip[:, :, top:top + h, left:left + w] = torch.randn(3, 1, h, w, device=clip.device, dtype=clip.dtype)
-                return clip
-        return clip
-
-    def __call__(self, video):
-        clips = list(video.unbind(0)) if isinstance(video, torch.Tensor) else list(video)
-        out = []
-        for c in clips:
-            if self.randaug is not None:
-                c = self._randaug(c)
-            if self.reprob > 0 and random.random() < self.reprob:
-                c = self._erase(c)
-            out.append(c)
-        return torch.stack(out) if isinstance(video, torch.Tensor) else out
-
-
-def _mixer(cfg: FinetuneConfig):
-    """timm ``Mixup`` (batch mode) for the config, or None when mixup and cutmix are off."""
-    a = cfg.aug
-    if a.mixup <= 0 and a.cutmix <= 0:
-        return None
-    from timm.data import Mixup
-
-    return Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mix_prob, switch_prob=a.switch_prob,
-                 mode="batch", label_smoothing=a.label_smoothing, num_classes=cfg.model.num_classes)
-
-
-def smooth_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
-    """(B,) labels -> (B, C) one-hot targets with label smoothing."""
-    off = smoothing / num_classes
-    return torch.full((labels.shape[0], num_classes), off, device=labels.device).scatter_(
-        1, labels[:, None], 1.0 - smoothing + off)
-
-
-# ----------------------------------------------------------------------------------- layer-wise lr decay
-def layer_id(name: str, depth: int) -> int:
-    """Layer index for lr decay: stem (patch embed, cls, pos-embed) 0, block i -> i + 1, heads depth + 1."""
-    name = name.removeprefix("net.")
-    if name.startswith(("patch_embed", "cls_token", "pos_embed", "gpe_proj")):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
-
-
-def layer_decay_groups(model: nn.Module, depth: int, weight_decay: float, layer_decay: float, lr: float) -> list:
-    """AdamW parameter groups with layer-wise lr decay: ``lr * layer_decay ** (depth + 1 - layer_id)``,
-    split further into decay / no-decay (``common.optim.param_groups`` rules). Each group has ``lr``,
-    ``weight_decay``, ``lr_scale`` and ``names``."""
-    groups: dict = {}
-    for g in param_groups(model, weight_decay):
-        for name, p in zip(g["names"], g["params"]):
-            lid = layer_id(name, depth)
-            key = (lid, g["weight_decay"])
-            if key not in groups:
-                scale = layer_decay ** (depth + 1 - lid)
-                groups[key] = {"params": [], "names": [], "weight_decay": g["weight_decay"], "lr": lr * scale,
-                               "lr_scale": scale}
-            groups[key]["params"].append(p)
-            groups[key]["names"].append(name)
-    return [groups[k] for k in sorted(groups)]
-
-
 # ------------------------------------------------------------------------------------------------ task
 class FinetuneTask:
-    """FluxViT classifier, augmentation and the Flux-Multi / Flux-Single loss (the ``TrainTask`` of stage 3).
+    """FluxViT classifier, label mixing and the Flux-Multi / Flux-Single loss (the ``TrainTask`` of stage 3).
 
     Args:
         cfg: the stage config.
@@ -238,13 +54,16 @@ class FinetuneTask:
             raise ValueError(f"loss.heads {lc.heads} and loss.budgets {lc.budgets} differ in length")
         net = create_model(m.name, num_classes=m.num_classes, drop_path_rate=m.drop_path_rate, **m.overrides)
         self.model = FinetuneModel(net)
-        if any(int(b) < 0 for b in lc.budgets):
+        if any(int(b) < 0 for b in (*lc.budgets, lc.single_budget)):
             raise ValueError(f"loss.budgets must be >= 0 (0 = every token), got {lc.budgets}")
         # 0 = every token of the clip (no selection), as in eval.budgets.
-        self.budgets = [int(b) or None for b in (lc.budgets if lc.mode == "multi" else lc.budgets[:1])]
-        self.heads = [int(h) for h in (lc.heads if lc.mode == "multi" else lc.heads[:1])]
-        self.augment = VideoAugment(cfg.aug.randaug_n, cfg.aug.randaug_m, cfg.aug.reprob, cfg.data.normalize)
-        self.mixer = _mixer(cfg)
+        budgets, heads = (lc.budgets, lc.heads) if lc.mode == "multi" else ((lc.single_budget,), (lc.single_head,))
+        self.budgets = [int(b) or None for b in budgets]
+        self.heads = [int(h) for h in heads]
+        if max(self.heads) >= len(net.clip_projector):
+            raise ValueError(f"loss heads {self.heads} exceed the model's {len(net.clip_projector)} pooling heads")
+        a = cfg.aug
+        self.mixer = build_mixup(a.mixup, a.cutmix, a.mix_prob, a.switch_prob, a.label_smoothing, m.num_classes)
         if self.mixer is not None and cfg.data.per_sample_grid:
             log.warning("data.per_sample_grid: clips of a batch differ in shape, so mixup / cutmix are skipped "
                         "(label smoothing %.2g still applies)", cfg.aug.label_smoothing)
@@ -262,17 +81,23 @@ class FinetuneTask:
         log.info("init_from %s: %d loaded, %d skipped (shape), %d missing, %d unexpected", path,
                  len(report.loaded), len(report.skipped), len(report.missing), len(report.unexpected))
 
+    def peak_lr(self, ocfg: OptimConfig) -> float:
+        """``optim.lr``, scaled as the release does with ``scale_lr``: x total batch x num_sample / lr_batch
+        (min / warmup lr follow through the schedule's ratios)."""
+        if not self.cfg.scale_lr:
+            return ocfg.lr
+        d, t = self.cfg.data, self.cfg.train
+        lr = scale_lr(ocfg.lr, d.batch_size, t.grad_accum, self.world, d.num_sample, self.cfg.lr_batch)
+        factor = lr / ocfg.lr if ocfg.lr else 0.0
+        log.info("lr %.3g / min %.3g / warmup %.3g per %d clips -> %.3g / %.3g / %.3g at total batch %d x %d "
+                 "samples", ocfg.lr, ocfg.min_lr, ocfg.warmup_lr, self.cfg.lr_batch, lr, ocfg.min_lr * factor,
+                 ocfg.warmup_lr * factor, d.batch_size * t.grad_accum * self.world, d.num_sample)
+        return lr
+
     def build_optimizer(self, ocfg: OptimConfig) -> torch.optim.AdamW:
-        """AdamW over layer-decayed groups; the peak lr is ``optim.lr * global_batch / lr_batch`` with
-        ``scale_lr`` (release: 2e-4 per 256)."""
-        lr = ocfg.lr
-        if self.cfg.scale_lr:
-            global_batch = self.cfg.data.batch_size * self.cfg.train.grad_accum * self.world
-            lr = ocfg.lr * global_batch / self.cfg.lr_batch
-            log.info("lr %.3g per %d clips -> %.3g at global batch %d", ocfg.lr, self.cfg.lr_batch, lr, global_batch)
-        groups = layer_decay_groups(self.model, len(self.model.net.blocks), ocfg.weight_decay,
-                                    self.cfg.layer_decay, lr)
-        groups = [{k: v for k, v in g.items() if k != "names"} for g in groups if g["params"]]
+        """AdamW over timm's layer-decay groups (the release's layer ids, ``layer_decay``) at ``peak_lr``."""
+        lr = self.peak_lr(ocfg)
+        groups = layer_decay_groups(self.model, ocfg.weight_decay, self.cfg.layer_decay, lr)
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(ocfg.betas), eps=ocfg.eps)
 
     def export(self, model: FinetuneModel, path: Path) -> Path:
@@ -282,7 +107,7 @@ class FinetuneTask:
 
     # ------------------------------------------------------------------ loss
     def _seed(self, step: int) -> None:
-        # Augmentation, mixup, drop path and random selection draw from global RNGs seeded per (step, rank):
+        # Mixup, drop path and random selection draw from global RNGs seeded per (step, rank):
         # a resumed run repeats the exact randomness of the uninterrupted one.
         s = random.Random(f"{self.cfg.train.seed}-{step}-{self.rank}-ft").getrandbits(32)
         random.seed(s)
@@ -317,8 +142,8 @@ class FinetuneTask:
         return terms, ntok
 
     def compute_loss(self, model: nn.Module, batch: dict, step: int) -> StepOutput:
-        """Augment, mix and run the Flux-Multi / Flux-Single loss on ``batch`` ({"video": (B, 3, T, H, W),
-        "label": (B,)}); terms ce_j / align_j / loss are logged."""
+        """Mix and run the Flux-Multi / Flux-Single loss on ``batch`` ({"video": (B, 3, T, H, W) or clips,
+        "label": (B,)}, augmented per clip by the data path); terms ce_j / align_j / loss are logged."""
         self._seed(step)
         video = batch["video"]
         video = video.to(self.device, non_blocking=True) if isinstance(video, torch.Tensor) else \
@@ -326,7 +151,6 @@ class FinetuneTask:
         labels = torch.as_tensor(batch["label"]).to(self.device)
         if (labels < 0).any():
             raise ValueError("stage 3 needs a class label for every clip (got -1: no cls / json label in the data)")
-        video = self.augment(video)
         video, target = self.targets(video, labels)
         terms, ntok = self.forward_loss(model, video, target)
         return StepOutput(loss=terms["loss"], terms={k: v.detach() for k, v in terms.items()}, tokens=ntok)

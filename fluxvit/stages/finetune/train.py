@@ -18,7 +18,7 @@ from .config import FinetuneConfig, presets
 from .data import build_train_source
 from .task import FinetuneTask
 
-__all__ = ["build_config", "main", "parse_args"]
+__all__ = ["build_config", "main", "parse_args", "resolve_schedule"]
 
 log = logging.getLogger("fluxvit.train")
 
@@ -36,6 +36,26 @@ def build_config(preset: str, overrides: Sequence[str] = ()) -> FinetuneConfig:
     return cfg
 
 
+def resolve_schedule(cfg: FinetuneConfig, world_size: int) -> FinetuneConfig:
+    """With ``epochs`` > 0, the release's run length: ``train_videos // total batch`` steps per epoch (total batch
+    = videos per process x grad_accum x processes), ``epochs`` of them, ``warmup_epochs`` of warmup. In place."""
+    if cfg.epochs <= 0:
+        if cfg.train.steps <= 0:
+            raise ValueError("stage 3 needs train.steps > 0 or epochs > 0 (with train_videos)")
+        return cfg
+    if cfg.train_videos <= 0:
+        raise ValueError("epochs > 0 needs train_videos (videos per epoch) > 0")
+    total = cfg.data.batch_size * cfg.train.grad_accum * world_size
+    per_epoch = cfg.train_videos // total
+    if per_epoch < 1:
+        raise ValueError(f"train_videos {cfg.train_videos} is less than one total batch of {total} videos")
+    cfg.train.steps = int(round(cfg.epochs * per_epoch))
+    cfg.optim.warmup_steps = int(round(cfg.warmup_epochs * per_epoch))
+    log.info("%g epochs of %d videos at total batch %d: %d steps, %d warmup", cfg.epochs, cfg.train_videos, total,
+             cfg.train.steps, cfg.optim.warmup_steps)
+    return cfg
+
+
 def main(argv: Sequence[str] | None = None) -> TrainResult | None:
     """Run stage 3; returns the ``TrainResult`` whose last ``evals`` entry holds the final multi-view
     top-1 / top-5 per eval budget (also callable in-process from tests)."""
@@ -44,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult | None:
     if args.print_config:
         return print_config(cfg)
     acc = start_run(cfg, "finetune", args.preset)
+    resolve_schedule(cfg, acc.num_processes)
     task = FinetuneTask(cfg, rank=acc.process_index, world_size=acc.num_processes)
     source = build_train_source(cfg.data, cfg.train.seed, acc.process_index, acc.num_processes)
     result = fit(cfg, task, source, acc)
