@@ -153,8 +153,9 @@ def _flux_clip(model: str, phase: str) -> VideoTextConfig:
         global_batch, lr, epochs, warmup, corpus = 4096, 4e-4, 3, 0.6, CORPUS_25M
     else:  # the 2.5 M post-pretraining phase, initialised from the 25 M phase's export
         global_batch, lr, epochs, warmup, corpus = (2048 if base else 4096), 2e-5, 1, 0.0, CORPUS_2M5
+    # Table 16's "MultiScaleCrop [0.5, 1]" is InternVideo2's RandomResizedCrop with area scale (0.5, 1) + flip.
     cfg.data = DataConfig(source="shards", batch_size=global_batch // PAPER_PROCESSES, flux_preset="videotext",
-                          num_workers=8, normalize="imagenet")
+                          num_workers=8, normalize="imagenet", crop="rrc", crop_scale=(0.5, 1.0), flip=True)
     cfg.optim = OptimConfig(lr=lr, min_lr=lr * 0.01, weight_decay=0.02, betas=(0.9, 0.98),
                             warmup_fraction=warmup / epochs, clip_grad=0.0)
     cfg.train = TrainConfig(run_dir=f"runs/flux_clip_{phase}_{model}", steps=_steps(epochs, corpus, global_batch),
@@ -197,7 +198,7 @@ def _umt(model: str) -> VideoTextConfig:
     # trained projections, plain (no dual softmax) retrieval. Of its losses only VTC is implemented here (VTM,
     # MLM and ITM re-ranking are not); the unmasked-teacher alignment is ``align.weight``.
     cfg = _flux_clip(model, "25m")
-    cfg.text = TextConfig(spec="hf:bert-base-uncased", freeze=True, pooling="cls", max_length=32)
+    cfg.text = TextConfig(spec="hf:bert-base-uncased", freeze=False, pooling="cls", max_length=32)
     cfg.contrast = ContrastConfig(embed_dim=512, temperature=0.07, learnable_temperature=True,
                                   min_temperature=0.001, max_temperature=0.5, vision_proj="linear",
                                   text_proj="linear")
@@ -208,7 +209,7 @@ def _umt(model: str) -> VideoTextConfig:
 
 @presets.register
 def umt_s() -> VideoTextConfig:
-    """UMT-style stage 2 for FluxViT-S: BERT-base text tower (frozen here), learnable temperature, VTC; the
+    """UMT-style stage 2 for FluxViT-S: BERT-base text tower (trained), learnable temperature, VTC; the
     Flux-CLIP data and schedule of ``paper_s``."""
     return _umt("fluxvit_small_patch14")
 
