@@ -68,3 +68,20 @@ def test_no_val_shards_skips_held_out_once_and_never_reads_training_shards(corpu
                                           "num_val_clips": 3}))
     clips = with_val.held_out([(2, 28)])
     assert len(clips) == 3 and clips[0].shape == (1, 3, 2, 28, 28)
+
+
+def test_eval_skips_are_not_training_skipped_samples(corpus, tmp_path):
+    from data_fixtures import make_video, video_sample, write_tar
+
+    from fluxvit.datasets import stats
+
+    video = make_video(num_frames=4, width=32, height=24)
+    write_tar(tmp_path / "val.tar", [video_sample("v0", video), video_sample("bad", b"junk" * 64)])
+    cfg = DataConfig(source="shards", shards=corpus["splits"]["train"]["shards"], val_shards=str(tmp_path / "val.tar"),
+                     batch_size=4, grids=[[2, 28]], num_workers=0, decoder="pyav", num_val_clips=4)
+    source = LoaderSource(cfg)
+    next(source.batches(0))
+    before = stats().skipped
+    assert len(source.held_out([(2, 28)])) == 1
+    assert stats().skipped == before + 1  # the process-wide counter saw the evaluation skip ...
+    assert source.skipped == 0  # ... the training metric skipped_samples did not

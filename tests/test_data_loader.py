@@ -104,7 +104,7 @@ def test_resampled_epoch_length_and_weights(corpus, tmp_path):
     write_tar(tmp_path / "b.tar", [video_sample("b0", video)])
     mixed = build_video_loader(cfg(f"{corpus}::0.9;{tmp_path}/b.tar::0.1", resampled=True, epoch_size=8), rank=0,
                                world_size=1)
-    stream = mixed.dataset.stream_shards(0, 1)
+    stream = mixed.dataset.resampled_urls(0)
     draws = collections.Counter("b.tar" in next(stream) for _ in range(2000))
     assert 0.05 < draws[True] / 2000 < 0.15
     with pytest.raises(ValueError):
@@ -161,9 +161,12 @@ def test_resume_bound(corpus, num_workers, buffer, monkeypatch):
 
 
 def test_resume_skips_whole_shards_unopened(corpus, monkeypatch):
+    import importlib
+
+    gopen_module = importlib.import_module("webdataset.gopen")  # webdataset's tar streaming opens shards here
     opened = []
-    real = loader_mod.open_shard
-    monkeypatch.setattr(loader_mod, "open_shard", lambda url: opened.append(url) or real(url))
+    real = gopen_module.gopen
+    monkeypatch.setattr(gopen_module, "gopen", lambda url, *a, **k: opened.append(url) or real(url, *a, **k))
     loader = build_video_loader(cfg(corpus, shuffle_buffer=0, train=False, batch_size=2), rank=0, world_size=1)
     loader.load_state_dict(loader_state(0, 10))  # 2.5 shards consumed
     keys = keys_of(loader)
@@ -191,3 +194,59 @@ def test_flip_disallowed_never_flips():
         assert torch.equal(no, ref)
         flips += not torch.equal(VideoTransform(flip=True)(clip, 16, random.Random(seed)), ref)
     assert flips > 0
+
+
+def test_epoch_mode_honours_source_weights(tmp_path):
+    """Without resampling a source of weight w reads round(w * its shards) shards per epoch."""
+    video = make_video(num_frames=4, width=32, height=24)
+    for name in ("a0", "b0", "b1"):
+        write_tar(tmp_path / f"{name}.tar", [video_sample(f"{name}k{i}", video) for i in range(2)])
+    write_sizes(tmp_path, {f"{n}.tar": 2 for n in ("a0", "b0", "b1")})
+    spec = f"{tmp_path}/a0.tar::2;{tmp_path}/b{{0,1}}.tar::0.5"
+    loader = build_video_loader(cfg(spec, batch_size=1, shuffle_buffer=0), rank=0, world_size=1)
+    assert loader.num_samples == 6  # 2 x 2 samples of a, 0.5 x 4 samples of b
+    seen_b = set()
+    for epoch in range(4):
+        loader.set_epoch(epoch)
+        keys = keys_of(loader)
+        assert len(keys) == 6
+        assert collections.Counter(k[0] for k in keys) == {"a": 4, "b": 2}
+        assert len({k[:2] for k in keys if k[0] == "b"}) == 1  # one of b's two shards per epoch
+        seen_b |= {k[:2] for k in keys if k[0] == "b"}
+    assert seen_b == {"b0", "b1"}  # a different draw across epochs
+
+
+def test_short_streams_take_the_same_steps_and_warn(tmp_path, caplog):
+    """Shards of 5 / 5 / 2 samples, batch 4, 2 ranks: each rank takes ceil(12 / 8) = 2 batches every epoch."""
+    video = make_video(num_frames=4, width=32, height=24)
+    sizes = {"00000.tar": 5, "00001.tar": 5, "00002.tar": 2}
+    for name, n in sizes.items():
+        write_tar(tmp_path / name, [video_sample(f"{name[:5]}k{i}", video) for i in range(n)])
+    write_sizes(tmp_path, sizes)
+    spec = str(tmp_path / "{00000..00002}.tar")
+    short_seen = False
+    with caplog.at_level("WARNING", logger="fluxvit.datasets.loader"):
+        for rank in range(2):
+            loader = build_video_loader(cfg(spec, batch_size=4, num_workers=0), rank=rank, world_size=2)
+            for epoch in range(3):
+                loader.set_epoch(epoch)
+                short_seen |= sum(sizes[u.rsplit("/", 1)[1]] for u in loader.dataset.stream_shards(0, 1)) < 4
+                assert [len(b["key"]) for b in loader] == [4, 4]
+    assert short_seen  # some epoch gave a rank less than one batch of samples
+    assert any("re-read their shards" in r.message for r in caplog.records)
+
+
+def test_skip_warnings_rate_limited_across_passes(tmp_path, monkeypatch, caplog):
+    video = make_video(num_frames=4, width=32, height=24)
+    write_tar(tmp_path / "00000.tar", [video_sample("good", video)] + [video_sample(f"bad{i}", b"junk" * 50)
+                                                                     for i in range(9)])
+    write_sizes(tmp_path, {"00000.tar": 10})
+    monkeypatch.setattr(loader_mod, "_SKIP_LOG", loader_mod._RateLimitedLog())
+    loader = build_video_loader(cfg(str(tmp_path / "00000.tar"), batch_size=2, decoder="pyav"), rank=0,
+                                world_size=1)
+    with caplog.at_level("WARNING", logger="fluxvit.datasets.loader"):
+        for epoch in range(3):
+            loader.set_epoch(epoch)
+            assert len(keys_of(loader)) == 10  # 5 batches per epoch, the one good clip re-read pass after pass
+    lines = [r for r in caplog.records if r.message.startswith("skipped")]
+    assert loader.stats.skipped >= 27 * 3 and len(lines) == 5

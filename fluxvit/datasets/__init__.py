@@ -17,19 +17,19 @@ Modules: :mod:`.shards` (spec syntax, tar reading/writing), :mod:`.decoders` (de
 :mod:`.loader` (streaming, resume), :mod:`.synth` (synthetic corpus), :mod:`.cli` (``fluxvit-data``).
 decord, torchcodec and PyAV are imported only when a video is decoded.
 """
-from .config import DataConfig
+from .config import DataConfig, LoaderOptions
 from .decoders import BACKENDS, DecodeError, available_backends, decode_clips, open_video
 from .grid import FluxGrid
 from .loader import (DataStats, VideoLoader, build_video_loader, collate_videos, loader_state, process_sample,
                      stats)
 from .sampling import multi_clip_indices, sample_middle_indices, sample_tsn_indices
-from .shards import ShardWriter, parse_shard_spec
+from .shards import ShardReader, ShardWriter, parse_shard_spec
 from .transforms import (EvalTransform, MultiScaleCrop, RandomResizedCrop, VideoTransform, center_crop_box,
                          three_crop_boxes)
 
 __all__ = [
-    "BACKENDS", "DataConfig", "DataStats", "DecodeError", "EvalTransform", "FluxGrid", "MultiScaleCrop",
-    "RandomResizedCrop", "ShardWriter", "VideoLoader", "VideoTransform", "available_backends", "build_video_loader",
+    "BACKENDS", "DataConfig", "DataStats", "DecodeError", "EvalTransform", "FluxGrid", "LoaderOptions", "MultiScaleCrop",
+    "RandomResizedCrop", "ShardReader", "ShardWriter", "VideoLoader", "VideoTransform", "available_backends", "build_video_loader",
     "center_crop_box", "collate_videos", "decode_clips", "loader_state", "multi_clip_indices", "open_video",
     "parse_shard_spec", "process_sample", "sample_middle_indices", "sample_tsn_indices", "stats",
     "three_crop_boxes",

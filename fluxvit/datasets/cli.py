@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 from .config import DataConfig
 from .decoders import BACKENDS
 from .loader import SampleError, process_sample
-from .shards import VIDEO_EXTENSIONS, ShardWriter, TruncatedShard, iter_tar_samples, open_shard, parse_shard_spec
+from .shards import VIDEO_EXTENSIONS, ShardReader, ShardWriter, parse_shard_spec
 
 __all__ = ["main", "read_csv_list", "read_json_list", "read_folder", "reencode_short_side", "check_shards"]
 
@@ -150,23 +150,20 @@ def check_shards(spec: str, num_frames: int = 8, decoder: str = "decord", img_si
         report["skipped_keys"].append(key)
         report["reasons"][key] = reason
 
-    for source in parse_shard_spec(spec):
-        for url in source.urls:
-            try:
-                with open_shard(url) as stream:
-                    for sample in iter_tar_samples(stream, url):
-                        key = sample["__key__"]
-                        try:
-                            process_sample(sample, cfg, num_frames=num_frames, size=img_size, rng=rng)
-                        except SampleError as exc:
-                            skip(key, str(exc))
-                            continue
-                        report["total"] += 1
-                        report["ok"] += 1
-            except (TruncatedShard, OSError) as exc:
-                reason = "truncated shard" if isinstance(exc, TruncatedShard) else f"cannot open shard: {exc}"
-                report["shard_errors"].append({"shard": url, "reason": reason})
-                skip(url, reason)
+    def shard_error(url: str, reason: str) -> None:
+        report["shard_errors"].append({"shard": url, "reason": reason})
+        skip(url, reason)
+
+    # webdataset's tar streaming with the loader's handler: broken shards are reported and skipped
+    reader = ShardReader(shard_error)
+    for sample in reader(url for source in parse_shard_spec(spec) for url in source.urls):
+        try:
+            process_sample(sample, cfg, num_frames=num_frames, size=img_size, rng=rng)
+        except SampleError as exc:
+            skip(sample["__key__"], str(exc))
+            continue
+        report["total"] += 1
+        report["ok"] += 1
     return report
 
 

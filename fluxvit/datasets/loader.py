@@ -1,14 +1,23 @@
 """Streaming video loader over WebDataset shards: split, shuffle, decode, Flux-sample, augment, batch.
 
-Data flow per rank and DataLoader worker (one *stream*)::
+Data flow per rank and DataLoader worker (one *stream*), webdataset's stages marked (wds)::
 
-    shard list --(epoch-seeded shuffle, split by node then by worker | or weighted resampling)-->
-    tar samples --(shuffle buffer)--> decode + frame sampling + crop/resize --(batch, one Flux (T, H) per batch)-->
+    epoch shard list (source weights, (seed, epoch) shuffle) -> rank split -> worker split (wds split_by_worker)
+      | or weighted resampling -> tar streaming with a counting handler (wds tarfile_to_samples, ShardReader)
+      -> resume skip -> shuffle buffer (wds shuffle) -> decode + frame sampling + crop/resize
+      -> batch (one Flux (T, H) per batch)
 
 Batching happens inside the worker because the Flux grid draws one ``(T, H)`` per batch (as released): every
-clip of a batch is decoded at that frame count and resized to that resolution. A sample that cannot be read is
-logged (rate-limited), counted and skipped; the counts travel with the batches to the main process, where
-:func:`stats` and :attr:`VideoLoader.stats` expose them to the training loop.
+clip of a batch is decoded at that frame count and resized to that resolution. A sample that cannot be read, and
+a shard that cannot be opened or is truncated, is counted and skipped; the counts and keys travel with the batches
+to the main process, which logs them under one process-wide rate limit (:data:`_SKIP_LOG`: 5 lines, then one per
+30 s, across epochs, passes and loaders) and exposes them as :attr:`VideoLoader.stats` and :func:`stats`.
+
+**Equal steps on every rank.** In training every stream takes the same number of batches per epoch,
+``ceil(ceil(epoch_size / (B * world)) / workers)``; a stream whose shards hold fewer samples re-reads them (a
+new *pass*, reshuffled), a rank or worker left without a shard reads one it shares with another, and the loader
+warns once. With an unknown epoch length (no ``sizes.json``, no ``epoch_size``) an epoch is one pass per stream,
+its last partial batch completed from the next pass.
 
 **Resume bound.** :meth:`VideoLoader.state_dict` records ``(epoch, samples_seen)``. On restore every stream
 skips the samples it had delivered: whole shards whose size is known from ``sizes.json`` are not opened, the
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import itertools
 import math
 import os
 import random
@@ -35,7 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig
 from .decoders import DecodeError, clean_reason, decode_clips
-from .shards import IMAGE_EXTENSIONS, TruncatedShard, VIDEO_EXTENSIONS, iter_tar_samples, open_shard, parse_shard_spec, shard_sizes
+from .shards import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ShardReader, parse_shard_spec, shard_sizes
 from .transforms import EvalTransform, VideoTransform
 
 __all__ = [
@@ -84,21 +94,34 @@ def stats() -> DataStats:
 
 
 class _RateLimitedLog:
-    """Log the first ``burst`` skips, then at most one line per ``interval`` seconds with the count in between."""
+    """Log the first ``burst`` skips, then at most one line per ``interval`` seconds with the count in between.
+
+    One instance per process (``_SKIP_LOG``) used by the main process for every loader, epoch and pass, so the
+    limit holds across them (DataLoader workers only report their skips)."""
 
     def __init__(self, burst: int = 5, interval: float = 30.0) -> None:
         self.burst, self.interval = burst, interval
         self.count, self.suppressed, self.last = 0, 0, 0.0
 
-    def __call__(self, msg: str, *args: Any) -> None:
+    def __call__(self, msg: str, *args: Any) -> bool:
+        """Log ``msg % args`` unless rate-limited; returns whether a line was written."""
         self.count += 1
         now = time.monotonic()
         if self.count <= self.burst or now - self.last >= self.interval:
             extra = f" ({self.suppressed} more skipped since the last message)" if self.suppressed else ""
             log.warning(msg + extra, *args)
             self.last, self.suppressed = now, 0
-        else:
-            self.suppressed += 1
+            return True
+        self.suppressed += 1
+        return False
+
+    def suppress(self, n: int) -> None:
+        """Count ``n`` skips that were reported without a key (beyond a report's 32 keys)."""
+        self.count += n
+        self.suppressed += n
+
+
+_SKIP_LOG = _RateLimitedLog()
 
 
 def _caption(sample: dict, meta: dict, rng: random.Random, train: bool) -> str:
@@ -257,6 +280,19 @@ def _worker_batches_delivered(batches_per_rank: int, worker: int, num_workers: i
     return max(0, math.ceil((batches_per_rank - worker) / num_workers))
 
 
+def _new_report() -> dict:
+    return {"samples": 0, "skipped": Counter(), "shard_errors": 0, "keys": [], "events": 0, "passes": 0}
+
+
+def _flush(report: dict) -> dict:
+    """A picklable copy of ``report`` for the main process; ``report`` is reset in place."""
+    out = {**report, "skipped": dict(report["skipped"]), "keys": report["keys"][:32]}
+    passes = report["passes"]
+    report.update(_new_report())
+    report["passes"] = passes
+    return out
+
+
 class VideoShardDataset(IterableDataset):
     """An iterable of ready batches (dicts from :func:`collate_videos`) for one rank; see the module docstring.
 
@@ -271,12 +307,10 @@ class VideoShardDataset(IterableDataset):
         self._flip_of = {u: s.flip for s in self.sources for u in s.urls}
         self.sizes = shard_sizes(self.urls) or {}
         self.epoch_size = cfg.epoch_size
-        if self.epoch_size is None and len(self.sizes) == len(self.urls):
-            self.epoch_size = sum(self.sizes.values())
+        if self.epoch_size is None and self.sizes and all(u in self.sizes for u in self.urls):
+            self.epoch_size = self._weighted_size() if cfg.train else sum(self.sizes[u] for u in self.urls)
         if cfg.resampled and self.epoch_size is None:
             raise ValueError("resampled mode needs epoch_size (no sizes.json beside the shards)")
-        if not cfg.resampled and any(s.weight != 1.0 for s in self.sources):
-            log.warning("shard weights apply in resampled mode only; reading every shard once per epoch")
         self.epoch = 0
         self.resume_samples = 0
 
@@ -284,89 +318,162 @@ class VideoShardDataset(IterableDataset):
     def num_workers(self) -> int:
         return max(1, self.cfg.num_workers)
 
+    @staticmethod
+    def shard_reads(weight: float, num_shards: int) -> int:
+        """Shards of a source read per training epoch without resampling: ``max(1, round(weight * n))``."""
+        return max(1, round(weight * num_shards))
+
+    def _weighted_size(self) -> int:
+        total = 0.0
+        for s in self.sources:
+            total += sum(self.sizes[u] for u in s.urls) * self.shard_reads(s.weight, len(s.urls)) / len(s.urls)
+        return max(1, round(total))
+
     def batches_per_worker(self) -> int | None:
-        """Batch quota of every stream in training (``ceil(epoch_size / (B * world)) / workers``), else ``None``."""
+        """Batch quota of every stream in training (``ceil(epoch_size / (B * world)) / workers``), else ``None``.
+
+        It is the same on every rank and worker: a stream whose shards hold fewer samples re-reads them."""
         if not self.cfg.train or self.epoch_size is None:
             return None
         per_rank = math.ceil(self.epoch_size / (self.cfg.batch_size * self.world_size))
         return math.ceil(per_rank / self.num_workers())
 
     # -- streams -------------------------------------------------------------------------------------------------
-    def stream_shards(self, worker: int, num_workers: int) -> Iterator[str]:
-        """Shard URLs of stream ``(rank, worker)`` for the current epoch (infinite in resampled mode)."""
+    def epoch_urls(self) -> list[str]:
+        """The shards one epoch reads over all ranks, without resampling.
+
+        Training: each source's shards ``weight`` times (``shard_reads``: whole repeats plus a seeded draw of the
+        fraction), shuffled with ``(seed, epoch)`` (the same list on every rank). Evaluation: every shard once, in
+        spec order."""
+        cfg = self.cfg
+        if not cfg.train:
+            return list(self.urls)
+        urls: list[str] = []
+        for i, source in enumerate(self.sources):
+            n = len(source.urls)
+            k = self.shard_reads(source.weight, n)
+            urls += list(source.urls) * (k // n)
+            if k % n:
+                urls += random.Random(f"weight:{cfg.seed}:{self.epoch}:{i}").sample(list(source.urls), k % n)
+        random.Random(f"order:{cfg.seed}:{self.epoch}").shuffle(urls)
+        return urls
+
+    def rank_urls(self) -> list[str]:
+        """This rank's share of :meth:`epoch_urls`: every ``world_size``-th shard from ``rank`` (webdataset's
+        ``split_by_node`` with the rank given explicitly); in training a rank left without a shard reads shard
+        ``rank % n``."""
+        urls = self.epoch_urls()
+        node = urls[self.rank::self.world_size]
+        if not node and urls and self.cfg.train:
+            node = [urls[self.rank % len(urls)]]
+        return node
+
+    def stream_shards(self, worker: int, num_workers: int) -> list[str]:
+        """Shard URLs of stream ``(rank, worker)`` for the current epoch without resampling: every
+        ``num_workers``-th shard of the rank's share from ``worker`` (as webdataset's ``split_by_worker``); in
+        training a worker left without a shard reads shard ``worker % n`` of its rank."""
+        node = self.rank_urls()
+        if self.cfg.train and node and len(node) < num_workers:
+            return [node[worker % len(node)]]
+        return node[worker::num_workers]
+
+    def resampled_urls(self, worker: int) -> Iterator[str]:
+        # webdataset's ResampledShards draws uniformly over URLs; per-source weights need a two-level draw.
+        rng = random.Random(f"shards:{self.cfg.seed}:{self.epoch}:{self.rank}:{worker}")
+        weights = [s.weight for s in self.sources]
+        while True:
+            source = rng.choices(self.sources, weights)[0]
+            yield rng.choice(source.urls)
+
+    def _passes(self, worker: int, num_workers: int, in_worker: bool) -> Iterator[Any]:
+        """The URL sequences this stream reads one after the other: one infinite draw when resampled; else its
+        shards (pass 0), then in training the same shards reshuffled for as many passes as its quota needs."""
         cfg = self.cfg
         if cfg.resampled:
-            rng = random.Random(f"shards:{cfg.seed}:{self.epoch}:{self.rank}:{worker}")
-            weights = [s.weight for s in self.sources]
-            while True:
-                source = rng.choices(self.sources, weights)[0]
-                yield rng.choice(source.urls)
-        urls = list(self.urls)
-        if cfg.train:
-            random.Random(f"order:{cfg.seed}:{self.epoch}").shuffle(urls)  # identical on every rank
-        node = urls[self.rank::self.world_size]
-        yield from node[worker::num_workers]
-
-    def stream_samples(self, worker: int, num_workers: int, skip: int, report: dict) -> Iterator[dict]:
-        """Raw samples of one stream, skipping the first ``skip`` (whole shards unopened when sizes are known)."""
-        for url in self.stream_shards(worker, num_workers):
-            size = self.sizes.get(url)
-            if skip and size is not None and size <= skip:
-                skip -= size
-                continue
-            try:
-                with open_shard(url) as stream:
-                    for sample in iter_tar_samples(stream, url, skip=skip):
-                        sample["__flip__"] = self._flip_of.get(url, True)
-                        yield sample
-                skip = 0
-            except TruncatedShard as exc:
-                skip = 0
-                report["shard_errors"] += 1
-                report["keys"].append((url, "truncated shard"))
-                log.warning("truncated or corrupt shard, continuing with the next: %s", clean_reason(str(exc), 300))
-            except OSError as exc:
-                skip = 0
-                report["shard_errors"] += 1
-                report["keys"].append((url, clean_reason(exc)))
-                log.warning("cannot open shard %s: %s", url, clean_reason(exc))
-
-    @staticmethod
-    def _shuffle(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
-        if size <= 1:
-            yield from samples
+            yield self.resampled_urls(worker)
             return
-        buf: list[dict] = []
-        for sample in samples:
-            if len(buf) < size:
-                buf.append(sample)
-                continue
-            k = rng.randrange(size)
-            out, buf[k] = buf[k], sample
-            yield out
-        rng.shuffle(buf)
-        yield from buf
+        node = self.rank_urls()
+        if in_worker and len(node) >= num_workers:
+            from webdataset import split_by_worker  # the DataLoader worker split, as webdataset does it
+
+            own = list(split_by_worker(iter(node)))
+        else:
+            own = self.stream_shards(worker, num_workers)
+        yield own
+        if not cfg.train or not own:
+            return
+        for p in itertools.count(1):
+            again = list(own)
+            random.Random(f"pass:{cfg.seed}:{self.epoch}:{self.rank}:{worker}:{p}").shuffle(again)
+            yield again
+
+    def stream_samples(self, worker: int, num_workers: int, skip: int, report: dict,
+                       progress: dict | None = None, in_worker: bool = False) -> Iterator[dict]:
+        """Raw samples of one stream, skipping the first ``skip`` (whole shards unopened when sizes are known),
+        shuffled per pass in training. Each sample carries ``__pass__``. The batch builder steers the passes
+        through ``progress``: ``good`` (decoded samples; a pass that added none ends the stream), ``more``
+        (whether another pass may start) and ``short`` (whether starting one is reported as a re-read)."""
+        cfg = self.cfg
+        progress = progress if progress is not None else {"good": 0}
+        left = {"skip": skip}
+
+        def on_error(url: str, reason: str) -> None:
+            report["shard_errors"] += 1
+            report["events"] += 1
+            report["keys"].append((url, reason))
+
+        reader = ShardReader(on_error)
+
+        def urls_of(urls):
+            for url in urls:
+                size = self.sizes.get(url)
+                if left["skip"] and size is not None and size <= left["skip"]:
+                    left["skip"] -= size  # exact resume: a whole shard of known size is not opened
+                    continue
+                yield url
+
+        def skipping(samples):
+            for sample in samples:
+                if left["skip"]:
+                    left["skip"] -= 1  # exact mid-shard resume: read, not decoded
+                    continue
+                yield sample
+
+        shuffle_rng = random.Random(f"shuffle:{cfg.seed}:{self.epoch}:{self.rank}:{worker}")
+        for p, urls in enumerate(self._passes(worker, num_workers, in_worker)):
+            if p:
+                if progress["good"] == good_before or not progress.get("more", True):
+                    return  # a whole pass gave nothing usable, or the epoch needs no more samples
+                if progress.get("short", True):
+                    report["passes"] = p
+            good_before = progress["good"]
+            samples = skipping(reader(urls_of(urls)))
+            if cfg.train and cfg.shuffle_buffer > 1:
+                from webdataset import shuffle
+
+                samples = shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=shuffle_rng)(samples)
+            for sample in samples:
+                sample["__flip__"] = self._flip_of.get(sample["__url__"], True)
+                sample["__pass__"] = p
+                yield sample
 
     def __iter__(self) -> Iterator[dict]:
         cfg = self.cfg
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if not cfg.resampled and len(self.urls) < self.world_size * num_workers and worker == 0 and self.rank == 0:
-            log.warning("%d shards for %d ranks x %d workers: some streams get no shard", len(self.urls),
-                        self.world_size, num_workers)
         tag = f"{cfg.seed}:{self.epoch}:{self.rank}:{worker}"
         sample_rng, grid_rng = random.Random(f"sample:{tag}"), random.Random(f"grid:{tag}")
-        shuffle_rng = random.Random(f"shuffle:{tag}")
         delivered = _worker_batches_delivered(self.resume_samples // (cfg.batch_size * self.world_size), worker,
                                               num_workers)
         quota = self.batches_per_worker()
         if quota is not None:
             quota = max(0, quota - delivered)
-        report = {"samples": 0, "skipped": Counter(), "shard_errors": 0, "keys": []}
-        samples = self.stream_samples(worker, num_workers, delivered * cfg.batch_size, report)
-        if cfg.train:
-            samples = self._shuffle(samples, cfg.shuffle_buffer, shuffle_rng)
-        skip_log = _RateLimitedLog()
+            if quota == 0:
+                return
+        report = _new_report()
+        progress = {"good": 0}
+        samples = self.stream_samples(worker, num_workers, delivered * cfg.batch_size, report, progress,
+                                      in_worker=info is not None)
         made = 0
         while quota is None or made < quota:
             frames, size = cfg.num_frames, cfg.img_size
@@ -378,6 +485,9 @@ class VideoShardDataset(IterableDataset):
                 # one (T, S) for the whole batch: decode straight into the batch tensor (no stacking copy)
                 views = () if cfg.train else (cfg.eval_clips * cfg.eval_crops,) if cfg.eval_clips * cfg.eval_crops > 1 else ()
                 buf = _batch_buffer((cfg.batch_size, *views, 3, frames, size, size), in_worker=info is not None)
+            # Unknown epoch length: an epoch is one pass, its last partial batch completed from the next pass.
+            progress["more"] = quota is not None or made == 0
+            progress["short"] = quota is not None or made == 0
             for sample in samples:
                 if cfg.grid is not None and cfg.per_sample_grid:
                     frames, size = cfg.grid.sample(grid_rng)
@@ -385,11 +495,13 @@ class VideoShardDataset(IterableDataset):
                     batch.append(process_sample(sample, cfg, num_frames=frames, size=size, rng=sample_rng,
                                                 flip_allowed=sample["__flip__"],
                                                 out=None if buf is None else buf[len(batch)]))
+                    progress["good"] += 1
+                    progress["more"] = True
                 except SampleError as exc:
                     reason = str(exc)
                     report["skipped"][reason.split(":")[0]] += 1
+                    report["events"] += 1
                     report["keys"].append((sample["__key__"], reason))
-                    skip_log("skipped sample %s (%s): %s", sample["__key__"], sample.get("__url__", ""), reason)
                     continue
                 if len(batch) == cfg.batch_size:
                     break
@@ -399,14 +511,13 @@ class VideoShardDataset(IterableDataset):
             in_buf = buf is not None and all(e["video"].data_ptr() == buf[i].data_ptr() for i, e in enumerate(batch))
             out = collate_videos(batch, buf[:len(batch)] if in_buf else None)
             report["samples"] = len(batch)
-            out["_report"] = {**report, "skipped": dict(report["skipped"]), "keys": report["keys"][-32:]}
-            report = {"samples": 0, "skipped": Counter(), "shard_errors": 0, "keys": []}
+            out["_report"] = _flush(report)
             made += 1
             yield out
             if len(batch) < cfg.batch_size:
                 break
-        if report["skipped"] or report["shard_errors"]:  # skips after the last batch still reach the counters
-            yield {"_report": {**report, "skipped": dict(report["skipped"]), "keys": report["keys"][-32:]}}
+        if report["events"] or report["passes"]:  # skips after the last batch still reach the counters
+            yield {"_report": _flush(report)}
 
 
 def loader_state(epoch: int, samples_seen: int) -> dict[str, int]:
@@ -433,6 +544,7 @@ class VideoLoader:
         self.epoch = 0
         self.samples_seen = 0
         self._completed = False  # the last iteration reached the end of the epoch
+        self._warned: set[str] = set()
 
     @property
     def num_batches(self) -> int | None:
@@ -483,14 +595,57 @@ class VideoLoader:
         return DataLoader(self.dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
                           **kwargs)
 
+    def _warn_once(self, kind: str, msg: str, *args: Any) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning(msg, *args)
+
+    def _check_balance(self) -> None:
+        """Warn (once per loader) when this rank's streams hold fewer samples than their share of a training epoch:
+        they re-read their shards so that every rank takes the same number of steps."""
+        ds, cfg = self.dataset, self.cfg
+        quota = ds.batches_per_worker()
+        if quota is None or cfg.resampled:
+            return
+        nw = ds.num_workers()
+        if len(ds.epoch_urls()) < self.world_size * nw:
+            self._warn_once("few", "%d shards for %d ranks x %d workers: streams share shards (every stream "
+                            "reads at least one)", len(ds.epoch_urls()), self.world_size, nw)
+        if not all(u in ds.sizes for u in ds.urls):
+            return
+        need = quota * cfg.batch_size
+        short = [sum(ds.sizes[u] for u in ds.stream_shards(w, nw)) for w in range(nw)]
+        short = [n for n in short if n < need]
+        if short:
+            self._warn_once("short", "rank %d: %d of its %d data streams hold fewer samples (%d) than the %d "
+                            "batches x %d they take per epoch; they re-read their shards so that every rank takes "
+                            "the same %d steps per epoch (ceil(epoch_size %d / (batch %d x %d ranks)))",
+                            self.rank, len(short), nw, min(short), quota, cfg.batch_size, quota * nw,
+                            ds.epoch_size, cfg.batch_size, self.world_size)
+
+    def _report(self, report: dict) -> None:
+        self.stats.update(report)
+        _STATS.update(report)
+        keys = report.get("keys", ())
+        for key, reason in keys:
+            _SKIP_LOG("skipped %s: %s", key, reason)
+        missing = int(report.get("events", len(keys))) - len(keys)
+        if missing > 0:
+            _SKIP_LOG.suppress(missing)
+        if report.get("passes") and self.cfg.train:
+            self._warn_once("short", "rank %d: a data stream ran out of samples and re-read its shards (pass %d) to "
+                            "fill its share of the epoch (shards smaller than the epoch share, or skipped samples)",
+                            self.rank, report["passes"])
+
     def __iter__(self) -> Iterator[dict]:
         if self._completed:  # iterating again without set_epoch repeats the same epoch from its start
             self.samples_seen, self._completed = 0, False
+        if self.cfg.train:
+            self._check_balance()
         for batch in self._dataloader():
             report = batch.pop("_report", None)
             if report is not None:
-                self.stats.update(report)
-                _STATS.update(report)
+                self._report(report)
             if "video" not in batch:
                 continue
             self.samples_seen += self.cfg.batch_size * self.world_size

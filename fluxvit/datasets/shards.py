@@ -29,8 +29,8 @@ from typing import IO, Iterator
 from braceexpand import braceexpand
 
 __all__ = [
-    "ShardSource", "parse_shard_spec", "expand_urls", "shard_sizes", "open_shard", "iter_tar_samples",
-    "IMAGE_EXTENSIONS", "TruncatedShard", "ShardWriter", "VIDEO_EXTENSIONS",
+    "ShardSource", "ShardReader", "parse_shard_spec", "expand_urls", "shard_sizes", "open_shard", "iter_tar_samples",
+    "IMAGE_EXTENSIONS", "TruncatedShard", "ShardWriter", "VIDEO_EXTENSIONS", "shard_error_reason",
 ]
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,72 @@ class TruncatedShard(Exception):
     """Raised by :func:`iter_tar_samples` after the last complete sample of a truncated or corrupt tar."""
 
 
+def shard_error_reason(exc: BaseException) -> str:
+    """``"truncated shard"`` for a tar that ends early or is corrupt, ``"cannot open shard: ..."`` otherwise."""
+    if isinstance(exc, (tarfile.TarError, EOFError)):
+        return "truncated shard"
+    text = str(exc.args[0]) if exc.args else type(exc).__name__
+    text = "".join(ch if ch.isprintable() else "?" for ch in text.replace("\n", " "))[:200]
+    return f"cannot open shard: {type(exc).__name__}: {text}"
+
+
+class ShardReader:
+    """Samples ``{"__key__", "__url__", ext: bytes}`` of a sequence of shard URLs, in tar order.
+
+    Tar streaming is webdataset's (``tarfile_to_samples``: ``gopen`` for paths, ``pipe:`` and URLs, tar member
+    iteration, grouping by key) with this reader's handler: a shard that cannot be opened, is truncated or is
+    corrupt is reported once through ``on_error(url, reason)`` and skipped, the stream continuing with the next
+    shard. What webdataset lacks is added here: the sample that was being read when a shard broke (its members
+    may be incomplete) is dropped, every complete sample before it is kept.
+
+    Args:
+        on_error: called with ``(url, reason)`` per broken shard (reason from :func:`shard_error_reason`).
+    """
+
+    def __init__(self, on_error=None) -> None:
+        self.on_error = on_error
+        self.errors: list[tuple[str, str]] = []
+        self._url, self._member = "", ""
+        self._failed: set[str] = set()
+        self._broken: set[tuple[str, str]] = set()
+
+    def _urls(self, urls):
+        for url in urls:
+            self._url, self._member = url, ""
+            self._failed.discard(url)  # a shard read again (resampling, passes) reports again
+            yield {"url": url}
+
+    def _rename(self, name: str) -> str:
+        self._member = name  # called before the member's data is read: the member a read error belongs to
+        return name
+
+    def _handler(self, exc: BaseException) -> bool:
+        url = self._url
+        if self._member:
+            key = _split_name(self._member)
+            if key is not None:
+                self._broken.add((url, key[0]))
+        if url not in self._failed:  # webdataset calls the handler at member and at shard level for one break
+            self._failed.add(url)
+            reason = shard_error_reason(exc)
+            self.errors.append((url, reason))
+            if self.on_error is not None:
+                self.on_error(url, reason)
+        return True
+
+    def __call__(self, urls) -> Iterator[dict]:
+        """Stream the samples of ``urls`` (any iterable of URL strings, consumed lazily)."""
+        from webdataset import tarfile_to_samples
+
+        samples = tarfile_to_samples(handler=self._handler, rename_files=self._rename)(self._urls(urls))
+        for sample in samples:
+            if self._broken and (sample["__url__"], sample["__key__"]) in self._broken:
+                continue  # incomplete: the shard broke while it was read
+            if os.path.basename(sample["__key__"]).startswith("__"):
+                continue
+            yield sample
+
+
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
@@ -145,45 +211,29 @@ def _split_name(name: str) -> tuple[str, str] | None:
 
 
 def iter_tar_samples(stream: IO[bytes], url: str = "", skip: int = 0) -> Iterator[dict]:
-    """Stream the samples of one WebDataset tar: dicts ``{"__key__", "__url__", ext: bytes}`` in tar order.
+    """Stream the samples of one open WebDataset tar: dicts ``{"__key__", "__url__", ext: bytes}`` in tar order.
 
     Args:
         stream: the open shard.
         url: recorded in each sample as ``__url__``.
-        skip: samples to pass over first, without keeping their bytes (resume).
+        skip: samples to pass over first.
 
     Raises:
         TruncatedShard: the tar ends early or is corrupt; every complete sample before that was yielded.
     """
-    current: dict | None = None
-    seen = 0
-    try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                parts = _split_name(member.name)
-                if parts is None or os.path.basename(parts[0]).startswith("__"):
-                    continue
-                key, ext = parts
-                if current is None or current["__key__"] != key:
-                    if current is not None:
-                        seen += 1
-                        if seen > skip:
-                            yield current
-                    current = {"__key__": key, "__url__": url}
-                if seen >= skip:
-                    f = tar.extractfile(member)
-                    current[ext] = f.read() if f is not None else b""
-                    if len(current[ext]) != member.size:
-                        raise tarfile.ReadError("unexpected end of data")
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        # the sample in progress may be incomplete: drop it and report the shard
-        raise TruncatedShard(f"{url}: {type(exc).__name__}: {exc}") from None
-    if current is not None:
-        seen += 1
-        if seen > skip:
-            yield current
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    reader = ShardReader()
+    files = tar_file_expander([{"url": url, "stream": stream}], handler=reader._handler,
+                              rename_files=reader._rename)
+    reader._url = url
+    for i, sample in enumerate(group_by_keys(files, handler=reader._handler)):
+        if (url, sample["__key__"]) in reader._broken or os.path.basename(sample["__key__"]).startswith("__"):
+            continue
+        if i >= skip:
+            yield sample
+    if reader.errors:
+        raise TruncatedShard(f"{url}: {reader.errors[0][1]}")
 
 
 @dataclass
