@@ -85,3 +85,18 @@ def test_eval_skips_are_not_training_skipped_samples(corpus, tmp_path):
     assert len(source.held_out([(2, 28)])) == 1
     assert stats().skipped == before + 1  # the process-wide counter saw the evaluation skip ...
     assert source.skipped == 0  # ... the training metric skipped_samples did not
+
+
+def test_finetune_reads_num_classes_from_shards(tmp_path):
+    import json
+
+    from data_fixtures import make_video, video_sample, write_tar
+
+    from fluxvit.stages.finetune.data import shard_num_classes
+
+    write_tar(tmp_path / "00000.tar", [video_sample("a", make_video(num_frames=4, width=32, height=24), label=2)])
+    cfg = DataConfig(source="shards", shards=str(tmp_path / "00000.tar"))
+    assert shard_num_classes(cfg) is None  # no classes.json: the preset's model.num_classes stands
+    (tmp_path / "classes.json").write_text(json.dumps(["crawl", "run", "jump"]))
+    assert shard_num_classes(cfg) == 3
+    assert shard_num_classes(DataConfig(source="synthetic-motion")) is None

@@ -1,5 +1,7 @@
 """Shard specs, tar reading (truncated tars), the shard writer, and the make-shards / check CLIs."""
 import json
+import random
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -9,7 +11,7 @@ import pytest
 from data_fixtures import make_video, truncate_inside, video_sample, write_tar
 from fluxvit.datasets import ShardWriter, parse_shard_spec
 from fluxvit.datasets.cli import main
-from fluxvit.datasets.shards import TruncatedShard, iter_tar_samples, shard_sizes
+from fluxvit.datasets.shards import TruncatedShard, iter_tar_samples, shard_classes, shard_sizes
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +113,17 @@ def test_check_console_module_runs(mixed_shards):
     assert "not an mp4" not in proc.stderr  # decoder noise stays out of the terminal
 
 
+def _keyframes_and_size(data: bytes):
+    import io
+
+    import av
+
+    with av.open(io.BytesIO(data)) as c:
+        s = c.streams.video[0]
+        keys = [p.is_keyframe for p in c.demux(s) if p.size]
+        return sum(keys), len(keys), (s.codec_context.width, s.codec_context.height), float(s.average_rate)
+
+
 def test_make_shards_from_csv_json_and_folder(tmp_path, video, capsys):
     vids = tmp_path / "videos"
     for cls in ("jump", "run"):
@@ -119,25 +132,105 @@ def test_make_shards_from_csv_json_and_folder(tmp_path, video, capsys):
             (vids / cls / f"{i}.mp4").write_bytes(video)
     (tmp_path / "list.csv").write_text("path,label\n" + "\n".join(
         f"{c}/{i}.mp4,{c}" for c in ("jump", "run") for i in range(2)) + "\nmissing.mp4,run\n")
+    # a missing input is reported as failed (exit 1), the others are stored
     assert main(["make-shards", "--csv", str(tmp_path / "list.csv"), "--root", str(vids), "--out",
-                 str(tmp_path / "csv"), "--samples-per-shard", "3"]) == 0
+                 str(tmp_path / "csv"), "--samples-per-shard", "3", "--copy", "--no-progress"]) == 1
+    assert "failed" in capsys.readouterr().out
     assert json.loads((tmp_path / "csv/sizes.json").read_text()) == {"00000.tar": 3, "00001.tar": 1}
     assert json.loads((tmp_path / "csv/classes.json").read_text()) == ["jump", "run"]
     with open(tmp_path / "csv/00001.tar", "rb") as f:
         (last,) = list(iter_tar_samples(f))
-    assert last["cls"] == b"1" and last["mp4"] == video
+    assert last["cls"] == b"1" and last["mp4"] == video  # --copy stores the bytes as they are
 
     items = [{"video": str(vids / "run/0.mp4"), "caption": ["a person runs", "running"]},
              {"video": str(vids / "jump/1.mp4"), "caption": "a person jumps"}]
     (tmp_path / "list.json").write_text(json.dumps(items))
     assert main(["make-shards", "--json", str(tmp_path / "list.json"), "--out", str(tmp_path / "js"),
-                 "--short-side", "32"]) == 0
+                 "--short-side", "32", "--keyframe-interval", "4", "--max-fps", "6", "--no-progress"]) == 0
     with open(tmp_path / "js/00000.tar", "rb") as f:
         got = list(iter_tar_samples(f))
     assert got[0]["txt"] == b"a person runs" and json.loads(got[0]["json"])["caption"] == ["a person runs", "running"]
-    assert len(got[1]["mp4"]) < len(video)  # re-encoded to 32 px (from 48)
+    keys, frames, size, fps = _keyframes_and_size(got[0]["mp4"])
+    src_keys, src_frames, _, _ = _keyframes_and_size(video)
+    assert size == (42, 32) and fps == 6 and frames == src_frames // 2  # 64x48 at 12 fps -> 42x32 at 6 fps
+    assert keys == -(-frames // 4) and src_keys == 1  # a keyframe every 4 frames (the source: one)
 
-    assert main(["make-shards", "--folder", str(vids), "--out", str(tmp_path / "dir")]) == 0
+    assert main(["make-shards", "--folder", str(vids), "--out", str(tmp_path / "dir"), "--no-progress"]) == 0
     assert "wrote 4 samples" in capsys.readouterr().out
     assert main(["check", str(tmp_path / "js/00000.tar")]) == 0
     assert main(["make-shards", "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_make_shards_verifies_every_input(tmp_path, video, copy, capsys):
+    vids = tmp_path / "v"
+    vids.mkdir()
+    (vids / "good.mp4").write_bytes(video)
+    (vids / "zero.mp4").write_bytes(b"")
+    (vids / "random.mp4").write_bytes(bytes(random.Random(0).getrandbits(8) for _ in range(4000)))
+    (vids / "cut.mp4").write_bytes(video[: len(video) // 3])
+    args = ["make-shards", "--folder", str(vids), "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main(args + (["--copy"] if copy else [])) == 1
+    out = capsys.readouterr().out
+    for name in ("zero.mp4", "random.mp4"):
+        assert f"failed {vids / name}" in out
+    with open(tmp_path / "o/00000.tar", "rb") as f:
+        stored = [json.loads(s["json"])["url"] for s in iter_tar_samples(f)]
+    assert str(vids / "good.mp4") in stored and str(vids / "zero.mp4") not in stored
+    assert str(vids / "random.mp4") not in stored
+    assert main(["check", str(tmp_path / "o/00000.tar")]) == 0  # whatever was stored decodes
+
+
+def test_make_shards_resumes_and_parallel_workers_agree(tmp_path, video, monkeypatch):
+    from fluxvit.datasets import prepare
+
+    vids = tmp_path / "v"
+    vids.mkdir()
+    for i in range(6):
+        (vids / f"{i}.mp4").write_bytes(video)
+    items = [{"video": str(vids / f"{i}.mp4"), "label": i % 2} for i in range(6)]
+    first = prepare.make_shards(items, tmp_path / "a", 2, progress=False, workers=2)
+    assert first["written"] == 6 and first["shards"] == {"00000.tar": 2, "00001.tar": 2, "00002.tar": 2}
+    reference = (tmp_path / "a/00001.tar").read_bytes()
+    # a killed run: shard 1 never completed (its tar half-written, no stats file)
+    (tmp_path / "a/00001_stats.json").unlink()
+    (tmp_path / "a/00001.tar").unlink()
+    (tmp_path / "a/00001.tar.tmp").write_bytes(b"partial")
+    calls = []
+    real = prepare.prepare_sample
+    monkeypatch.setattr(prepare, "prepare_sample", lambda job: calls.append(job[0]) or real(job))
+    again = prepare.make_shards(items, tmp_path / "a", 2, progress=False, workers=1)
+    assert sorted(calls) == [2, 3] and again["skipped_shards"] == 2 and again["written"] == 2
+    assert (tmp_path / "a/00001.tar").read_bytes() == reference  # the same shard as the parallel run wrote
+    assert json.loads((tmp_path / "a/sizes.json").read_text()) == first["shards"]
+    with pytest.raises(ValueError, match="other settings"):
+        prepare.make_shards(items, tmp_path / "a", 3, progress=False)
+
+
+def test_shared_label_map_across_splits(tmp_path, video, capsys):
+    vids = tmp_path / "v"
+    vids.mkdir()
+    for name in ("a", "b", "c"):
+        (vids / f"{name}.mp4").write_bytes(video)
+    (tmp_path / "classes.txt").write_text("crawl\nrun\njump\n")
+    (tmp_path / "train.csv").write_text(f"{vids}/a.mp4,jump\n{vids}/b.mp4,run\n")
+    (tmp_path / "val.csv").write_text(f"{vids}/c.mp4,crawl\n")
+
+    def labels(split, *extra):
+        assert main(["make-shards", "--csv", str(tmp_path / f"{split}.csv"), "--out", str(tmp_path / split),
+                     "--copy", "--no-progress", *extra]) == 0
+        with open(tmp_path / split / "00000.tar", "rb") as f:
+            return [int(s["cls"]) for s in iter_tar_samples(f)]
+
+    assert labels("val") == [0] and labels("train") == [0, 1]  # per-list maps: "crawl" and "jump" both 0
+    for split in ("train", "val"):
+        shutil.rmtree(tmp_path / split)
+    assert labels("train", "--classes", str(tmp_path / "classes.txt")) == [2, 1]
+    assert labels("val", "--classes", str(tmp_path / "classes.txt")) == [0]
+    for split in ("train", "val"):
+        assert json.loads((tmp_path / split / "classes.json").read_text()) == ["crawl", "run", "jump"]
+    assert shard_classes(f"{tmp_path}/train/00000.tar;{tmp_path}/val/00000.tar") == ["crawl", "run", "jump"]
+    (tmp_path / "bad.csv").write_text(f"{vids}/a.mp4,swim\n")
+    assert main(["make-shards", "--csv", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "bad"),
+                 "--classes", str(tmp_path / "classes.txt")]) == 2
+    assert "not in the classes file" in capsys.readouterr().err

@@ -1,18 +1,20 @@
 """``fluxvit-data``: make shards, check shards, generate the synthetic corpus.
 
     fluxvit-data make-shards (--csv FILE | --json FILE | --folder DIR) --out DIR [--samples-per-shard N]
-                             [--root DIR] [--short-side S]
+                             [--root DIR] [--classes FILE] [--workers N] [--short-side S]
+                             [--keyframe-interval K] [--crf Q] [--max-fps F] [--copy]
     fluxvit-data check SHARDS [--num-frames N] [--decoder NAME] [--json]
     fluxvit-data synth --out DIR [--num-train N ...] [--scale K]
 
 ``check`` exits 0 when every sample decoded, 1 when some were skipped (or a shard is truncated / missing) and
-2 on a usage error. ``make-shards`` exits 1 when no sample could be written.
+2 on a usage error. ``make-shards`` verifies every input by decoding it, re-encodes it for training (or stores
+it as it is with ``--copy``), and exits 0 when every input was stored, 1 when some failed (each is listed), 2 on a
+usage error; a killed run resumes where it stopped (complete shards are skipped).
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import logging
 import random
@@ -24,9 +26,10 @@ from typing import Iterator, Sequence
 from .config import DataConfig
 from .decoders import BACKENDS
 from .loader import SampleError, process_sample
-from .shards import VIDEO_EXTENSIONS, ShardReader, ShardWriter, parse_shard_spec
+from .prepare import Encoding, make_shards, read_classes
+from .shards import VIDEO_EXTENSIONS, ShardReader, parse_shard_spec
 
-__all__ = ["main", "read_csv_list", "read_json_list", "read_folder", "reencode_short_side", "check_shards"]
+__all__ = ["main", "read_csv_list", "read_json_list", "read_folder", "check_shards"]
 
 log = logging.getLogger("fluxvit.datasets.cli")
 
@@ -59,79 +62,6 @@ def read_folder(folder: str | Path) -> Iterator[dict]:
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in VIDEO_EXTENSIONS):
         rel = path.relative_to(root)
         yield {"video": str(path), "label": rel.parts[0] if len(rel.parts) > 1 else None}
-
-
-def reencode_short_side(data: bytes, short_side: int, crf: int = 23) -> bytes:
-    """Re-encode video bytes to H.264 whose shorter side is ``short_side`` px (never upscaled; sides kept even)."""
-    import av
-
-    src = av.open(io.BytesIO(data))
-    vin = src.streams.video[0]
-    rate = vin.average_rate or vin.guessed_rate or 30
-    buf = io.BytesIO()
-    with src, av.open(buf, mode="w", format="mp4") as out:
-        vout = None
-        for frame in src.decode(vin):
-            if vout is None:
-                h, w = frame.height, frame.width
-                scale = min(1.0, short_side / min(h, w))
-                vout = out.add_stream("libx264", rate=rate)
-                vout.width, vout.height = (max(2, int(round(w * scale / 2)) * 2), max(2, int(round(h * scale / 2)) * 2))
-                vout.pix_fmt = "yuv420p"
-                vout.options = {"preset": "veryfast", "crf": str(crf)}
-            img = frame.reformat(width=vout.width, height=vout.height, format="yuv420p")
-            img.pts = None
-            for packet in vout.encode(img):
-                out.mux(packet)
-        if vout is None:
-            raise ValueError("no frame to re-encode")
-        for packet in vout.encode():
-            out.mux(packet)
-    return buf.getvalue()
-
-
-def _label_map(items: list[dict]) -> tuple[dict[str, int], list[str] | None]:
-    labels = [str(it["label"]) for it in items if it.get("label") is not None]
-    if not labels or all(lbl.lstrip("-").isdigit() for lbl in labels):
-        return {lbl: int(lbl) for lbl in labels}, None
-    names = sorted(set(labels))
-    return {n: i for i, n in enumerate(names)}, names
-
-
-def make_shards(items: list[dict], out: Path, samples_per_shard: int, root: str | None, short_side: int | None) -> int:
-    """Write ``items`` (``{"video", "caption"?, "label"?}``) as shards; returns the number of samples written."""
-    label_ids, names = _label_map(items)
-    written = failed = 0
-    with ShardWriter(out, samples_per_shard) as writer:
-        for index, item in enumerate(items):
-            path = Path(root, item["video"]) if root and not Path(item["video"]).is_absolute() else Path(item["video"])
-            try:
-                data = path.read_bytes()
-                if short_side:
-                    data = reencode_short_side(data, short_side)
-            except Exception as exc:  # a missing or unreadable file is reported, not fatal
-                failed += 1
-                log.warning("skipping %s: %s", path, exc)
-                continue
-            key = f"{index:09d}"
-            ext = "mp4" if short_side else (path.suffix.lower().lstrip(".") or "mp4")
-            caption = item.get("caption")
-            meta = {"key": key, "status": "success", "url": str(item["video"])}
-            sample = {"__key__": key, ext: data}
-            if caption is not None:
-                meta["caption"] = caption
-                sample["txt"] = caption[0] if isinstance(caption, list) and caption else str(caption)
-            if item.get("label") is not None:
-                label = label_ids[str(item["label"])]
-                meta["label"] = label
-                sample["cls"] = str(label)
-            sample["json"] = meta
-            writer.write(sample)
-            written += 1
-    if names is not None:
-        (out / "classes.json").write_text(json.dumps(names, indent=1))
-    print(f"wrote {written} samples in {len(writer.sizes)} shards to {out} ({failed} failed)")
-    return written
 
 
 # -- check ------------------------------------------------------------------------------------------------------
@@ -180,7 +110,18 @@ def _parser() -> argparse.ArgumentParser:
     mk.add_argument("--out", required=True, help="output folder")
     mk.add_argument("--root", help="prefix for relative video paths")
     mk.add_argument("--samples-per-shard", type=int, default=1000)
-    mk.add_argument("--short-side", type=int, help="re-encode to H.264 with this shorter side (px)")
+    enc = Encoding()
+    mk.add_argument("--short-side", type=int, default=enc.short_side,
+                    help=f"re-encode to H.264 with this shorter side in px (default {enc.short_side})")
+    mk.add_argument("--keyframe-interval", type=int, default=enc.keyframe_interval,
+                    help=f"frames between keyframes (default {enc.keyframe_interval})")
+    mk.add_argument("--crf", type=int, default=enc.crf, help=f"x264 quality, lower is better (default {enc.crf})")
+    mk.add_argument("--max-fps", type=float, default=enc.max_fps,
+                    help=f"frame-rate cap, 0 keeps the rate (default {enc.max_fps:g})")
+    mk.add_argument("--copy", action="store_true", help="store the original bytes (verified, not re-encoded)")
+    mk.add_argument("--classes", help="class names (one per line or a JSON list): one label map for every split")
+    mk.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
+    mk.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     ck = sub.add_parser("check", help="decode every sample as training would and report the skipped ones")
     ck.add_argument("shards", help="shard spec, e.g. 'data/{00000..00009}.tar'")
@@ -222,7 +163,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError, KeyError) as exc:
             print(f"error: cannot read the input list: {exc}", file=sys.stderr)
             return 2
-        return 0 if make_shards(items, Path(args.out), args.samples_per_shard, args.root, args.short_side) else 1
+        try:
+            encoding = Encoding(short_side=args.short_side, keyframe_interval=args.keyframe_interval, crf=args.crf,
+                                max_fps=args.max_fps, copy=args.copy)
+            classes = read_classes(args.classes) if args.classes else None
+            if args.workers < 1:
+                raise ValueError("--workers must be >= 1")
+            result = make_shards(items, Path(args.out), args.samples_per_shard, args.root, encoding, classes,
+                                 workers=args.workers, progress=not args.no_progress)
+        except (OSError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {result['written']} samples in {len(result['shards']) - result['skipped_shards']} shards to "
+              f"{args.out} ({result['skipped_shards']} complete shards kept, {len(result['failed'])} failed)")
+        for reason in result["failed"]:
+            print(f"  failed {reason}")
+        return 1 if result["failed"] else 0
 
     if args.command == "check":
         if args.num_frames < 1:

@@ -30,7 +30,7 @@ from braceexpand import braceexpand
 
 __all__ = [
     "ShardSource", "ShardReader", "parse_shard_spec", "expand_urls", "shard_sizes", "open_shard", "iter_tar_samples",
-    "IMAGE_EXTENSIONS", "TruncatedShard", "ShardWriter", "VIDEO_EXTENSIONS", "shard_error_reason",
+    "IMAGE_EXTENSIONS", "TruncatedShard", "ShardWriter", "VIDEO_EXTENSIONS", "shard_classes", "shard_error_reason",
 ]
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,28 @@ def shard_sizes(urls: list[str]) -> dict[str, int] | None:
         except (OSError, ValueError, KeyError, TypeError):
             return None
     return out
+
+
+def shard_classes(spec: str) -> list[str] | None:
+    """Class names from ``classes.json`` beside the shards of ``spec`` (``make-shards`` writes it), ``None`` when
+    no local source has one.
+
+    Raises:
+        ValueError: sources carry different class lists.
+    """
+    found: dict[str, list[str]] = {}
+    for source in parse_shard_spec(spec):
+        path = _local_path(source.urls[0])
+        if path is None:
+            continue
+        file = os.path.join(os.path.dirname(path) or ".", "classes.json")
+        if os.path.exists(file):
+            with open(file) as f:
+                found[file] = [str(n) for n in json.load(f)]
+    lists = {tuple(v) for v in found.values()}
+    if len(lists) > 1:
+        raise ValueError(f"the shard sources carry different classes.json files: {sorted(found)}")
+    return list(lists.pop()) if lists else None
 
 
 def open_shard(url: str) -> IO[bytes]:

@@ -21,6 +21,7 @@ from ..common.config import DataConfig
 from ..common.data import build_loader, build_source, draw_grids, flux_grids, log_once, resolve_shards
 
 __all__ = ["MotionClips", "build_train_source", "eval_shards", "eval_views", "has_held_out", "motion_clip",
+           "shard_num_classes",
            "NUM_MOTION_CLASSES"]
 
 log = logging.getLogger("fluxvit.train")
@@ -192,6 +193,17 @@ def eval_views(data: DataConfig, split: str, frames: int, resolution: int, num_c
                             max_videos)
     raise ValueError(f"stage 3 evaluation needs labelled clips; data.source {data.source!r} has none "
                      f"(use synthetic-motion, synthetic-corpus or shards)")
+
+
+def shard_num_classes(data: DataConfig) -> int | None:
+    """Number of classes the training shards carry (``classes.json`` written by ``fluxvit-data make-shards``),
+    ``None`` for in-memory sources or shards without one."""
+    if data.source not in ("shards", "synthetic-corpus"):
+        return None
+    from fluxvit.datasets.shards import shard_classes
+
+    names = shard_classes(resolve_shards(data)[0])
+    return None if names is None else len(names)
 
 
 def build_train_source(cfg: DataConfig, seed: int, rank: int, world_size: int):

@@ -15,7 +15,7 @@ from ..common import fit
 from ..common.cli import parse_stage_args, print_config, resolve_config, start_run
 from ..common.loop import TrainResult
 from .config import FinetuneConfig, presets
-from .data import build_train_source
+from .data import build_train_source, shard_num_classes
 from .task import FinetuneTask
 
 __all__ = ["build_config", "main", "parse_args", "resolve_schedule"]
@@ -65,6 +65,12 @@ def main(argv: Sequence[str] | None = None) -> TrainResult | None:
         return print_config(cfg)
     acc = start_run(cfg, "finetune", args.preset)
     resolve_schedule(cfg, acc.num_processes)
+    with acc.main_process_first():  # rank 0 generates the synthetic corpus first when asked for
+        num_classes = shard_num_classes(cfg.data)
+    if num_classes is not None and num_classes != cfg.model.num_classes:
+        log.warning("the shards carry %d classes (classes.json): model.num_classes %d -> %d", num_classes,
+                    cfg.model.num_classes, num_classes)
+        cfg.model.num_classes = num_classes
     task = FinetuneTask(cfg, rank=acc.process_index, world_size=acc.num_processes)
     source = build_train_source(cfg.data, cfg.train.seed, acc.process_index, acc.num_processes)
     result = fit(cfg, task, source, acc)

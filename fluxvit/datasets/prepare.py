@@ -1,0 +1,289 @@
+"""Training-ready shards: verify, re-encode and shard a list of videos (``fluxvit-data make-shards``).
+
+Every input is decoded before it is stored: an unreadable, empty or undecodable file is reported as failed and
+never written. By default a video is re-encoded for training (:class:`Encoding`: H.264, shorter side
+``short_side``, a keyframe every ``keyframe_interval`` frames, constant quality ``crf``, frame rate capped at
+``max_fps``, no audio): sparse Flux sampling then seeks to a near keyframe instead of decoding a whole
+default-GOP stretch (``benchmarks/bench_data.py`` measures both). ``Encoding(copy=True)`` stores the original
+bytes (still verified).
+
+Shard ``i`` holds inputs ``i * N .. (i + 1) * N - 1`` of the list (fewer when some fail), so a killed run resumes
+with the same layout: a shard is complete when its ``NNNNN_stats.json`` exists (written after the tar is renamed
+into place) and is skipped; ``sizes.json`` is rewritten from every shard's stats at the end.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import multiprocessing
+import os
+import tarfile
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .decoders import DecodeError, clean_reason, decode_clips
+
+__all__ = ["Encoding", "LabelMap", "encode_video", "make_shards", "prepare_sample", "read_classes"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How ``make-shards`` stores a video. Defaults: see the README's data section (benchmark-backed).
+
+    Attributes:
+        short_side: shorter side in pixels after re-encoding (never upscaled; sides kept even).
+        keyframe_interval: frames between keyframes (the GOP); small values make sparse sampling cheap.
+        crf: x264 constant rate factor (lower = better quality, larger files).
+        max_fps: frame-rate cap; faster sources drop frames evenly (0 = keep the rate).
+        preset: x264 speed preset of the encoder.
+        copy: store the original bytes instead of re-encoding (still verified by decoding).
+    """
+
+    short_side: int = 320
+    keyframe_interval: int = 16
+    crf: int = 23
+    max_fps: float = 30.0
+    preset: str = "veryfast"
+    copy: bool = False
+
+    def __post_init__(self) -> None:
+        if self.short_side < 16 or self.keyframe_interval < 1 or not 0 <= self.crf <= 51 or self.max_fps < 0:
+            raise ValueError(f"bad encoding {self}: short_side >= 16, keyframe_interval >= 1, 0 <= crf <= 51, "
+                             "max_fps >= 0")
+
+
+def encode_video(data: bytes, enc: Encoding) -> bytes:
+    """Re-encode video bytes to an H.264 mp4 as ``enc`` says (video only).
+
+    Raises:
+        DecodeError: the input cannot be opened or decoded, or holds no frame.
+    """
+    import av
+
+    try:
+        src = av.open(io.BytesIO(data))
+    except Exception as exc:  # PyAV raises several error types for bad containers
+        raise DecodeError(f"cannot open: {clean_reason(exc)}") from None
+    buf = io.BytesIO()
+    try:
+        with src, av.open(buf, mode="w", format="mp4") as out:
+            if not src.streams.video:
+                raise DecodeError("no video stream")
+            vin = src.streams.video[0]
+            rate = Fraction(vin.average_rate or vin.guessed_rate or 30)
+            out_rate = min(rate, Fraction(enc.max_fps).limit_denominator(1001)) if enc.max_fps else rate
+            vout, kept, index = None, -1, 0
+            for frame in src.decode(vin):
+                slot = int(index * out_rate / rate)  # evenly dropped frames when the rate is capped
+                index += 1
+                if slot == kept:
+                    continue
+                kept = slot
+                if vout is None:
+                    h, w = frame.height, frame.width
+                    scale = min(1.0, enc.short_side / min(h, w))
+                    vout = out.add_stream("libx264", rate=out_rate)
+                    vout.width = max(2, int(round(w * scale / 2)) * 2)
+                    vout.height = max(2, int(round(h * scale / 2)) * 2)
+                    vout.pix_fmt = "yuv420p"
+                    vout.codec_context.gop_size = enc.keyframe_interval
+                    vout.codec_context.time_base = 1 / out_rate
+                    vout.options = {"preset": enc.preset, "crf": str(enc.crf)}
+                img = frame.reformat(width=vout.width, height=vout.height, format="yuv420p")
+                img.pts, img.time_base = slot, 1 / out_rate
+                for packet in vout.encode(img):
+                    out.mux(packet)
+            if vout is None:
+                raise DecodeError("no frame decoded")
+            for packet in vout.encode():
+                out.mux(packet)
+    except DecodeError:
+        raise
+    except Exception as exc:
+        raise DecodeError(clean_reason(exc)) from None
+    return buf.getvalue()
+
+
+def verify_video(data: bytes, num_frames: int = 8) -> None:
+    """Decode ``num_frames`` frames spread over the video (PyAV); raises :class:`DecodeError` when it cannot."""
+    if not data:
+        raise DecodeError("empty file")
+    try:
+        decode_clips(data, num_frames, backend="pyav", sampling="middle")
+    except DecodeError:
+        raise
+    except Exception as exc:
+        raise DecodeError(clean_reason(exc)) from None
+
+
+def read_classes(path: str | Path) -> list[str]:
+    """Class names of a ``--classes`` file: a JSON list, or one name per line (blank lines ignored)."""
+    text = Path(path).read_text()
+    if text.lstrip().startswith("["):
+        names = [str(n) for n in json.loads(text)]
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"{path}: class names must be non-empty and unique")
+    return names
+
+
+@dataclass
+class LabelMap:
+    """Label name -> index. ``names`` is written as ``classes.json`` (None: numeric labels kept as given)."""
+
+    index: dict
+    names: list | None
+
+    @classmethod
+    def build(cls, items: Sequence[dict], classes: Sequence[str] | None = None) -> "LabelMap":
+        """From a shared class list (``--classes``: the same indices for train and val), else from the labels of
+        ``items`` (numeric labels kept; names sorted, so the indices depend on this list).
+
+        Raises:
+            ValueError: a label of ``items`` is not in ``classes``.
+        """
+        labels = [str(it["label"]) for it in items if it.get("label") is not None]
+        if classes is not None:
+            index = {n: i for i, n in enumerate(classes)}
+            unknown = sorted(set(labels) - set(index))
+            if unknown and all(lbl.lstrip("-").isdigit() for lbl in unknown):
+                unknown = [u for u in unknown if not 0 <= int(u) < len(classes)]
+                index.update({lbl: int(lbl) for lbl in labels if lbl not in index})
+            if unknown:
+                raise ValueError(f"{len(unknown)} labels not in the classes file, e.g. {unknown[:3]}")
+            return cls(index, list(classes))
+        if not labels or all(lbl.lstrip("-").isdigit() for lbl in labels):
+            return cls({lbl: int(lbl) for lbl in labels}, None)
+        names = sorted(set(labels))
+        return cls({n: i for i, n in enumerate(names)}, names)
+
+
+def prepare_sample(job: tuple) -> tuple[int, dict | None, str]:
+    """Read, re-encode and verify one input: ``(index, item, root, encoding, label)`` ->
+    ``(index, sample or None, failure reason)``. Runs in the worker processes."""
+    index, item, root, enc, label = job
+    path = Path(root, item["video"]) if root and not Path(item["video"]).is_absolute() else Path(item["video"])
+    try:
+        data = path.read_bytes()
+        if not data:
+            raise DecodeError("empty file")
+        if not enc.copy:
+            data = encode_video(data, enc)
+        verify_video(data)
+    except (OSError, DecodeError) as exc:
+        return index, None, f"{path}: {clean_reason(exc)}"
+    key = f"{index:09d}"
+    ext = "mp4" if not enc.copy else (path.suffix.lower().lstrip(".") or "mp4")
+    caption = item.get("caption")
+    meta = {"key": key, "status": "success", "url": str(item["video"])}
+    sample = {"__key__": key, ext: data}
+    if caption is not None:
+        meta["caption"] = caption
+        sample["txt"] = caption[0] if isinstance(caption, list) and caption else str(caption)
+    if label is not None:
+        meta["label"] = label
+        sample["cls"] = str(label)
+    sample["json"] = meta
+    return index, sample, ""
+
+
+def _write_tar(path: Path, samples: Iterable[dict]) -> None:
+    """Deterministic tar (mtime 0, sorted extensions), written to a temporary name and renamed into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            for ext in sorted(k for k in sample if not k.startswith("__")):
+                value = sample[ext]
+                if isinstance(value, dict):
+                    value = json.dumps(value, sort_keys=True)
+                data = value.encode() if isinstance(value, str) else bytes(value)
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, path)
+
+
+def make_shards(items: list[dict], out: str | Path, samples_per_shard: int = 1000, root: str | None = None,
+                encoding: Encoding = Encoding(), classes: Sequence[str] | None = None, workers: int = 1,
+                progress: bool = True) -> dict:
+    """Write ``items`` (``{"video", "caption"?, "label"?}``) as shards in ``out``; resumable (see module doc).
+
+    Args:
+        samples_per_shard: inputs per shard ``N`` (a shard holds fewer when inputs fail).
+        encoding: how videos are stored (re-encoded by default, or copied).
+        classes: a shared label list (``--classes``); ``classes.json`` is written from it or from the labels.
+        workers: processes that read, re-encode and verify in parallel.
+        progress: show a progress bar (tqdm) on stderr.
+
+    Returns:
+        ``{"written", "failed": [reason...], "skipped_shards", "shards": {name: samples}}``.
+
+    Raises:
+        ValueError: a label is missing from ``classes``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = LabelMap.build(items, classes)
+    settings = {"encoding": asdict(encoding), "samples_per_shard": samples_per_shard, "inputs": len(items)}
+    manifest = out / "make_shards.json"
+    if manifest.exists():
+        before = json.loads(manifest.read_text())
+        if before != settings:
+            raise ValueError(f"{out} holds shards made with other settings ({before}); use another --out")
+    manifest.write_text(json.dumps(settings, indent=1))
+    num_shards = -(-len(items) // samples_per_shard)
+    done = {i for i in range(num_shards) if (out / f"{i:05d}_stats.json").exists() and (out / f"{i:05d}.tar").exists()}
+    jobs = [(i, it, root, encoding, labels.index.get(str(it["label"])) if it.get("label") is not None else None)
+            for i, it in enumerate(items) if i // samples_per_shard not in done]
+    failed: list[str] = []
+    written = 0
+    pending: dict[int, dict] = {}  # shard -> {index: sample | None}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), unit="video", desc=f"make-shards ({len(done)} shards already complete)")
+    ctx = multiprocessing.get_context("spawn") if workers > 1 else None
+    pool = ctx.Pool(workers) if ctx is not None else None
+    try:
+        results = pool.imap_unordered(prepare_sample, jobs) if pool is not None else map(prepare_sample, jobs)
+        expected: dict[int, int] = {}
+        for index, _, _, _, _ in jobs:
+            shard = index // samples_per_shard
+            expected[shard] = expected.get(shard, 0) + 1
+        for index, sample, reason in results:
+            shard = index // samples_per_shard
+            pending.setdefault(shard, {})[index] = sample
+            if sample is None:
+                failed.append(reason)
+                log.warning("failed, not stored: %s", reason)
+            if bar is not None:
+                bar.update(1)
+            if len(pending[shard]) == expected[shard]:  # every input of this shard is done: write it
+                results_of = pending.pop(shard)
+                kept = [results_of[i] for i in sorted(results_of) if results_of[i] is not None]
+                _write_tar(out / f"{shard:05d}.tar", kept)
+                stats = {"count": expected[shard], "successes": len(kept),
+                         "failed_to_decode": expected[shard] - len(kept)}
+                (out / f"{shard:05d}_stats.json").write_text(json.dumps(stats))
+                written += len(kept)
+    finally:
+        if pool is not None:
+            pool.terminate()
+        if bar is not None:
+            bar.close()
+    sizes = {}
+    for i in range(num_shards):
+        stats_file = out / f"{i:05d}_stats.json"
+        if stats_file.exists():
+            sizes[f"{i:05d}.tar"] = int(json.loads(stats_file.read_text())["successes"])
+    (out / "sizes.json").write_text(json.dumps(sizes, indent=1, sort_keys=True))
+    if labels.names is not None:
+        (out / "classes.json").write_text(json.dumps(labels.names, indent=1))
+    return {"written": written, "failed": failed, "skipped_shards": len(done), "shards": sizes}
