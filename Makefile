@@ -22,7 +22,7 @@ help:
 	@echo "make test            the CPU test suite (bootstraps .venv)"
 	@echo "make bench           model benchmarks (selector cost, packed vs padded)"
 	@echo "make bench-data      data pipeline benchmark"
-	@echo "make bench-finetune  stage-3 claims on the synthetic corpus (about 50 min on 2 cores)"
+	@echo "make bench-finetune  stage-3 claims on the synthetic corpus (2 starts x 3 seeds, hours on 2 cores; CLAIMS_ARGS=--tiny: 1 min)"
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v ffmpeg >/dev/null 2>&1 || { \

@@ -23,9 +23,10 @@ Protocol (CPU scale; the paper's order: starting checkpoints, then the finetunin
    tokens, selector vs uniformly random tokens (3 draws); (c) TO of the Multi model at 64 and 32 tokens.
 
 Reproducibility: every run is one thread with deterministic kernels chosen for portability across x86 CPUs
-(``ATEN_CPU_CAPABILITY=default``, ``MKL_CBWR=COMPATIBLE``, ``ONEDNN_MAX_CPU_ISA=SSE41``, ``train.deterministic``);
-bitwise-identical reruns on this machine are checked, other machines are not (their digits may still differ when
-a library ignores these settings), which is why the sha256 of every start is reported.
+(``ATEN_CPU_CAPABILITY=default``, ``MKL_CBWR=COMPATIBLE``, ``ONEDNN_MAX_CPU_ISA=SSE41``, ``train.deterministic``).
+Two runs on the development machine gave bitwise-equal weights, and the settings change the digits against the
+default kernels (so they take effect); other machines were not available to check, so the sha256 of every start's
+tensors is reported: equal hashes mean the same start, whatever the machine.
 
     .venv/bin/python -m benchmarks.finetune_claims                       # 2 starts x 3 seeds: ~2 h on 2 cores
     .venv/bin/python -m benchmarks.finetune_claims --start runs/finetune_claims/start_seed1/model.safetensors
@@ -62,8 +63,16 @@ def log(msg: str) -> None:
 
 
 def sha256(path: Path) -> str:
-    """Hex digest of a file (the identity of a start checkpoint across machines)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """Hex digest of an export's tensors (names, dtypes, shapes, bytes in name order): the identity of a start
+    checkpoint across machines (the file's bytes also hold metadata whose layout may vary)."""
+    import torch
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    for name, t in sorted(load_file(str(path)).items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 @dataclass
@@ -129,7 +138,7 @@ def find_starts(args, data, run: Path) -> tuple[list[Path], list]:
     tries, good = [], []
     seed = args.start_seed
     while seed < args.start_seed + args.max_start_tries and len(good) < args.starts:
-        pair = list(range(seed, min(seed + 2, args.start_seed + args.max_start_tries)))
+        pair = list(range(seed, min(seed + (1 if args.serial else 2), args.start_seed + args.max_start_tries)))
         log(f"start: micro_scratch from scratch, seeds {pair}, {args.start_steps} steps each")
         t0 = time.perf_counter()
         runs = {f"seed {s}": launch("micro_scratch", run / f"start_seed{s}",
@@ -261,6 +270,7 @@ def main(argv=None) -> dict:
     p.add_argument("--single-head", type=int, default=1)
     p.add_argument("--videos", type=int, default=400, help="clips of the val (TO search, start check) and test splits")
     p.add_argument("--tiny", action="store_true", help="a pipeline check: a few steps, 16 videos, 1 start, 1 seed")
+    p.add_argument("--serial", action="store_true", help="one training process at a time (default: two)")
     p.add_argument("--run-dir", default="runs/finetune_claims")
     p.add_argument("--out", default="benchmarks/results/finetune_claims.json")
     args = p.parse_args(argv)
@@ -276,7 +286,7 @@ def main(argv=None) -> dict:
     from fluxvit.stages.finetune import build_config
     from fluxvit.stages.finetune.data import eval_views
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(1 if args.serial else min(2, os.cpu_count() or 1))
     t_start = time.perf_counter()
     run = Path(args.run_dir)
     data = build_config("micro_multi").data
@@ -300,8 +310,12 @@ def main(argv=None) -> dict:
             common = [f"train.seed={seed}", f"train.steps={args.steps}", f"train.init_from={start}",
                       f"loss.single_budget={args.single_budget}", f"loss.single_head={args.single_head}",
                       *args.extra_finetune]
-            runs = {m: launch("micro_multi", d, [f"loss.mode={m}", *common]) for m, d in dirs.items()}
-            wait(runs, args.steps)
+            if args.serial:  # one process at a time (one core)
+                for m, d in dirs.items():
+                    wait({m: launch("micro_multi", d, [f"loss.mode={m}", *common])}, args.steps)
+            else:
+                runs = {m: launch("micro_multi", d, [f"loss.mode={m}", *common]) for m, d in dirs.items()}
+                wait(runs, args.steps)
             secs = time.perf_counter() - t0
             row = measure({m: d / "model.safetensors" for m, d in dirs.items()}, data, args, test, base / "tokenopt",
                           plot=not args.tiny)
