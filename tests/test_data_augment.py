@@ -80,3 +80,28 @@ def test_release_transform_is_deterministic_in_its_rng_and_normalised():
     torch.testing.assert_close(plain(clip, 40, random.Random(0)).mean(dim=(1, 2, 3)), expected, atol=0.05, rtol=0)
     with pytest.raises(ValueError, match="uint8"):
         VideoRandAugment()(clip.float(), random.Random(0))
+
+
+def test_shard_loader_repeated_augmentation_and_release_transform(tmp_path):
+    """Through the shard loader: each video gives num_sample distinct augmented clips, adjacent, with its label;
+    per-sample grids keep one grid per video (its copies share it)."""
+    from data_fixtures import make_video, video_sample, write_tar
+
+    from fluxvit.datasets import DataConfig, FluxGrid, build_video_loader
+
+    video = make_video(num_frames=8, width=64, height=48)
+    write_tar(tmp_path / "00000.tar", [video_sample(f"k{i}", video, f"clip {i}", i) for i in range(4)])
+    base = dict(shards=str(tmp_path / "00000.tar"), num_frames=4, img_size=28, batch_size=2, num_workers=0,
+                decoder="pyav", shuffle_buffer=0, crop="rrc", crop_scale=(0.08, 1.0), randaug=RELEASE_RANDAUG,
+                reprob=0.25, num_sample=3)
+    batch = next(iter(build_video_loader(DataConfig(**base), rank=0, world_size=1)))
+    v = batch["video"]
+    assert v.shape == (6, 3, 4, 28, 28) and batch["label"].tolist()[:3] == [batch["label"][0].item()] * 3
+    assert batch["key"][0] == batch["key"][1] == batch["key"][2] != batch["key"][3]
+    assert all(not torch.equal(v[i], v[j]) for i in range(3) for j in range(i + 1, 3))
+    grid = FluxGrid(frames=[2, 4], resolutions=[14, 28], threshold=(0, 200))
+    packed = next(iter(build_video_loader(DataConfig(**{**base, "grid": grid, "per_sample_grid": True}), rank=0,
+                                          world_size=1)))
+    clips = packed["video"]
+    assert isinstance(clips, list) and len(clips) == 6
+    assert clips[0].shape == clips[1].shape == clips[2].shape and clips[3].shape == clips[4].shape == clips[5].shape

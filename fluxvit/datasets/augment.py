@@ -29,8 +29,8 @@ import torch
 
 from .transforms import MultiScaleCrop, RandomResizedCrop, VideoTransform, crop_resize, normalize_stats
 
-__all__ = ["ReleaseTrainTransform", "VideoRandAugment", "VideoRandomErasing", "build_train_transform", "repeated_views",
-           "seeded_global_rngs"]
+__all__ = ["ReleaseTrainTransform", "VideoRandAugment", "VideoRandomErasing", "build_train_transform", "flatten_repeats",
+           "repeated_views", "seeded_global_rngs", "train_views"]
 
 RELEASE_RANDAUG = "rand-m7-n4-mstd0.5-inc1"
 
@@ -173,13 +173,49 @@ def repeated_views(transform, clip: torch.Tensor, size: int, rng: random.Random,
     return [transform(clip, size, rng, flip_allowed) for _ in range(num_sample)]
 
 
+_TRANSFORMS: dict = {}
+
+
 def build_train_transform(opts) -> VideoTransform | ReleaseTrainTransform:
     """The training transform of a loader config (``LoaderOptions``): the plain crop / flip / normalise
     ``VideoTransform`` unless RandAugment, random erasing or a non-default crop scale is asked for, then
-    ``ReleaseTrainTransform`` with those settings."""
-    plain = not opts.randaug and opts.reprob == 0 and (opts.crop != "rrc" or tuple(opts.crop_scale) == (0.25, 1.0))
-    if plain:
-        return VideoTransform(opts.crop, opts.flip, opts.normalize, opts.antialias)
-    return ReleaseTrainTransform(randaug=opts.randaug, crop=opts.crop, scale=tuple(float(v) for v in opts.crop_scale),
-                                 flip=opts.flip, reprob=opts.reprob, normalize=opts.normalize,
-                                 antialias=opts.antialias)
+    ``ReleaseTrainTransform`` with those settings. One instance per setting (RandAugment's op tables are reused)."""
+    scale = tuple(float(v) for v in opts.crop_scale)
+    key = (opts.randaug, opts.crop, scale, opts.flip, float(opts.reprob), opts.normalize, opts.antialias)
+    if key not in _TRANSFORMS:
+        plain = not opts.randaug and opts.reprob == 0 and (opts.crop != "rrc" or scale == (0.25, 1.0))
+        _TRANSFORMS[key] = (VideoTransform(opts.crop, opts.flip, opts.normalize, opts.antialias) if plain else
+                            ReleaseTrainTransform(randaug=opts.randaug, crop=opts.crop, scale=scale, flip=opts.flip,
+                                                  reprob=opts.reprob, normalize=opts.normalize,
+                                                  antialias=opts.antialias))
+    return _TRANSFORMS[key]
+
+
+def train_views(opts, clip: torch.Tensor, size: int, rng: random.Random, flip_allowed: bool = True,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """The training clip(s) of one decoded clip ``(T, H, W, 3)`` under a loader config: ``(3, T, S, S)``, or
+    ``(num_sample, 3, T, S, S)`` with repeated augmentation. ``out``: optional tensor of that shape to fill."""
+    transform = build_train_transform(opts)
+    n = opts.num_sample
+    if n == 1:
+        return transform(clip, size, rng, flip_allowed, out=out)
+    if out is None:
+        out = torch.empty((n, 3, clip.shape[0], size, size))
+    for k in range(n):
+        transform(clip, size, rng, flip_allowed, out=out[k])
+    return out
+
+
+def flatten_repeats(batch: dict, num_sample: int) -> dict:
+    """A collated batch of B videos with ``num_sample`` clips each -> B * num_sample clips (copies of a video
+    adjacent): ``video`` (B, N, 3, T, H, W) -> (B * N, 3, T, H, W) (a list of (N, 3, T_i, H_i, W_i) -> a list of
+    B * N clips); ``caption``, ``label``, ``key`` repeated N times each."""
+    n = num_sample
+    video = batch["video"]
+    if isinstance(video, torch.Tensor):
+        video = video.flatten(0, 1)
+    else:
+        video = [clip for v in video for clip in (v.unbind(0) if v.dim() == 5 else [v] * n)]
+    rep = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731
+    return {**batch, "video": video, "caption": rep(batch["caption"]),
+            "label": batch["label"].repeat_interleave(n), "key": rep(batch["key"])}

@@ -46,7 +46,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .config import DataConfig
 from .decoders import DecodeError, clean_reason, decode_clips
 from .shards import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ShardReader, parse_shard_spec, shard_sizes
-from .transforms import EvalTransform, VideoTransform
+from .augment import flatten_repeats, train_views
+from .transforms import EvalTransform
 
 __all__ = [
     "DataStats", "SampleError", "VideoShardDataset", "VideoLoader", "build_video_loader", "collate_videos",
@@ -161,7 +162,9 @@ def process_sample(sample: dict, cfg: DataConfig, *, num_frames: int, size: int,
 
     Returns:
         ``{"video", "caption", "label", "key"}``; ``video`` is ``(3, T, S, S)`` float, or ``(V, 3, T, S, S)`` in
-        evaluation with ``eval_clips * eval_crops = V > 1`` views (clip-major). An image sample (jpg, png,
+        evaluation with ``eval_clips * eval_crops = V > 1`` views (clip-major) and in training with repeated
+        augmentation (``num_sample = V > 1`` augmented clips; the training transform is
+        :func:`fluxvit.datasets.augment.train_views`: RandAugment, crop, flip, erasing as configured). An image sample (jpg, png,
         webp; no video member) becomes a 1-frame video ``(3, 1, S, S)`` written to its own tensor, not ``out``.
 
     Raises:
@@ -187,8 +190,7 @@ def process_sample(sample: dict, cfg: DataConfig, *, num_frames: int, size: int,
         if cfg.train:
             clips = decode_clips(data, num_frames, backend=cfg.decoder, sampling="tsn", rng=rng,
                                  num_threads=cfg.decoder_threads)
-            video = VideoTransform(cfg.crop, cfg.flip, cfg.normalize, cfg.antialias)(clips[0], size, rng, flip_allowed,
-                                                                                     out=out)
+            video = train_views(cfg, clips[0], size, rng, flip_allowed, out=out)
         else:
             clips = decode_clips(data, num_frames, backend=cfg.decoder, sampling="middle", num_clips=cfg.eval_clips,
                                  num_threads=cfg.decoder_threads)
@@ -229,7 +231,7 @@ def _process_image(sample: dict, ext: str, cfg: DataConfig, *, size: int, rng: r
         raise SampleError(f"decode error: {clean_reason(exc)}") from None
     clip = image.permute(1, 2, 0).unsqueeze(0).contiguous()  # (1, H, W, 3) uint8
     if cfg.train:
-        video = VideoTransform(cfg.crop, cfg.flip, cfg.normalize, cfg.antialias)(clip, size, rng, flip_allowed)
+        video = train_views(cfg, clip, size, rng, flip_allowed)
     else:
         views = EvalTransform(cfg.eval_crops, cfg.normalize)(clip, size)
         video = views[0] if len(views) == 1 else torch.stack(views)
@@ -483,7 +485,9 @@ class VideoShardDataset(IterableDataset):
             buf = None
             if cfg.grid is None or not cfg.per_sample_grid:
                 # one (T, S) for the whole batch: decode straight into the batch tensor (no stacking copy)
-                views = () if cfg.train else (cfg.eval_clips * cfg.eval_crops,) if cfg.eval_clips * cfg.eval_crops > 1 else ()
+                # repeated augmentation (training) and multi-view evaluation write (B, V, 3, T, S, S)
+                n_views = cfg.num_sample if cfg.train else cfg.eval_clips * cfg.eval_crops
+                views = (n_views,) if n_views > 1 else ()
                 buf = _batch_buffer((cfg.batch_size, *views, 3, frames, size, size), in_worker=info is not None)
             # Unknown epoch length: an epoch is one pass, its last partial batch completed from the next pass.
             progress["more"] = quota is not None or made == 0
@@ -510,6 +514,8 @@ class VideoShardDataset(IterableDataset):
             # image samples (1 frame) are not in the batch buffer: then the batch is stacked or listed
             in_buf = buf is not None and all(e["video"].data_ptr() == buf[i].data_ptr() for i, e in enumerate(batch))
             out = collate_videos(batch, buf[:len(batch)] if in_buf else None)
+            if cfg.train and cfg.num_sample > 1:
+                out = flatten_repeats(out, cfg.num_sample)
             report["samples"] = len(batch)
             out["_report"] = _flush(report)
             made += 1
