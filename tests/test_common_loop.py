@@ -1,5 +1,6 @@
 """The shared loop on a toy task: NaN skipping, abort, checkpoints kept/atomic, exact resume after a crash."""
 import json
+import logging
 from dataclasses import dataclass, field
 
 import pytest
@@ -8,6 +9,9 @@ from torch import nn
 
 from fluxvit.stages.common import (NonFiniteLossError, OptimConfig, StepOutput, TrainConfig, build_accelerator,
                                    find_latest, fit)
+from fluxvit.stages.common.checkpoint import CheckpointError, verify_checkpoint
+from fluxvit.stages.common.config import ConfigError
+from fluxvit.stages.common.runtime import append_metrics, read_metrics
 
 
 @pytest.fixture(autouse=True)
@@ -120,3 +124,165 @@ def test_metric_logger_logs_every_log_every_steps_without_a_bar(tmp_path, caplog
     logged = [r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().startswith("step ")]
     assert logged == ["step 1", "step 4", "step 8"]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 10  # every step still recorded
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+def test_checkpoints_beyond_keep_last_are_pruned_and_each_has_a_manifest(tmp_path):
+    res = _run(_cfg(tmp_path, steps=7, ckpt_every=1, keep_last=3), _Task())
+    assert res.steps == 7
+    kept = sorted(p.name for p in tmp_path.glob("ckpt-*"))
+    assert kept == ["ckpt-00000005", "ckpt-00000006", "ckpt-00000007"]
+    for name in kept:
+        manifest = verify_checkpoint(tmp_path / name)
+        assert int(name[5:]) == manifest["step"]
+        assert {"trainer_state.json", "config.json", "model.safetensors"} <= set(manifest["files"])
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_corrupt_latest_checkpoint_is_skipped_by_auto_with_a_warning(tmp_path, caplog):
+    _run(_cfg(tmp_path, steps=6, ckpt_every=2, keep_last=3), _Task())
+    _truncate(tmp_path / "ckpt-00000006" / "model.safetensors")
+    (tmp_path / "ckpt-00000004" / "manifest.json").unlink()  # a save that never finished
+    with caplog.at_level(logging.WARNING, logger="fluxvit.train"):
+        assert find_latest(tmp_path).name == "ckpt-00000002"
+    skipped = [r.getMessage() for r in caplog.records if "skips" in r.getMessage()]
+    assert len(skipped) == 2
+    assert "ckpt-00000006" in skipped[0] and "model.safetensors" in skipped[0] and "truncated" in skipped[0]
+    assert "ckpt-00000004" in skipped[1] and "manifest.json" in skipped[1]
+
+
+def test_flipped_byte_fails_the_hash(tmp_path):
+    _run(_cfg(tmp_path, steps=2), _Task())
+    path = tmp_path / "ckpt-00000002" / "optimizer.bin"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other content
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"optimizer\.bin does not match the SHA-256"):
+        verify_checkpoint(tmp_path / "ckpt-00000002")
+    assert find_latest(tmp_path) is None
+
+
+def test_explicit_corrupt_resume_fails_in_one_line_naming_the_file(tmp_path):
+    _run(_cfg(tmp_path / "a", steps=2), _Task())
+    _truncate(tmp_path / "a" / "ckpt-00000002" / "optimizer.bin")
+    cfg = _cfg(tmp_path / "b", steps=4, resume=str(tmp_path / "a" / "ckpt-00000002"))
+    with pytest.raises(CheckpointError) as err:
+        _run(cfg, _Task())
+    msg = str(err.value)
+    assert "\n" not in msg and str(tmp_path / "a" / "ckpt-00000002" / "optimizer.bin") in msg
+    assert not (tmp_path / "b" / "config.json").exists()  # nothing was started
+
+
+def test_leftover_tmp_dirs_are_removed_at_start(tmp_path):
+    (tmp_path / "ckpt-00000003.tmp").mkdir(parents=True)
+    (tmp_path / "ckpt-00000003.tmp" / "model.safetensors").write_bytes(b"partial")
+    (tmp_path / "toy.pt.tmp").write_bytes(b"partial export")
+    _run(_cfg(tmp_path, steps=1), _Task())
+    assert not list(tmp_path.glob("*.tmp")) and (tmp_path / "ckpt-00000001").is_dir()
+
+
+def test_resume_from_older_checkpoint_drops_the_abandoned_newer_ones(tmp_path):
+    _run(_cfg(tmp_path, steps=6, ckpt_every=2, keep_last=3), _Task())
+    cfg = _cfg(tmp_path, steps=6, ckpt_every=2, keep_last=3, resume=str(tmp_path / "ckpt-00000002"))
+    cfg.train.steps = 3  # a run-control field: allowed
+    _run(cfg, _Task())
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-00000002", "ckpt-00000003"]
+    assert find_latest(tmp_path).name == "ckpt-00000003"
+
+
+# ------------------------------------------------------------------------------ hyperparameters on resume
+def test_changed_hyperparameter_on_resume_is_refused_and_config_json_kept(tmp_path):
+    _run(_cfg(tmp_path, steps=2), _Task())
+    before = (tmp_path / "config.json").read_text()
+    cfg = _cfg(tmp_path, steps=4, resume="auto")
+    cfg.optim.lr = 5e-2
+    with pytest.raises(ConfigError) as err:
+        _run(cfg, _Task())
+    msg = str(err.value)
+    assert "\n" not in msg and "optim.lr: 0.01 -> 0.05" in msg
+    assert (tmp_path / "config.json").read_text() == before  # still the truth
+    assert find_latest(tmp_path).name == "ckpt-00000002"
+
+
+def test_more_steps_on_resume_take_effect_and_are_recorded(tmp_path):
+    _run(_cfg(tmp_path / "a", steps=2, ckpt_every=1), _Task())
+    full = _run(_cfg(tmp_path / "full", steps=5), _Task())
+    cfg = _cfg(tmp_path / "a", steps=5, resume="auto")
+    resumed = _run(cfg, _Task())
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["train"]["steps"] == 5
+    # the cosine schedule now spans 5 steps: from step 3 on the lrs are those of a 5-step run
+    lrs = {h["step"]: h["lr"] for h in resumed.history}
+    assert lrs == {s: h["lr"] for s, h in ((h["step"], h) for h in full.history) if s > 2}
+
+
+# --------------------------------------------------------------------------------------- metrics.jsonl
+class _EvalTask(_Task):
+    def evaluate(self, model, step):
+        return {"val": float(step)}
+
+
+def test_metrics_jsonl_holds_each_step_once_after_resume_and_the_final_eval(tmp_path):
+    cfg = _cfg(tmp_path, steps=6, ckpt_every=2, keep_last=3, eval_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(cfg, _EvalTask(crash_at=4))  # steps 1..4 logged (crash inside step 5), ckpt at 2 and 4
+    (tmp_path / "ckpt-00000004" / "manifest.json").unlink()  # and the checkpoint at 4 is unusable
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert max(r["step"] for r in rows) == 4
+    cfg.train.resume = "auto"
+    _run(cfg, _EvalTask())
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    train = [r["step"] for r in rows if r["kind"] == "train"]
+    evals = [r["step"] for r in rows if r["kind"] == "eval"]
+    assert train == [1, 2, 3, 4, 5, 6]
+    assert evals == [0, 2, 4, 6]  # the final evaluation too, once
+
+
+def test_finetune_style_final_eval_is_appended(tmp_path):
+    append_metrics(tmp_path, 3, {"top1": torch.tensor(50.0)})
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 3, "kind": "eval", "top1": 50.0}]
+
+
+# ---------------------------------------------------------------------------------- gradient accumulation
+class _BigBatches:
+    """Batch n is the concatenation of micro-batches k*n .. k*n+k-1 of ``_Source``."""
+
+    skipped = 0
+
+    def __init__(self, k):
+        self.k = k
+
+    def batches(self, start):
+        micro = _Source().batches(start * self.k)
+        while True:
+            parts = [next(micro) for _ in range(self.k)]
+            yield {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+class _DeterministicTask(_Task):
+    def __init__(self):
+        super().__init__()
+        self.model[1].p = 0.0  # no dropout: the two runs see the same function
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_grad_accum_k_micro_batches_equal_one_step_on_k_times_b(tmp_path, k):
+    cfg_acc = _cfg(tmp_path / "acc", steps=3, grad_accum=k)
+    acc = build_accelerator(cfg_acc.train, 8, cfg_acc.optim.clip_grad)
+    a = fit(cfg_acc, _DeterministicTask(), _Source(), acc)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    cfg_big = _cfg(tmp_path / "big", steps=3)
+    acc = build_accelerator(cfg_big.train, 8 * k, cfg_big.optim.clip_grad)
+    b = fit(cfg_big, _DeterministicTask(), _BigBatches(k), acc)
+    wa, wb = torch.load(a.export_path), torch.load(b.export_path)
+    first = _DeterministicTask().model.state_dict()
+    for name in wa:
+        assert not torch.equal(wa[name], first[name]), name  # training moved the weights
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert [h["loss"] for h in a.history] == pytest.approx([h["loss"] for h in b.history], rel=1e-5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +18,13 @@ from typing import Any, Callable, Sequence
 from fluxvit.datasets.config import LoaderOptions
 
 __all__ = [
-    "DataConfig", "OptimConfig", "PresetRegistry", "TrainConfig", "apply_overrides", "config_to_dict",
-    "parse_value", "save_config",
+    "ConfigError", "DataConfig", "OptimConfig", "PresetRegistry", "RESUME_MAY_CHANGE", "TrainConfig", "apply_overrides",
+    "check_resume_config", "config_to_dict", "parse_value", "save_config",
 ]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used as given; the message is one line and names the key."""
 
 
 @dataclass
@@ -79,8 +84,10 @@ class DataConfig(LoaderOptions):
 class TrainConfig:
     """Loop settings shared by every stage.
 
-    ``resume`` restores an exact training state (a checkpoint directory or "auto" for the newest in
-    ``run_dir``); ``init_from`` loads student weights only (e.g. a previous stage's export).
+    ``resume`` restores an exact training state (a checkpoint directory or "auto" for the newest intact one in
+    ``run_dir``); ``init_from`` loads student weights only (e.g. a previous stage's export). With ``init_strict``
+    (default) those weights must fit the model, except a classifier head of another class count, which keeps
+    its initialisation and is reported; ``init_strict=false`` loads what fits and warns about the rest.
     """
 
     run_dir: str = "runs/default"
@@ -94,6 +101,7 @@ class TrainConfig:
     keep_last: int = 2
     resume: str = ""
     init_from: str = ""
+    init_strict: bool = True
     max_bad_steps: int = 10  # consecutive non-finite steps that stop the run
     eval_every: int = 0
     export_name: str = "student.safetensors"
@@ -122,7 +130,7 @@ class PresetRegistry:
 
     def get(self, name: str) -> Any:
         if name not in self._fns:
-            raise ValueError(f"{self.stage}: unknown preset {name!r}; available: {', '.join(self.names())}")
+            raise ConfigError(f"{self.stage}: unknown preset {name!r}; available: {', '.join(self.names())}")
         return self._fns[name]()
 
 
@@ -172,30 +180,130 @@ def _auto(text: str) -> Any:
         return text
 
 
+def _type_name(current: Any, hint: Any) -> str:
+    if isinstance(current, bool) or hint is bool:
+        return "a boolean (true/false)"
+    if isinstance(current, (list, tuple)) or typing.get_origin(hint) in (list, tuple):
+        return "a list"
+    if isinstance(current, int) or hint is int:
+        return "an integer"
+    if isinstance(current, float) or hint is float:
+        return "a float"
+    return "a value"
+
+
 def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
     """Apply ``key.sub=value`` strings to a nested dataclass config in place and return it.
 
-    Unknown keys are an error that lists the valid names at that level.
+    Raises:
+        ConfigError: one line naming the key: an unknown section or field (with the valid names at that
+        level), a value that cannot be read as the field's type, or an item without ``=``.
     """
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key.sub=value")
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         key, text = item.split("=", 1)
-        parts = key.strip().split(".")
+        key = key.strip()
+        parts = key.split(".")
         obj = cfg
         for depth, name in enumerate(parts):
+            where = ".".join(parts[:depth])
             if not dataclasses.is_dataclass(obj):
-                raise ValueError(f"override {key!r}: {'.'.join(parts[:depth])} is not a config section")
+                raise ConfigError(f"{key}: {where} is a value, not a config section")
             names = {f.name: f for f in dataclasses.fields(obj)}
             if name not in names:
-                raise ValueError(f"override {key!r}: unknown field {name!r}; valid: {', '.join(sorted(names))}")
+                sections = sorted(n for n, f in names.items() if dataclasses.is_dataclass(getattr(obj, n)))
+                fields_ = sorted(n for n in names if n not in sections)
+                if depth == 0 and len(parts) > 1:
+                    raise ConfigError(f"{key}: unknown config section {name!r}; sections: {', '.join(sections)}")
+                valid = ", ".join(sorted(names)) if depth == 0 else ", ".join(fields_ + sections)
+                raise ConfigError(f"{key}: unknown field {name!r}{' in ' + where if where else ''}; valid: {valid}")
             if depth == len(parts) - 1:
-                hints = typing.get_type_hints(type(obj))
                 current = getattr(obj, name)
-                setattr(obj, name, parse_value(text, current, hints.get(name)))
+                if dataclasses.is_dataclass(current):
+                    raise ConfigError(f"{key}: is a config section; set one of its fields, e.g. {key}."
+                                      f"{dataclasses.fields(current)[0].name}=...")
+                hint = typing.get_type_hints(type(obj)).get(name)
+                try:
+                    value = parse_value(text, current, hint)
+                except (ValueError, TypeError):
+                    raise ConfigError(f"{key}: cannot read {text!r} as {_type_name(current, hint)}") from None
+                setattr(obj, name, value)
             else:
                 obj = getattr(obj, name)
     return cfg
+
+
+# Fields a resumed run may change: they steer the run (its length, cadence, output, evaluation) without changing
+# what a training step computes. ``train.steps`` takes effect through the schedule: the cosine is recomputed over
+# the new total from the resumed step on. ``train.init_from`` has no effect on resume (the checkpoint's weights
+# win). Entries ending in "." cover a whole section (the evaluation settings of stages 1-3).
+RESUME_MAY_CHANGE = frozenset({
+    "train.steps", "train.run_dir", "train.resume", "train.init_from", "train.init_strict", "train.log_every",
+    "train.ckpt_every", "train.keep_last", "train.eval_every", "train.progress", "train.tensorboard",
+    "train.max_bad_steps", "train.export_name", "data.num_workers", "eval.", "retrieval.", "eval_grid",
+})
+
+
+def _may_change(key: str) -> bool:
+    return key in RESUME_MAY_CHANGE or any(p.endswith(".") and key.startswith(p) for p in RESUME_MAY_CHANGE)
+
+
+def _leaves(cfg: Any, prefix: str = "") -> dict:
+    """``{"optim.lr": 0.001, ...}``: every non-section field of a nested dataclass config, as JSON values."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(_leaves(v, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = json.loads(json.dumps(v, default=str))
+    return out
+
+
+_MISSING = object()
+
+
+def _lookup(d: dict, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return _MISSING
+        d = d[part]
+    return d
+
+
+def check_resume_config(cfg: Any, ckpt_dir: str | Path) -> list[str]:
+    """The rule for hyperparameters on resume: a resumed run continues the checkpoint's run, so every field
+    outside ``RESUME_MAY_CHANGE`` must equal the checkpoint's ``config.json``; those inside take effect.
+
+    Args:
+        cfg: the stage config the run was started with.
+        ckpt_dir: the checkpoint being resumed.
+
+    Returns:
+        the run-control fields that changed (each also logged), e.g. ``["train.steps: 60 -> 80"]``.
+
+    Raises:
+        ConfigError: one line naming each changed hyperparameter with the checkpoint's and the new value.
+    """
+    path = Path(ckpt_dir) / "config.json"
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    changed, allowed = [], []
+    for key, value in _leaves(cfg).items():
+        before = _lookup(saved, key)
+        if before is not _MISSING and before != value:  # a field added to the code since is not a change
+            (allowed if _may_change(key) else changed).append(f"{key}: {before!r} -> {value!r}")
+    if changed:
+        raise ConfigError(
+            f"resume from {ckpt_dir}: a resumed run keeps its checkpoint's hyperparameters, but "
+            f"{'; '.join(changed[:6])}{' ...' if len(changed) > 6 else ''} changed; drop the override(s) or start "
+            f"a new run directory with train.init_from=<an export>")
+    for item in allowed:
+        if not item.startswith("train.resume"):
+            logging.getLogger("fluxvit.train").info("resume: %s (takes effect)", item)
+    return allowed
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -22,10 +22,10 @@ from typing import Any, Iterator, Protocol
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointManager
-from .config import OptimConfig, TrainConfig, config_to_dict, save_config
+from .checkpoint import CheckpointManager, clean_leftovers
+from .config import OptimConfig, TrainConfig, check_resume_config, config_to_dict, save_config
 from .optim import ModelEMA, build_optimizer, build_scheduler
-from .runtime import MetricLogger
+from .runtime import MetricLogger, truncate_metrics
 
 __all__ = ["BatchSource", "NonFiniteLossError", "StepOutput", "TrainResult", "TrainTask", "fit"]
 
@@ -100,10 +100,19 @@ def fit(config: Any, task: TrainTask, source: BatchSource, accelerator) -> Train
     acc = accelerator
     run_dir = Path(tcfg.run_dir)
     resolved = config_to_dict(config)
+    ckpt = CheckpointManager(acc, run_dir, tcfg.keep_last)
+    # Resume first: a checkpoint that is corrupt or whose hyperparameters differ stops the run before anything
+    # in run_dir is rewritten. Leftovers of a killed save are removed by the main process.
+    if acc.is_main_process:
+        clean_leftovers(run_dir)
+    acc.wait_for_everyone()
+    path = ckpt.resolve(tcfg.resume)
+    if path is not None:
+        check_resume_config(config, path)
     if acc.is_main_process:
         save_config(config, run_dir)
 
-    if tcfg.init_from:
+    if tcfg.init_from:  # also on resume: a stage-1 export can define the architecture (stage 2)
         task.load_init(tcfg.init_from)
     task.to_device(acc.device)
     # A task may supply its own parameter groups (e.g. stage 3's layer-wise lr decay).
@@ -117,13 +126,14 @@ def fit(config: Any, task: TrainTask, source: BatchSource, accelerator) -> Train
         ema = ModelEMA(acc.unwrap_model(model), tcfg.ema_decay)
         acc.register_for_checkpointing(ema)
 
-    ckpt = CheckpointManager(acc, run_dir, tcfg.keep_last)
     state = {"step": 0, "data_position": 0, "skipped_steps": 0, "bad_in_a_row": 0, "tokens": 0}
-    path = ckpt.resolve(tcfg.resume)
     if path is not None:
         state.update(ckpt.load(path))
     state.update(world_size=acc.num_processes, distributed_type=str(acc.distributed_type.value))
     start = state["step"]
+    if acc.is_main_process:
+        # Rows logged after the checkpoint belong to steps that are about to be run again.
+        truncate_metrics(run_dir / "metrics.jsonl", start)
 
     logger = MetricLogger(run_dir, acc.is_main_process, tcfg.steps, start, tcfg.tensorboard, tcfg.progress,
                           tcfg.log_every)
@@ -185,9 +195,11 @@ def fit(config: Any, task: TrainTask, source: BatchSource, accelerator) -> Train
                 _evaluate(task, model, step, logger, result)
             if tcfg.ckpt_every and step % tcfg.ckpt_every == 0 and step < tcfg.steps:
                 ckpt.save(step, _public(state), resolved)
-        ckpt.save(step, _public(state), resolved)
-        if tcfg.eval_every:
+        # The final evaluation precedes the final checkpoint, as periodic ones do: metrics.jsonl up to a
+        # checkpoint's step is complete, so a resume never records a step or an evaluation twice.
+        if tcfg.eval_every and step > start:
             _evaluate(task, model, step, logger, result)
+        ckpt.save(step, _public(state), resolved)
         export_model = ema.module if ema is not None else acc.unwrap_model(model)
         if acc.is_main_process:
             result.export_path = task.export(export_model, run_dir / tcfg.export_name)

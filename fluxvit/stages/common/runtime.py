@@ -19,8 +19,9 @@ import torch
 
 from .config import TrainConfig
 
-__all__ = ["MetricLogger", "build_accelerator", "resolve_mixed_precision", "seed_everything", "setup_logging",
-           "require_deepspeed"]
+__all__ = ["DistributedMismatchError", "MetricLogger", "append_metrics", "build_accelerator", "check_distributed",
+           "expected_distributed_types", "quiet_third_party", "read_metrics", "require_deepspeed",
+           "resolve_mixed_precision", "seed_everything", "setup_logging", "truncate_metrics"]
 
 log = logging.getLogger("fluxvit.train")
 
@@ -50,6 +51,69 @@ def resolve_mixed_precision(value: str) -> str:
     return value
 
 
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def quiet_third_party(progress: bool = True) -> None:
+    """Silence library noise that says nothing about the run.
+
+    * DeepSpeed logs "Setting accelerator to CPU" whenever it is first imported without a GPU (accelerate imports
+      it in ``unwrap_model``, i.e. at every export): naming the CPU accelerator explicitly skips the detection.
+    * With ``progress`` off, the Hugging Face "Loading weights" bars of text towers are disabled too.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not progress:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules:  # imported already: its switch was read at import time
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+class DistributedMismatchError(RuntimeError):
+    """The process group the run got is not the one its launch config asked for."""
+
+
+def expected_distributed_types(env: dict | None = None) -> tuple[set[str], int]:
+    """What ``accelerate launch`` asked for, read from the environment it gives every process.
+
+    Returns:
+        (acceptable ``DistributedType`` values, expected world size). DeepSpeed configs export
+        ``ACCELERATE_USE_DEEPSPEED``; multi-process launches export ``WORLD_SIZE``; a plain ``python -m`` run
+        has neither and expects one process.
+    """
+    env = os.environ if env is None else env
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    if str(env.get("ACCELERATE_USE_DEEPSPEED", "")).lower() == "true":
+        return {"DEEPSPEED"}, world
+    if str(env.get("ACCELERATE_USE_FSDP", "")).lower() == "true":
+        return {"FSDP"}, world
+    if world > 1:
+        return {"MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_HPU"}, world
+    return {"NO"}, 1
+
+
+def check_distributed(acc, env: dict | None = None) -> None:
+    """Stop at start when the accelerator's distributed type or world size differs from the launch config's.
+
+    Raises:
+        DistributedMismatchError: one line saying what was asked for, what was got, and the usual cause.
+    """
+    want, world = expected_distributed_types(env)
+    got = acc.distributed_type.value
+    if got in want and acc.num_processes == world:
+        return
+    hint = ""
+    if "DEEPSPEED" in want and got != "DEEPSPEED":
+        hint = ("; ACCELERATE_USE_CPU=1 / use_cpu: true make accelerate drop DeepSpeed, use "
+                "launch/deepspeed_zero2_cpu.yaml for DeepSpeed on CPU")
+    elif acc.num_processes != world:
+        hint = "; on CPU, multi-process needs launch/cpu_ddp2.yaml (MULTI_GPU with use_cpu)"
+    raise DistributedMismatchError(
+        f"launch config asked for {'/'.join(sorted(want))} on {world} process(es) but this run got {got} on "
+        f"{acc.num_processes}{hint}")
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)
@@ -62,9 +126,16 @@ def build_accelerator(cfg: TrainConfig, micro_batch_size: int, clip_grad: float)
     selected DeepSpeed (batch sizes and clipping are hyperparameters, so they live in the stage config,
     not in ``launch/``)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    quiet_third_party(cfg.progress)
 
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)]
+    if (_env_true("ACCELERATE_USE_DEEPSPEED") and int(os.environ.get("WORLD_SIZE", "1")) > 1
+            and not torch.cuda.is_available() and not _env_true("ACCELERATE_USE_CPU")):
+        # DeepSpeed on CPU: accelerate finds no GPU backend and would report world size 1 on every rank while
+        # DeepSpeed initialises the real group; naming gloo makes both agree (launch/deepspeed_zero2_cpu.yaml).
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
                       gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=handlers,
                       step_scheduler_with_optimizer=False)
@@ -82,14 +153,59 @@ def build_accelerator(cfg: TrainConfig, micro_batch_size: int, clip_grad: float)
 
 
 def setup_logging(is_main: bool) -> None:
-    """Console logging: INFO on the main process, warnings only elsewhere."""
+    """Console logging of the ``fluxvit`` loggers: INFO on the main process, warnings only elsewhere.
+
+    The handler goes on the root logger when it has none, so a library that later logs through the root logger
+    (open_clip calls ``logging.info``, which runs ``basicConfig`` on a handler-less root) adds no second handler
+    and no line is printed twice. When the root logger is configured already, records propagate to it.
+    """
     level = logging.INFO if is_main else logging.WARNING
-    root = logging.getLogger("fluxvit")
+    logging.getLogger("fluxvit").setLevel(level)
+    root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
-    root.setLevel(level)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Rows of a ``metrics.jsonl`` (an unparsable last line, cut by a kill, is dropped)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def truncate_metrics(path: str | Path, step: int) -> int:
+    """Keep the rows of steps <= ``step`` in ``metrics.jsonl`` (rewritten atomically); returns rows dropped.
+
+    Called on resume from the checkpoint of ``step``: rows after it were logged by the interrupted run and are
+    logged again by the resumed one, so every step appears once.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    rows = read_metrics(path)
+    keep = [r for r in rows if r.get("step", 0) <= step]
+    if len(keep) == len(lines):
+        return 0
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, path)
+    return len(rows) - len(keep)
+
+
+def append_metrics(run_dir: str | Path, step: int, scalars: dict[str, Any], kind: str = "eval") -> None:
+    """Append one row to ``run_dir/metrics.jsonl`` (e.g. an evaluation run after ``fit`` returned)."""
+    with open(Path(run_dir) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "kind": kind, **{k: _num(v) for k, v in scalars.items()}}) + "\n")
 
 
 class MetricLogger:
@@ -112,10 +228,12 @@ class MetricLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(run_dir / "tb"))
+                # purge_step drops events a killed run wrote after the checkpoint being resumed.
+                self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=initial + 1 if initial else None)
             except ImportError:  # tensorboard is a core dependency; keep training without it
                 log.warning("tensorboard not installed; scalars go to metrics.jsonl only")
-        if progress:
+        # A bar only on a terminal: redirected to a file, carriage-return redraws are noise; log lines remain.
+        if progress and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, desc="train", file=sys.stderr)
@@ -135,8 +253,9 @@ class MetricLogger:
             log.info("%s step %d: %s", kind, step, _fmt(scalars))
             return
         if self.bar is not None:
-            self.bar.update(1)
+            # Postfix first, then the update that redraws: the bar shows step n with step n's scalars.
             self.bar.set_postfix_str(_fmt(scalars), refresh=False)
+            self.bar.update(1)
         # Every log_every-th step, and the first (so a run without a bar shows it started).
         if step % self.log_every == 0 or step == 1:
             log.info("step %d: %s", step, _fmt(scalars))

@@ -14,6 +14,7 @@ from typing import Sequence
 from ..common import fit
 from ..common.cli import parse_stage_args, print_config, resolve_config, start_run
 from ..common.loop import TrainResult
+from ..common.runtime import append_metrics, read_metrics
 from .config import FinetuneConfig, presets
 from .data import build_train_source, shard_num_classes
 from .task import FinetuneTask
@@ -75,8 +76,14 @@ def main(argv: Sequence[str] | None = None) -> TrainResult | None:
     source = build_train_source(cfg.data, cfg.train.seed, acc.process_index, acc.num_processes)
     result = fit(cfg, task, source, acc)
     if acc.is_main_process and not result.evals and cfg.eval.budgets:
-        # No periodic evaluation configured: evaluate the final weights once.
-        result.evals.append((result.steps, task.evaluate(task.model, result.steps)))
+        # No periodic evaluation configured: evaluate the final weights once, and record it with the run's metrics
+        # (once: a rerun that resumes the finished run finds it there).
+        done = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if r["kind"] == "eval"
+                and r["step"] == result.steps]
+        metrics = task.evaluate(task.model, result.steps)
+        result.evals.append((result.steps, metrics))
+        if not done:
+            append_metrics(result.run_dir, result.steps, metrics)
     if acc.is_main_process and result.evals:
         log.info("final multi-view eval at step %d: %s", *result.evals[-1])
     acc.end_training()
