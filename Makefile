@@ -1,5 +1,8 @@
 # Front door. Every target bootstraps .venv on first use (python3 -m venv + pinned install).
 SHELL := /bin/bash
+# +B: no brace expansion, -f: no globbing. DATA='/d/{000..099}.tar' or ARGS="--set data.shards=/d/*.tar" reach the
+# program as one argument (WebDataset expands braces itself) instead of being split or expanded by bash.
+.SHELLFLAGS := +B -f -c
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -50,19 +53,31 @@ bench: $(STAMP)
 bench-data: $(STAMP)
 	$(PY) -m benchmarks.bench_data
 
+# TEACHER: a weights file for the preset's teacher architecture (path/to/file.{pt,pth,bin,safetensors}), or
+# KIND:NAME[:WEIGHTS_OR_TAG] naming the architecture (teacher.kind, teacher.name), e.g. open_clip:ViT-L-14:openai,
+# open_clip:ViT-B-16:/w/vitb16.bin, fluxvit:fluxvit_base_patch14:/w/stage1.safetensors. A third part with a "/"
+# or a weights suffix is a file (teacher.weights), otherwise an open_clip pretrained tag.
+_TW = $(subst :, ,$(TEACHER))
+_T3 = $(word 3,$(_TW))
+_T3_FILE = $(or $(findstring /,$(_T3)),$(filter %.pt %.pth %.bin %.safetensors,$(_T3)))
+TEACHER_SETS = $(if $(TEACHER),$(if $(filter 1,$(words $(_TW))),\
+  --set teacher.weights=$(TEACHER) --set teacher.pretrained=,\
+  --set teacher.kind=$(word 1,$(_TW)) --set teacher.name=$(word 2,$(_TW)) --set teacher.vision_cfg={} \
+  $(if $(_T3),$(if $(_T3_FILE),--set teacher.weights=$(_T3) --set teacher.pretrained=,--set teacher.pretrained=$(_T3)),\
+  --set teacher.pretrained=)))
+
 # Stage 1 distillation. PRESET=smoke|smoke_corpus|small|base; DATA=shard pattern (data.source=shards);
-# TEACHER=local open_clip weights file; LAUNCH=accelerate config in launch/ (cpu.yaml, gpu8.yaml, ...).
+# TEACHER= (above); LAUNCH=accelerate config in launch/ (cpu.yaml, gpu8.yaml, deepspeed_zero2_cpu.yaml, ...).
 distill: $(STAMP)
 	$(VENV)/bin/accelerate launch --config_file $(LAUNCH) -m fluxvit.stages.distill --preset $(PRESET) \
 	  --set train.run_dir=$(RUN_DIR)/distill_$(PRESET) \
-	  $(if $(DATA),--set data.source=shards --set data.shards='$(DATA)') \
-	  $(if $(TEACHER),--set teacher.weights=$(TEACHER) --set teacher.pretrained=)
+	  $(if $(DATA),--set data.source=shards --set data.shards=$(DATA)) $(TEACHER_SETS) $(ARGS)
 
 bench-distill: $(STAMP)
 	$(PY) -m benchmarks.bench_distill
 
 # The front door: synthetic corpus (generated once) -> stage 1 (distillation) -> stage 2 (video-text).
-# Real data: DATA=video shards with captions, TEACHER=open_clip weights, TEXT=text tower spec
+# Real data: DATA=video shards with captions, TEACHER= (as for distill), TEXT=text tower spec
 # (hf:bert-base-uncased, a local folder, open_clip:MODEL[:PRETRAINED]), LAUNCH=launch/gpu8.yaml,
 # PRETRAIN_PRESETS="small paper_s" (stage 1 and stage 2 presets).
 SYNTH ?= data/synthetic
@@ -76,12 +91,11 @@ $(SYNTH)/corpus.json: | $(STAMP)
 pretrain: $(STAMP) $(if $(DATA),,$(SYNTH)/corpus.json)
 	$(ACCEL) -m fluxvit.stages.distill --preset $(word 1,$(PRETRAIN_PRESETS)) \
 	  --set train.run_dir=$(PRETRAIN_DIR)/distill \
-	  $(if $(DATA),--set data.source=shards --set data.shards='$(DATA)',--set data.root=$(SYNTH)) \
-	  $(if $(TEACHER),--set teacher.weights=$(TEACHER) --set teacher.pretrained=)
+	  $(if $(DATA),--set data.source=shards --set data.shards=$(DATA),--set data.root=$(SYNTH)) $(TEACHER_SETS)
 	$(ACCEL) -m fluxvit.stages.videotext --preset $(word 2,$(PRETRAIN_PRESETS)) \
 	  --set train.run_dir=$(PRETRAIN_DIR)/videotext \
 	  --set train.init_from=$(PRETRAIN_DIR)/distill/student.safetensors \
-	  $(if $(DATA),--set data.source=shards --set data.shards='$(DATA)',--set data.root=$(SYNTH)) \
+	  $(if $(DATA),--set data.source=shards --set data.shards=$(DATA),--set data.root=$(SYNTH)) \
 	  $(if $(TEXT),--set text.spec=$(TEXT))
 	@echo "pretrained video-text model: $(PRETRAIN_DIR)/videotext/videotext.safetensors (make retrieval-eval)"
 
@@ -108,5 +122,6 @@ bench-finetune: $(STAMP)
 	$(PY) -m benchmarks.finetune_claims $(CLAIMS_ARGS)
 
 tokenopt: $(STAMP)
-	test -f $(CKPT) || $(MAKE) finetune PRESET=$(PRESET)
+	@test -f $(CKPT) || { echo "make tokenopt: no checkpoint $(CKPT); run make finetune PRESET=$(PRESET) first" \
+	  "or pass CKPT=path/to/model.safetensors" >&2; exit 2; }
 	$(PY) -m fluxvit.stages.finetune.tokenopt --checkpoint $(CKPT) --out $(FT_RUN)/tokenopt $(TO_ARGS)

@@ -18,13 +18,22 @@ from .fluxvit import FluxViT, FluxViTConfig
 from .internvideo2 import InternVideo2, resize_internvideo2_pos_embed
 from .pos_embed import resize_pos_grid
 
-__all__ = ["LoadReport", "load_model", "load_official_checkpoint", "read_state_dict", "save_model"]
+__all__ = ["CheckpointMismatchError", "LoadReport", "load_model", "load_official_checkpoint", "read_state_dict",
+           "save_model", "set_default_mode"]
 
 log = logging.getLogger(__name__)
 # Wrapper prefixes: DDP/DeepSpeed ("module."), the release ("backbone.", "encoder."), and this project's stage-2
 # video-text export, whose video tower sits under "video.".
 _PREFIXES = ("module.", "backbone.", "encoder.", "video.")
 CONFIG_KEY = "fluxvit_config"
+
+
+class CheckpointMismatchError(ValueError):
+    """Weights that do not fit the model (another architecture); the message is one line with counts and names."""
+
+
+# Parameter-name prefix of the classifiers: heads of another class count (or none) may differ from the model's.
+CLASSIFIER_PREFIX = "head."
 
 
 @dataclass
@@ -61,6 +70,9 @@ def _unwrap(obj) -> dict:
             return _unwrap(obj[key])
     if not isinstance(obj, Mapping):
         raise ValueError(f"checkpoint holds a {type(obj).__name__}, expected a state dict")
+    if any(isinstance(k, str) and k.startswith("video.") for k in obj):
+        # A stage-2 video-text export: its video tower is the FluxViT; the text side does not belong here.
+        obj = {k: v for k, v in obj.items() if k.startswith("video.")}
     out = {}
     for name, value in obj.items():
         if not isinstance(value, torch.Tensor):
@@ -75,33 +87,45 @@ def _unwrap(obj) -> dict:
     return out
 
 
+def _names(items: list, n: int = 4) -> str:
+    return ", ".join(str(x) for x in items[:n]) + (", ..." if len(items) > n else "")
+
+
 def load_official_checkpoint(model: Union[FluxViT, InternVideo2], path_or_state_dict, strict: bool = True,
-                             **kwargs) -> LoadReport:
-    """Load released FluxViT (or, for an ``InternVideo2`` model, InternVideo2; see
-    ``load_internvideo2_checkpoint``) weights into ``model``.
+                             classifier_may_differ: bool = False, **kwargs) -> LoadReport:
+    """Load released FluxViT weights (or a project export; or, for an ``InternVideo2`` model, InternVideo2
+    weights, see ``load_internvideo2_checkpoint``) into ``model``.
 
     Accepts a path (``.pth``, ``.bin``, ``.safetensors``) or a state dict; weights may sit under ``model``,
     ``module`` or ``state_dict`` and carry ``module.`` / ``backbone.`` / ``encoder.`` prefixes (or ``video.``, the
-    video tower of a stage-2 export). A pos-embed
-    stored for another grid is resized to the model's grid (linear in time, bicubic in space).
+    video tower of a stage-2 export, whose other tensors are ignored). A pos-embed stored for another grid is
+    resized to the model's grid (linear in time, bicubic in space).
 
-    With ``strict`` (default) any missing, unexpected or wrongly shaped key raises ``ValueError``; without
-    it, classifier heads of another class count and similar mismatches are skipped and reported.
+    Args:
+        strict: any missing, unexpected or wrongly shaped tensor raises ``CheckpointMismatchError`` (one line:
+            counts and the first names) before anything is loaded; without it, what fits is loaded and the
+            rest reported (a warning when something did not fit).
+        classifier_may_differ: classifier tensors (``head.*``) of another class count, or absent on either
+            side, are skipped and reported instead of counting as a mismatch; the model keeps its own head
+            (finetuning a pretrained backbone on new classes).
     """
     if isinstance(model, InternVideo2):
         return load_internvideo2_checkpoint(model, path_or_state_dict, strict=strict, **kwargs)
     if kwargs:
         raise TypeError(f"unexpected arguments for a FluxViT checkpoint: {', '.join(sorted(kwargs))}")
     src = path_or_state_dict
+    name_of = str(src) if isinstance(src, (str, os.PathLike)) else "state dict"
     if isinstance(src, (str, os.PathLike)):
         src = read_state_dict(src)
     state = _unwrap(src)
     own = model.state_dict()
     report = LoadReport()
     to_load = {}
+    head_skips = []
     for name, value in state.items():
         if name not in own:
-            report.unexpected.append(name)
+            (head_skips if classifier_may_differ and name.startswith(CLASSIFIER_PREFIX)
+             else report.unexpected).append(name)
             continue
         target = own[name]
         if name == "pos_embed" and value.shape != target.shape and value.shape[-1] == target.shape[-1]:
@@ -112,17 +136,31 @@ def load_official_checkpoint(model: Union[FluxViT, InternVideo2], path_or_state_
             continue
         to_load[name] = value.to(target.dtype)
         report.loaded.append(name)
-    report.missing = sorted(set(own) - set(to_load))
-    if strict and (report.missing or report.unexpected or report.skipped):
-        raise ValueError(
-            "checkpoint does not match the model: "
-            f"missing {report.missing[:8]}{'...' if len(report.missing) > 8 else ''}, "
-            f"unexpected {report.unexpected[:8]}, shape mismatches {report.skipped[:8]} "
-            "(pass strict=False to load what fits)"
-        )
+    report.missing = sorted(set(own) - set(to_load) - {s.split(":")[0] for s in report.skipped})
+    if classifier_may_differ:
+        head_skips += [s for s in report.skipped if s.startswith(CLASSIFIER_PREFIX)]
+        report.skipped = [s for s in report.skipped if not s.startswith(CLASSIFIER_PREFIX)]
+        head_skips += [k for k in report.missing if k.startswith(CLASSIFIER_PREFIX)]
+        report.missing = [k for k in report.missing if not k.startswith(CLASSIFIER_PREFIX)]
+    bad = bool(report.missing or report.unexpected or report.skipped)
+    if strict and bad:
+        parts = [f"{len(report.loaded)} of {len(own)} model tensors match"]
+        if report.missing:
+            parts.append(f"missing {len(report.missing)} ({_names(report.missing)})")
+        if report.unexpected:
+            parts.append(f"unexpected {len(report.unexpected)} ({_names(report.unexpected)})")
+        if report.skipped:
+            parts.append(f"shape mismatches {len(report.skipped)} ({_names(report.skipped, 2)})")
+        raise CheckpointMismatchError(f"{name_of} does not fit the model: {'; '.join(parts)} "
+                                      f"(another architecture? a non-strict load takes what fits)")
+    report.skipped += head_skips
     model.load_state_dict(to_load, strict=False)
-    log.info("loaded %d tensors (%d resized, %d skipped, %d missing, %d unexpected)", len(report.loaded),
-             len(report.resized), len(report.skipped), len(report.missing), len(report.unexpected))
+    msg = (f"loaded {len(report.loaded)} of {len(own)} tensors from {name_of} ({len(report.resized)} resized, "
+           f"{len(report.skipped)} skipped, {len(report.missing)} missing, {len(report.unexpected)} unexpected)")
+    if bad:
+        log.warning("%s; not loaded: %s", msg, _names(report.missing + report.unexpected + report.skipped, 6))
+    else:
+        log.info("%s%s", msg, f"; classifier kept: {_names(head_skips)}" if head_skips else "")
     return report
 
 
@@ -233,6 +271,14 @@ def load_internvideo2_checkpoint(model: InternVideo2, path_or_state_dict, strict
     return report
 
 
+def set_default_mode(path: Union[str, os.PathLike]) -> None:
+    """Give ``path`` the mode a plain ``open(path, "w")`` would (0666 minus the umask): safetensors creates its
+    files 0600, which would make exports the only files of a run that the group cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def save_model(model: FluxViT, path: Union[str, os.PathLike], metadata: Union[dict, None] = None) -> Path:
     """Write ``model``'s weights as safetensors with its config embedded; atomic (temp file + rename)."""
     from safetensors.torch import save_file
@@ -244,6 +290,7 @@ def save_model(model: FluxViT, path: Union[str, os.PathLike], metadata: Union[di
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=meta)
+    set_default_mode(tmp)
     os.replace(tmp, path)
     return path
 
@@ -260,11 +307,13 @@ def load_model(path: Union[str, os.PathLike], map_location: Union[str, torch.dev
     """Rebuild a FluxViT saved by ``save_model`` from its file alone (config overrides optional,
     e.g. ``drop_path_rate`` or ``attn_backend``)."""
     meta = read_metadata(path)
+    if "fluxvit_videotext" in meta:
+        raise ValueError(f"{path} is a stage-2 video-text export (video tower + projections), not a FluxViT; rebuild "
+                         f"it with fluxvit.stages.videotext.task.load_videotext or use it as train.init_from")
     if CONFIG_KEY not in meta:
         raise ValueError(f"{path} has no embedded FluxViT config; was it written by fluxvit.models.save_model?")
     cfg = json.loads(meta[CONFIG_KEY])
     cfg.update(overrides)
     model = FluxViT(FluxViTConfig(**cfg))
-    state = read_state_dict(path)
-    model.load_state_dict(state, strict=True)
+    load_official_checkpoint(model, read_state_dict(path), strict=True)
     return model.to(map_location)

@@ -1,25 +1,61 @@
 """The command line every stage shares: ``--preset NAME``, repeatable ``--set key.sub=value``,
-``--print-config``, and the start of a run (seeds, accelerator, rank-0 logging)."""
+``--print-config``, the start of a run (seeds, accelerator, rank-0 logging, the launch check), and ``run_cli``,
+which turns the errors a user can fix into one line on stderr and an exit status instead of a traceback:
+2 for a bad config or launch (``ConfigError``, ``DistributedMismatchError``), 1 for an unusable checkpoint
+(``CheckpointError``)."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
-from .config import PresetRegistry, apply_overrides, config_to_dict
-from .runtime import build_accelerator, seed_everything, setup_logging
+import torch
 
-__all__ = ["parse_stage_args", "print_config", "resolve_config", "start_run"]
+from fluxvit.models.checkpoint import CheckpointMismatchError
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, PresetRegistry, apply_overrides, config_to_dict
+from .runtime import (DistributedMismatchError, build_accelerator, check_distributed, seed_everything,
+                      setup_logging)
+
+__all__ = ["OneLineParser", "fail", "parse_stage_args", "print_config", "resolve_config", "run_cli", "start_run"]
 
 log = logging.getLogger("fluxvit.train")
+
+
+def fail(message: str, status: int = 2, prog: str = "fluxvit") -> NoReturn:
+    """Write ``prog: error: message`` as one line to stderr (on the main process only) and exit with ``status``."""
+    if os.environ.get("RANK", "0") in ("", "0"):
+        sys.stderr.write(f"{prog}: error: {' '.join(str(message).split())}\n")
+    raise SystemExit(status)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """``argparse`` whose usage errors are one line (``prog: error: ...``, exit 2), without the usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see --help)", 2, self.prog)
+
+
+def run_cli(main: Callable[[], Any], prog: str = "fluxvit") -> Any:
+    """Run a stage's ``main()`` as a command: errors a user can fix end the process with one line."""
+    try:
+        return main()
+    except (ConfigError, DistributedMismatchError) as err:
+        fail(str(err), 2, prog)
+    except CheckpointMismatchError as err:
+        fail(f"train.init_from: {err}", 2, prog)
+    except CheckpointError as err:
+        fail(str(err), 1, prog)
 
 
 def parse_stage_args(module: str, description: str, presets: PresetRegistry,
                      argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse a stage's command line: ``python -m MODULE --preset NAME --set a.b=c ... [--print-config]``."""
-    p = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    p = OneLineParser(prog=f"python -m {module}", description=description)
     p.add_argument("--preset", default="smoke", choices=presets.names(), metavar="NAME",
                    help=f"named preset: {', '.join(presets.names())}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -29,7 +65,7 @@ def parse_stage_args(module: str, description: str, presets: PresetRegistry,
 
 
 def resolve_config(presets: PresetRegistry, preset: str, overrides: Sequence[str] = ()) -> Any:
-    """The named preset with ``key.sub=value`` overrides applied."""
+    """The named preset with ``key.sub=value`` overrides applied (``ConfigError`` names a bad key)."""
     return apply_overrides(presets.get(preset), list(overrides))
 
 
@@ -44,10 +80,9 @@ def start_run(cfg: Any, stage: str, preset: str):
     seed_everything(cfg.train.seed)
     acc = build_accelerator(cfg.train, cfg.data.batch_size, cfg.optim.clip_grad)
     setup_logging(acc.is_main_process)
+    check_distributed(acc)
     log.info("%s preset %s on %d process(es) (%s), device %s, mixed precision %s", stage, preset,
              acc.num_processes, acc.distributed_type.value, acc.device, acc.mixed_precision)
     if getattr(cfg.train, "deterministic", False):
-        import torch
-
         torch.use_deterministic_algorithms(True, warn_only=True)
     return acc

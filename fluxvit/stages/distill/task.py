@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fluxvit.models import FluxViT, create_model, read_state_dict, save_model
+from fluxvit.models import FluxViT, create_model, load_official_checkpoint, save_model
 
 from ..common.loop import StepOutput
 from .config import DistillConfig
@@ -127,10 +127,10 @@ class DistillTask:
         self.device = device
 
     def load_init(self, path: str) -> None:
-        """Student weights only (e.g. a previous export); non-matching keys are reported, not fatal."""
-        state = read_state_dict(path)
-        res = self.model.student.load_state_dict(state, strict=False)
-        log.info("init_from %s: %d missing, %d unexpected keys", path, len(res.missing_keys), len(res.unexpected_keys))
+        """Student weights only (e.g. a previous export); they must fit the student unless
+        ``train.init_strict=false`` (a classifier head in the file is ignored)."""
+        load_official_checkpoint(self.model.student, path, strict=self.cfg.train.init_strict,
+                                 classifier_may_differ=True)
 
     def export(self, model: DistillModel, path: Path) -> Path:
         """The student alone, as a safetensors file that ``fluxvit.models.load_model`` rebuilds."""

@@ -1,5 +1,6 @@
 """``python -m fluxvit.stages.finetune`` / ``accelerate launch -m fluxvit.stages.finetune``."""
+from ..common.cli import run_cli
 from .train import main
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "fluxvit.stages.finetune")

@@ -1,4 +1,4 @@
-"""Multi-view classification evaluation at any token budget (FLUXVIT.md section 6).
+"""Multi-view classification evaluation at any token budget (FluxViT paper, arXiv 2503.14237).
 
 Each video gives ``num_clips`` temporal clips x ``num_crops`` spatial crops at ``frames`` x ``resolution``; every
 view is reduced to the token budget K by the group-dynamic selector (or random tokens, an ablation), classified
@@ -19,11 +19,13 @@ from typing import Iterable, Sequence
 import torch
 
 from fluxvit.metrics import aggregate_views, fluxvit_gflops, topk_accuracy
-from fluxvit.models import FluxViT
+from fluxvit.models import FluxViT, load_model
+from fluxvit.models.checkpoint import read_metadata
 
+from ..common.cli import OneLineParser, fail
 from ..common.config import DataConfig
 
-__all__ = ["eval_head", "evaluate", "main", "view_tokens"]
+__all__ = ["budget_arg", "eval_head", "evaluate", "load_classifier", "main", "view_tokens"]
 
 log = logging.getLogger("fluxvit.eval")
 
@@ -68,6 +70,10 @@ def evaluate(net: FluxViT, data: DataConfig, *, split: str = "val", frames: int 
     from .data import eval_views, has_held_out
 
     budgets = [int(b) for b in budgets]
+    if any(b < 0 for b in budgets):
+        raise ValueError(f"token budgets must be >= 1 (or 0 for every token), got {budgets}")
+    if not net.config.num_classes:
+        raise ValueError("the model has no classifier (num_classes=0): evaluate a stage-3 export")
     if batches is None and not has_held_out(data, split):
         return []  # no held-out shards (logged once); the training shards are not evaluated instead
     if batches is None:
@@ -80,6 +86,10 @@ def evaluate(net: FluxViT, data: DataConfig, *, split: str = "val", frames: int 
     probs: dict = {b: [] for b in budgets}
     labels = []
     for batch in batches:
+        top = int(batch["label"].max()) if len(batch["label"]) else -1
+        if top >= net.config.num_classes:
+            raise ValueError(f"the evaluation data has label {top} but the model's head has {net.config.num_classes} "
+                             f"classes: wrong checkpoint for this data (or the data for this checkpoint)")
         video = batch["video"].to(device)
         V, _, T, H, W = video.shape
         index = batch["video_index"].to(device)
@@ -113,12 +123,21 @@ def evaluate(net: FluxViT, data: DataConfig, *, split: str = "val", frames: int 
 
 
 def load_classifier(path: str) -> tuple[FluxViT, list[int] | None]:
-    """A finetuned FluxViT from a stage-3 export, with its trained heads (None: all)."""
-    from fluxvit.models import load_model
-    from fluxvit.models.checkpoint import read_metadata
+    """A finetuned FluxViT from a stage-3 export, with its trained heads (None: all).
 
+    Raises:
+        ValueError: one line when ``path`` is a stage-1 or stage-2 export (no classifier) or not a FluxViT file.
+    """
+    meta = read_metadata(path)
+    if "fluxvit_videotext" in meta:
+        raise ValueError(f"{path} is a stage-2 video-text export, which has no classifier: evaluate it with "
+                         f"python -m fluxvit.stages.videotext.retrieval, or finetune it first (make finetune "
+                         f"ARGS='--set model.init={path}')")
+    if meta.get("stage") == "distill":
+        raise ValueError(f"{path} is a stage-1 export, which has no classifier: finetune it first (make finetune "
+                         f"ARGS='--set model.init={path}')")
     net = load_model(path)
-    heads = read_metadata(path).get("trained_heads")
+    heads = meta.get("trained_heads")
     return net, ([int(h) for h in heads.split(",")] if heads else None)
 
 
@@ -127,6 +146,19 @@ def data_config(args: argparse.Namespace) -> DataConfig:
     if args.shards:
         return DataConfig(source="shards", shards=args.shards, val_shards=args.shards, normalize=args.normalize)
     return DataConfig(source="synthetic-motion", num_val_clips=args.max_videos or 100, normalize=args.normalize)
+
+
+def budget_arg(text: str) -> int:
+    """A CLI token budget: an integer >= 1, or "all" (every token, 0 internally)."""
+    if text.strip().lower() == "all":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"token budget must be an integer >= 1 or 'all', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"token budget must be >= 1 (or 'all' for every token), got {value}")
+    return value
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -140,22 +172,26 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """CLI: print a JSON list of per-budget results (and write it to ``--out``)."""
-    p = argparse.ArgumentParser(prog="python -m fluxvit.stages.finetune.eval",
-                                description="FluxViT multi-view classification evaluation at token budgets")
+    p = OneLineParser(prog="python -m fluxvit.stages.finetune.eval",
+                      description="FluxViT multi-view classification evaluation at token budgets")
     add_data_args(p)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--resolution", type=int, default=224)
-    p.add_argument("--budgets", type=int, nargs="+", default=[2048], help="token budgets (0 = all tokens)")
+    p.add_argument("--budgets", type=budget_arg, nargs="+", default=[2048],
+                   help="token budgets (integers >= 1, or 'all' for every token)")
     p.add_argument("--clips", type=int, default=4, help="temporal clips per video")
     p.add_argument("--crops", type=int, default=3, choices=(1, 3), help="spatial crops per clip")
     p.add_argument("--selection", default="dynamic", choices=("dynamic", "random"))
     p.add_argument("--out", default="", help="write the results as JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    net, heads = load_classifier(args.checkpoint)
-    res = evaluate(net, data_config(args), split=args.split, frames=args.frames, resolution=args.resolution,
-                   budgets=args.budgets, num_clips=args.clips, num_crops=args.crops, max_videos=args.max_videos,
-                   batch_size=args.batch_size, trained_heads=heads, selection=args.selection)
+    try:
+        net, heads = load_classifier(args.checkpoint)
+        res = evaluate(net, data_config(args), split=args.split, frames=args.frames, resolution=args.resolution,
+                       budgets=args.budgets, num_clips=args.clips, num_crops=args.crops, max_videos=args.max_videos,
+                       batch_size=args.batch_size, trained_heads=heads, selection=args.selection)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err), 1, p.prog)
     text = json.dumps(res, indent=1)
     if args.out:
         with open(args.out, "w") as f:

@@ -1,4 +1,4 @@
-"""Stage 3 task: FluxViT classification finetuning with Flux-Multi (FLUXVIT.md section 6).
+"""Stage 3 task: FluxViT classification finetuning with Flux-Multi (FluxViT paper, arXiv 2503.14237).
 
 One step on a batch of clips (B, 3, T, H, W) (or a list of B clips) with labels (B,), already augmented per clip by
 the data path (``fluxvit.datasets.augment``: RandAugment, crop, flip, random erasing, repeated augmentation):
@@ -22,16 +22,26 @@ from torch import nn
 
 from fluxvit.models import create_model, load_official_checkpoint, save_model
 
-from ..common.config import OptimConfig
+from ..common.config import ConfigError, OptimConfig
 from ..common.loop import StepOutput
 from ..common.optim import layer_decay_groups, scale_lr
 from .config import FinetuneConfig
 from .loss import build_mixup, flux_multi_loss, smooth_targets
 from .model import FinetuneModel, random_keep
 
-__all__ = ["FinetuneTask"]
+__all__ = ["FinetuneTask", "check_labels"]
 
 log = logging.getLogger("fluxvit.train")
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, keys=None) -> None:
+    """Raise ``ConfigError`` naming the first sample whose label (B,) is >= ``num_classes`` (the model's head)."""
+    bad = (labels >= num_classes).nonzero().flatten()
+    if bad.numel():
+        i = int(bad[0])
+        key = keys[i] if keys is not None and i < len(keys) else f"#{i} of the batch"
+        raise ConfigError(f"model.num_classes={num_classes}, but sample {key!r} has label {int(labels[i])} "
+                          f"(labels must be in [0, {num_classes - 1}]); raise model.num_classes or fix the data")
 
 
 # ------------------------------------------------------------------------------------------------ task
@@ -76,10 +86,10 @@ class FinetuneTask:
         self.device = device
 
     def load_init(self, path: str) -> None:
-        """Weights of a stage-1/2 export or an official FluxViT checkpoint; shape-mismatched heads are skipped."""
-        report = load_official_checkpoint(self.model.net, path, strict=False)
-        log.info("init_from %s: %d loaded, %d skipped (shape), %d missing, %d unexpected", path,
-                 len(report.loaded), len(report.skipped), len(report.missing), len(report.unexpected))
+        """Weights of a stage-1/2 export or an official FluxViT checkpoint. They must fit the model unless
+        ``train.init_strict=false``; classifier heads of another class count keep their initialisation
+        (reported)."""
+        load_official_checkpoint(self.model.net, path, strict=self.cfg.train.init_strict, classifier_may_differ=True)
 
     def peak_lr(self, ocfg: OptimConfig) -> float:
         """``optim.lr``, scaled as the release does with ``scale_lr``: x total batch x num_sample / lr_batch
@@ -148,9 +158,11 @@ class FinetuneTask:
         video = batch["video"]
         video = video.to(self.device, non_blocking=True) if isinstance(video, torch.Tensor) else \
             [v.to(self.device, non_blocking=True) for v in video]
-        labels = torch.as_tensor(batch["label"]).to(self.device)
+        labels = torch.as_tensor(batch["label"])  # checked on the host, before the copy to the device
         if (labels < 0).any():
             raise ValueError("stage 3 needs a class label for every clip (got -1: no cls / json label in the data)")
+        check_labels(labels, self.cfg.model.num_classes, batch.get("key"))
+        labels = labels.to(self.device)
         video, target = self.targets(video, labels)
         terms, ntok = self.forward_loss(model, video, target)
         return StepOutput(loss=terms["loss"], terms={k: v.detach() for k, v in terms.items()}, tokens=ntok)

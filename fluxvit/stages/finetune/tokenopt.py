@@ -1,4 +1,4 @@
-"""Token Optimization (TO, FLUXVIT.md section 7): the best (frames, resolution) input for a token budget.
+"""Token Optimization (TO, FluxViT paper arXiv 2503.14237): the best (frames, resolution) input for a token budget.
 
 For each budget K: every candidate (F, R) with F * (R / 14)^2 >= K is reduced to K tokens by the group-dynamic
 selector and classified with the trained head nearest K; the pair with the best top-1 on the search split wins.
@@ -23,6 +23,7 @@ from typing import Sequence
 
 from fluxvit.models import FluxViT
 
+from ..common.cli import OneLineParser, fail
 from ..common.config import DataConfig
 from .eval import add_data_args, data_config, evaluate, load_classifier
 
@@ -145,12 +146,22 @@ def plot_tokenopt(result: dict, path: str | Path, title: str = "") -> Path:
     return path
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"token budget must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"token budget must be >= 1, got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """CLI: search, print the Markdown table, write JSON / Markdown / PNG into ``--out``."""
-    p = argparse.ArgumentParser(prog="python -m fluxvit.stages.finetune.tokenopt",
-                                description="FluxViT Token Optimization: best (frames, resolution) per token budget")
+    p = OneLineParser(prog="python -m fluxvit.stages.finetune.tokenopt",
+                      description="FluxViT Token Optimization: best (frames, resolution) per token budget")
     add_data_args(p)
-    p.add_argument("--budgets", type=int, nargs="+", default=[2048, 1024, 512])
+    p.add_argument("--budgets", type=_positive, nargs="+", default=[2048, 1024, 512], help="token budgets (>= 1)")
     p.add_argument("--frames", type=int, nargs="+", default=list(range(4, 25, 2)), help="candidate frame counts")
     p.add_argument("--resolutions", type=int, nargs="+", default=list(range(112, 337, 28)),
                    help="candidate resolutions (pixels)")
@@ -163,11 +174,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
-    net, heads = load_classifier(args.checkpoint)
-    result = token_optimize(net, data_config(args), args.budgets, args.frames, args.resolutions, args.base_resolution,
-                            split=args.split, report_split=args.report_split, num_clips=args.clips,
-                            num_crops=args.crops, max_videos=args.max_videos, batch_size=args.batch_size,
-                            trained_heads=heads, max_ratio=args.max_ratio)
+    if not Path(args.checkpoint).is_file():
+        fail(f"checkpoint {args.checkpoint} not found; finetune first (make finetune) or pass --checkpoint", 1, p.prog)
+    try:
+        net, heads = load_classifier(args.checkpoint)
+        result = token_optimize(net, data_config(args), args.budgets, args.frames, args.resolutions,
+                                args.base_resolution, split=args.split, report_split=args.report_split,
+                                num_clips=args.clips, num_crops=args.crops, max_videos=args.max_videos,
+                                batch_size=args.batch_size, trained_heads=heads, max_ratio=args.max_ratio)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err), 1, p.prog)
+    if not result["rows"]:
+        fail(f"no budget of {args.budgets} has a candidate (frames, resolution) pair with at least that many tokens "
+             f"in --frames {args.frames} x --resolutions {args.resolutions}; nothing written", 1, p.prog)
     result["settings"]["checkpoint"] = args.checkpoint
     result["settings"]["seconds"] = round(time.perf_counter() - t0, 1)
     _, md = write_table(result, args.out)

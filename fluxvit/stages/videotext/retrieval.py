@@ -29,10 +29,13 @@ from typing import Sequence
 
 import torch
 
+from fluxvit.datasets.synth import ensure_synthetic_corpus
 from fluxvit.metrics import chance_recall, retrieval_metrics, retrieval_protocol
 
 from ..common.config import DataConfig
 from ..common.data import build_loader
+
+from ..common.cli import OneLineParser
 
 __all__ = ["RetrievalSet", "corpus_splits", "evaluate_retrieval", "format_table", "load_retrieval_set", "main"]
 
@@ -95,10 +98,7 @@ def _from_annotations(ann_path: str, video_dir: str, frames: int, res: int, max_
 
 def corpus_splits(root: str) -> dict:
     """Shard patterns per split of the synthetic corpus in ``root`` (generated with the defaults when absent)."""
-    from fluxvit.datasets.synth import ensure_synthetic_corpus
-
-    info = ensure_synthetic_corpus(root)
-    return {split: v["shards"] for split, v in info["splits"].items()}
+    return {split: v["shards"] for split, v in ensure_synthetic_corpus(root)["splits"].items()}
 
 
 def load_retrieval_set(data: str, frames: int, res: int, *, root: str = "data/synthetic", split: str = "test",
@@ -180,16 +180,26 @@ def _setting(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"setting must look like 8x224, got {text!r}") from None
 
 
+def _budget(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"token budget must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"token budget must be >= 1, got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """CLI entry point; returns the JSON report."""
-    p = argparse.ArgumentParser(prog="python -m fluxvit.stages.videotext.retrieval",
+    p = OneLineParser(prog="python -m fluxvit.stages.videotext.retrieval",
                                 description="Zero-shot video-text retrieval of a stage-2 checkpoint",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--data", default="synthetic")
     p.add_argument("--root", default="data/synthetic", help="synthetic corpus folder (generated when absent)")
     p.add_argument("--split", default="test")
-    p.add_argument("--budgets", type=int, nargs="+", default=None)
+    p.add_argument("--budgets", type=_budget, nargs="+", default=None, help="token budgets (>= 1)")
     p.add_argument("--settings", type=_setting, nargs="+", default=None, help="FRAMESxRES, e.g. 8x224")
     p.add_argument("--dual-softmax", type=float, nargs="?", const=1.0, default=None, metavar="TAU",
                    help="InternVideo2's dual softmax with temperature TAU (default 1 on cosine similarity); "

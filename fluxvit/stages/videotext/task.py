@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fluxvit.models import FluxViT, FluxViTConfig, create_model
-from fluxvit.models.checkpoint import read_metadata, read_state_dict
+from fluxvit.models.checkpoint import CheckpointMismatchError, read_metadata, read_state_dict, set_default_mode
 
 from ..common.loop import StepOutput
 from .config import VideoTextConfig
@@ -221,8 +221,14 @@ class VideoTextTask:
         if "fluxvit_videotext" in meta:
             own = self.model.state_dict()
             loadable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+            off = sorted(set(own) - set(loadable)) + sorted(set(state) - set(own))
+            if off and self.cfg.train.init_strict:
+                raise CheckpointMismatchError(
+                    f"{path} does not fit the model: {len(loadable)} of {len(own)} tensors match; first "
+                    f"mismatches: {', '.join(off[:4])} (another architecture? train.init_strict=false loads what fits)")
             self.model.load_state_dict(loadable, strict=False)
-            log.info("init from stage-2 export %s (%d tensors)", path, len(loadable))
+            (log.warning if off else log.info)("init from stage-2 export %s (%d of %d tensors)%s", path,
+                                               len(loadable), len(own), f"; not loaded: {off[:6]}" if off else "")
             return
         cfg = json.loads(meta["fluxvit_config"])
         cfg.update(num_classes=0, drop_path_rate=self.cfg.video.drop_path_rate)
@@ -308,6 +314,7 @@ def save_videotext(model: VideoTextModel, text_tower: TextTower, cfg: VideoTextC
     }
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=meta)
+    set_default_mode(tmp)  # safetensors writes 0600; the run's other files follow the umask
     os.replace(tmp, path)
     return path
 
