@@ -65,7 +65,7 @@ def test_default_configs_match_reference_sizes():
     backbone = lambda m: count(m) - sum(count(x) for x in (m.clip_projector, m.head, m.fc_norm,  # noqa: E731
                                                             m.final_clip_decoder_for_projs))
     assert round(count(s) / 1e6, 1) == 28.8 and round(count(b) / 1e6, 1) == 104.6
-    assert round(backbone(s) / 1e6, 1) == 24.5 and round(backbone(b) / 1e6, 1) == 95.4  # FLUXVIT.md table
+    assert round(backbone(s) / 1e6, 1) == 24.5 and round(backbone(b) / 1e6, 1) == 95.4  # the paper's model table
     assert s.pos_grid == (24, 18, 18) and b.pos_grid == (32, 20, 20)
 
 

@@ -1,4 +1,4 @@
-"""Flux: the flexible sampling grid of frame counts and resolutions (FLUXVIT.md section 3).
+"""Flux: the flexible sampling grid of frame counts and resolutions (FluxViT paper, arXiv 2503.14237).
 
 Flux draws a frame count ``F`` and a square resolution ``R`` at random and keeps only pairs whose token count
 ``F * (R // patch_size) ** 2`` lies inside a threshold ``(lo, hi)``. The release draws one ``(F, R)`` per per-GPU
@@ -80,7 +80,7 @@ class FluxGrid:
 
     @classmethod
     def preset(cls, name: str) -> "FluxGrid":
-        """The grids of the three stages (FLUXVIT.md section 3): ``distill``, ``videotext``, ``finetune``."""
+        """The grids of the three stages (FluxViT paper, arXiv 2503.14237): ``distill``, ``videotext``, ``finetune``."""
         presets = {
             # Stage 1: the paper gives the grid; the threshold is assumed equal to stage 2's.
             "distill": dict(frames=range(4, 25, 2), resolutions=range(168, 253, 28), threshold=(2048, 4096)),

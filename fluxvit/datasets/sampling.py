@@ -55,7 +55,7 @@ def multi_clip_indices(n: int, num_frames: int, num_clips: int) -> list[list[int
     The video is cut into ``num_frames`` segments of ``(n - 1) / num_frames`` frames; temporal clip ``k`` of
     ``num_clips`` takes, in segment ``i``, the frame ``round(seg * i) + int(seg / (num_clips + 1) * (k + 1))``,
     i.e. the point at fraction ``(k + 1) / (num_clips + 1)`` of every segment (4 clips: 1/5, 2/5, 3/5, 4/5; the
-    "4 temporal clips" of FLUXVIT.md section 6). One clip takes the middle of every segment.
+    "4 temporal clips" of FluxViT paper, arXiv 2503.14237). One clip takes the middle of every segment.
 
     Returns:
         ``num_clips`` lists of ``num_frames`` non-decreasing indices in ``[0, n)`` each.

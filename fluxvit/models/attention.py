@@ -102,7 +102,7 @@ def resolve_backend(q: torch.Tensor, requested: str | None = None) -> str:
     """Pick the backend for ``q``: forced > ``requested`` (config) > ``$FLUXVIT_ATTN_BACKEND`` > auto.
 
     Auto order: flash, torch_varlen (CUDA half precision), then ``segments`` (fastest measured on CPU and
-    the general fallback; see benchmarks/bench_attention.py).
+    the general fallback; see the attention-backend timings of benchmarks/bench_model.py, `make bench`).
     """
     name = _forced[-1] if _forced else (requested or os.environ.get(ENV_VAR) or "auto")
     if name == "auto":

@@ -1,4 +1,4 @@
-"""Stage 1: Flux-UMT masked-teacher distillation (FLUXVIT.md section 4)."""
+"""Stage 1: Flux-UMT masked-teacher distillation (FluxViT paper, arXiv 2503.14237)."""
 from .config import DistillConfig, LossConfig, StudentConfig, TeacherConfig, presets
 from .task import DistillModel, DistillTask, build_teacher, sample_visible
 from .teacher import FluxViTTeacher, OpenCLIPTeacher, TeacherOutput, align_layers, grid_index_map

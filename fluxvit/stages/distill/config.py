@@ -128,7 +128,7 @@ def demo() -> DistillConfig:
 
 
 def _paper(student: str) -> DistillConfig:
-    # Paper recipe (FLUXVIT.md section 4): AdamW (0.9, 0.98), wd 0.05, lr 1e-3, global batch 2048,
+    # Paper recipe (FluxViT paper, arXiv 2503.14237): AdamW (0.9, 0.98), wd 0.05, lr 1e-3, global batch 2048,
     # 100 epochs over ~1.1 M clips (~53.7 k steps) with 20 warmup epochs, drop path 0.05, teacher 2048
     # tokens, student 2048 / 1536 / 1024. Teacher: CLIP ViT-B/16 per frame (UMT's, InternVideo2-1B unreleased).
     return DistillConfig(

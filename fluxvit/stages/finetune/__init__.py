@@ -1,5 +1,5 @@
 """Stage 3: classification finetuning with Flux-Multi, multi-view evaluation and Token Optimization
-(FLUXVIT.md sections 6-8). ``model`` (the packed multi-budget wrapper), ``loss`` (Flux-Multi, label mixing),
+(FluxViT paper, arXiv 2503.14237). ``model`` (the packed multi-budget wrapper), ``loss`` (Flux-Multi, label mixing),
 ``task`` (the training task), ``data`` (labelled sources, evaluation views), ``eval``, ``tokenopt``."""
 from .config import AugConfig, EvalConfig, FinetuneConfig, FluxLossConfig, ModelConfig, presets
 from .loss import flux_multi_loss

@@ -38,7 +38,7 @@ class ModelConfig:
 
 @dataclass
 class FluxLossConfig:
-    """Flux-Multi (FLUXVIT.md section 6) or Flux-Single.
+    """Flux-Multi (FluxViT paper, arXiv 2503.14237) or Flux-Single.
 
     mode "multi": every clip at each of ``budgets`` with ``heads`` in ONE packed forward;
     loss = sum_j CE(head_j at budgets[j]) + align_weight * sum_{j>0} SmoothL1(dec_{j-1}(p_j), sg(norm(p_0))).
@@ -187,7 +187,7 @@ def micro_multi() -> FinetuneConfig:
 
 
 # ----------------------------------------------------------------------------------------- release presets
-# The release recipe (FLUXVIT.md section 6; OpenGVLab/FluxViT single_modality: run_flexible_finetune.py defaults and
+# The release recipe (FluxViT paper, arXiv 2503.14237; OpenGVLab/FluxViT single_modality: run_flexible_finetune.py defaults and
 # exp/*/k400 scripts) and the schedules of Table 15. Every value and its source: RECIPES.md.
 RELEASE_PROCESSES = 64  # the release scripts: 64 GPUs; data.batch_size is per process
 TRAIN_VIDEOS = {"k710": 658_340, "k400": 240_436, "ssv2": 168_913, "coin": 9_030}  # [inferred] usual list sizes

@@ -1,4 +1,4 @@
-"""Stage 2: Flux-CLIP video-text contrastive pretraining and zero-shot retrieval (FLUXVIT.md section 5)."""
+"""Stage 2: Flux-CLIP video-text contrastive pretraining and zero-shot retrieval (FluxViT paper, arXiv 2503.14237)."""
 from .config import ContrastConfig, RetrievalEvalConfig, TextConfig, VideoConfig, VideoTextConfig, presets
 from .task import (VideoTextModel, VideoTextTask, all_gather_with_grad, contrastive_loss, load_videotext,
                    save_videotext)
