@@ -32,10 +32,9 @@ import torch
 from fluxvit.datasets.synth import ensure_synthetic_corpus
 from fluxvit.metrics import chance_recall, retrieval_metrics, retrieval_protocol
 
+from ..common.cli import OneLineParser
 from ..common.config import DataConfig
 from ..common.data import build_loader
-
-from ..common.cli import OneLineParser
 
 __all__ = ["RetrievalSet", "corpus_splits", "evaluate_retrieval", "format_table", "load_retrieval_set", "main"]
 
