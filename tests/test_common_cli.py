@@ -147,6 +147,47 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
     ml.close()
 
 
+def test_library_noise_is_silenced():
+    import warnings
+
+    from fluxvit.stages.common.runtime import quiet_third_party
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        quiet_third_party(progress=False)
+        warnings.warn("find_unused_parameters=True was specified in DDP constructor, but did not find any unused "
+                      "parameters in the forward pass.", UserWarning)
+        warnings.warn("another warning stays visible", UserWarning)
+    assert [str(w.message) for w in seen] == ["another warning stays visible"]
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    import transformers
+
+    assert not transformers.utils.logging.is_progress_bar_enabled()  # no "Loading weights" bar
+    import huggingface_hub
+
+    transformers.utils.logging.enable_progress_bar()
+    huggingface_hub.utils.enable_progress_bars()
+    os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS")
+
+
+@pytest.mark.slow
+def test_a_stage_run_logged_to_a_file_is_plain_and_quiet(tmp_path):
+    """Stage 1 with its open_clip teacher, stderr to a file: each log line once, no carriage returns, no DeepSpeed
+    accelerator notice at export."""
+    log = tmp_path / "run.log"
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "fluxvit.stages.distill", "--preset", "smoke", "--set",
+                               "train.steps=2", "--set", f"train.run_dir={tmp_path / 'run'}", "--set", "train.eval_every=0",
+                               "--set", "train.tensorboard=false", "--set", "train.log_every=1"],
+                              cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=300,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert "\r" not in text  # progress=true by default, but not a terminal: log lines only
+    assert text.count("saved checkpoint") == 1 and text.count("step 2: loss=") == 1
+    assert "Setting accelerator to CPU" not in text and "exported student" in text
+
+
 def test_exports_get_the_mode_of_the_runs_other_files(tmp_path):
     from fluxvit.models import create_model, save_model
 

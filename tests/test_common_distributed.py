@@ -42,7 +42,7 @@ def test_deepspeed_zero2_runs_on_two_cpu_processes(tmp_path):
     engine = torch.load(ckpt / "pytorch_model" / "mp_rank_00_model_states.pt", weights_only=False)
     assert engine["dp_world_size"] == 2
     optim = torch.load(ckpt / "pytorch_model" / shards[1], weights_only=False)["optimizer_state_dict"]
-    assert int(optim["zero_stage"]) == 2 and optim["partition_count"] == [2]
+    assert int(optim["zero_stage"]) == 2 and set(optim["partition_count"]) == {2}  # each param group split in 2
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
     assert (tmp_path / "student.safetensors").is_file()

@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +61,21 @@ def quiet_third_party(progress: bool = True) -> None:
 
     * DeepSpeed logs "Setting accelerator to CPU" whenever it is first imported without a GPU (accelerate imports
       it in ``unwrap_model``, i.e. at every export): naming the CPU accelerator explicitly skips the detection.
+    * DDP's "find_unused_parameters=True was specified ... but did not find any unused parameters" warning:
+      the stages keep the flag on because a step may leave a budget's pooling head unused.
+    * DeepSpeed's use of the deprecated ``all_gather_into_tensor`` name (a FutureWarning per rank).
     * With ``progress`` off, the Hugging Face "Loading weights" bars of text towers are disabled too.
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", message="find_unused_parameters=True was specified in DDP constructor")
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     if not progress:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-        if "transformers" in sys.modules:  # imported already: its switch was read at import time
+        # Modules imported already read the variable at import time: switch them off directly.
+        if "huggingface_hub" in sys.modules:
+            sys.modules["huggingface_hub"].utils.disable_progress_bars()
+        if "transformers" in sys.modules:
             sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
