@@ -129,7 +129,8 @@ def fluxvit_gflops(num_tokens: int, embed_dim: int, depth: int, patch_dim: int =
     Backbone: per layer 12*N*d^2 + 2*N^2*d with N = tokens + 1 (cls), times depth. With
     ``with_stem_and_pool`` (default) the DPN projection of the kept tokens (N*patch_dim*d) and the pooling
     head's key/value projections (2*N*d^2) are added; that total reproduces the paper's table (B/14:
-    440 / 255 / 108 / 49 at 3072 / 2048 / 1024 / 512 tokens) to within 0.3%, the backbone alone to within 2%.
+    440 / 255 / 108 / 49 at 3072 / 2048 / 1024 / 512 tokens) to the table's rounding (within 0.5 GFLOPs:
+    0.02-0.53 %), the backbone alone to within 1.5 %.
     """
     n = num_tokens + 1
     macs = depth * (12 * n * embed_dim ** 2 + 2 * n * n * embed_dim)

@@ -11,7 +11,9 @@ def test_preset_draws_are_valid_and_cover_all_pairs(name):
     grid = FluxGrid.preset(name)
     pairs = grid.valid_pairs()
     lo, hi = grid.threshold
-    assert pairs and all(lo <= f * (r // 14) ** 2 <= hi for f, r in pairs)
+    # an independent enumeration of the rule, not a re-check of the list valid_pairs filtered itself
+    expected = {(f, r) for f in grid.frames for r in grid.resolutions if lo <= f * (r // 14) ** 2 <= hi}
+    assert pairs and set(pairs) == expected and len(pairs) == len(expected)
     rng = random.Random(0)
     draws = [grid.sample(rng) for _ in range(40 * len(pairs))]
     assert set(draws) <= set(pairs)

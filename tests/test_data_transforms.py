@@ -88,3 +88,11 @@ def test_collate_dense_and_packed():
     packed = collate_videos(ex)
     assert isinstance(packed["video"], list) and packed["video"][1].shape == (3, 2, 16, 16)
     assert packed["caption"] == ["a", ""] and packed["key"] == ["k0", "k1"]
+
+
+def test_tsn_jitter_varies_with_the_seed_and_the_draw():
+    draws = {tuple(sample_tsn_indices(100, 8, random.Random(seed))) for seed in range(8)}
+    assert len(draws) == 8  # 8 seeds, 8 different clips (12.5 frames per segment to choose from)
+    rng = random.Random(0)
+    assert sample_tsn_indices(100, 8, rng) != sample_tsn_indices(100, 8, rng)  # successive draws differ
+    assert sample_tsn_indices(100, 8, random.Random(5)) == sample_tsn_indices(100, 8, random.Random(5))

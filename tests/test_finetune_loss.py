@@ -175,3 +175,13 @@ def test_budget_zero_keeps_every_token_and_micro_presets_resolve():
     assert start.loss.budgets == (0,) and start.optim.min_lr == start.optim.lr  # constant lr from scratch
     assert multi.loss.budgets == (96, 64, 32) and multi.model.overrides["head_budgets"] == (96, 64, 32)
     assert all(f * (r // 14) ** 2 >= 96 for f, r in multi.data.grids)  # every Flux grid holds the largest budget
+
+
+def test_eval_head_ties_go_to_the_earlier_head(net):
+    budgets = net.config.head_budgets
+    for a, b in zip(range(len(budgets)), range(1, len(budgets))):
+        mid = budgets[a] + budgets[b]
+        if mid % 2 == 0:  # an exact tie
+            assert eval_head(net, mid // 2) == a
+        assert eval_head(net, mid // 2 + 1) == a and eval_head(net, (mid + 1) // 2 - 1) == b
+    assert eval_head(net, (budgets[0] + budgets[2]) // 2, trained_heads=[2, 0]) == 0  # order of the list is irrelevant

@@ -102,5 +102,6 @@ def test_aggregate_views_and_topk():
 
 @pytest.mark.parametrize("tokens,paper", [(3072, 440), (2048, 255), (1024, 108), (512, 49)])
 def test_gflops_convention_base(tokens, paper):
-    assert fluxvit_gflops(tokens, 768, 12) == pytest.approx(paper, rel=0.02)
-    assert fluxvit_gflops(tokens, 768, 12, with_stem_and_pool=False) == pytest.approx(paper, rel=0.02)
+    # the precision the docstring states: the table's integer rounding, and 1.5 % for the backbone alone
+    assert abs(fluxvit_gflops(tokens, 768, 12) - paper) < 0.5
+    assert fluxvit_gflops(tokens, 768, 12, with_stem_and_pool=False) == pytest.approx(paper, rel=0.015)

@@ -289,3 +289,49 @@ def test_every_cpu_backend_through_the_whole_model():
     for name in available_backends("cpu"):
         with torch.no_grad(), force_backend(name):
             torch.testing.assert_close(m(clips, num_tokens=[30, None]), ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _cubic_weights(x: float, size: int) -> list[tuple[int, float]]:
+    """Keys cubic convolution (A = -0.75, PyTorch's bicubic) at source coordinate x, borders clamped."""
+    import math
+
+    A = -0.75
+    x0 = math.floor(x)
+    t = x - x0
+    out = []
+    for k in (-1, 0, 1, 2):
+        d = abs(t - k)
+        w = ((A + 2) * d - (A + 3)) * d * d + 1 if d <= 1 else ((A * d - 5 * A) * d + 8 * A) * d - 4 * A
+        out.append((min(max(x0 + k, 0), size - 1), w))
+    return out
+
+
+def test_pos_resize_values_against_an_independent_restatement():
+    """Linear in time then bicubic in space, align_corners=False, restated element by element."""
+    g = torch.Generator().manual_seed(0)
+    grid = torch.randn(2, 4, 5, 3, dtype=torch.float64, generator=g)
+    T, H, W = 3, 6, 2
+    out = resize_pos_grid(grid, T, H, W)
+    T0, H0, W0, _ = grid.shape
+
+    def src(i, n_in, n_out):
+        return (i + 0.5) * n_in / n_out - 0.5
+
+    want = torch.zeros(T, H, W, 3, dtype=torch.float64)
+    for t in range(T):
+        x = min(max(src(t, T0, T), 0.0), T0 - 1)
+        lo = int(x)
+        hi = min(lo + 1, T0 - 1)
+        frame = grid[lo] * (1 - (x - lo)) + grid[hi] * (x - lo)
+        for i in range(H):
+            for j in range(W):
+                want[t, i, j] = sum(wi * wj * frame[a, b] for a, wi in _cubic_weights(src(i, H0, H), H0)
+                                    for b, wj in _cubic_weights(src(j, W0, W), W0))
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+
+
+def test_nearest_head_ties_go_to_the_first_head():
+    m = create_model("fluxvit_tiny_patch14", num_classes=3)
+    assert tuple(m.config.head_budgets) == (3072, 2048, 1024)
+    # 2560 is as far from 3072 as from 2048, 1536 as far from 2048 as from 1024: the earlier head wins
+    assert [m.nearest_head(n) for n in (2561, 2560, 2559, 1537, 1536, 1535)] == [0, 0, 1, 1, 1, 2]
