@@ -3,7 +3,7 @@ figures, writes JSON + Markdown).
 
 Claims, stated as the paper states them:
 (a) token selection: at the same budget, the group-dynamic selector is more accurate than random token selection
-    (the selector ablation, FLUXVIT.md section 2);
+    (the selector ablation, FluxViT paper, arXiv 2503.14237);
 (b) Flux-Multi: at every token budget, the Flux-Multi model is at least as accurate as the Flux-Single model
     (Table 5 compares top-1 budget by budget); judged per budget, with the spread over starts and finetune seeds;
 (c) Token Optimization: at a fixed budget, the (frames, resolution) TO picks on val beats the plain unmasked setting

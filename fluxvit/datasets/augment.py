@@ -1,5 +1,5 @@
 """The release's stage-3 training augmentation, built from timm's pieces and applied to whole clips
-(FLUXVIT.md section 6).
+(FluxViT paper, arXiv 2503.14237).
 
 Per clip, on ``uint8`` frames ``(T, H, W, 3)`` as decoded:
 

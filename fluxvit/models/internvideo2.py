@@ -9,7 +9,7 @@ parameter names and shapes, so the released stage-2 checkpoint loads without ren
     + learnable 3-D pos-embed, resized at run time to (T', H/14, W/14) as the official loader's
       ``interpolate_pos_embed`` does (linear in time, then bicubic in space, align_corners False)
     -> optional group-dynamic token selection on the patch embeddings (the teacher side of FluxViT's
-       "double mask", FLUXVIT.md section 4)
+       "double mask", FluxViT paper, arXiv 2503.14237)
     -> cls token + kept tokens of every clip packed into one sequence (``cu_seqlens``, no padding)
     -> ``depth`` pre-norm blocks: RMSNorm, full-width qk RMSNorm, LayerScale (fp32), MLP with tanh GELU
        (the official teacher's fused MLP; exact GELU selectable with ``mlp_act="gelu"``); no final norm

@@ -1,4 +1,4 @@
-"""Stage-3 objective: the Flux-Multi / Flux-Single loss (FLUXVIT.md section 6) and the batch-level label mixing
+"""Stage-3 objective: the Flux-Multi / Flux-Single loss (FluxViT paper, arXiv 2503.14237) and the batch-level label mixing
 (timm ``Mixup`` / CutMix with label smoothing, targets scored with timm's ``SoftTargetCrossEntropy``)."""
 from __future__ import annotations
 

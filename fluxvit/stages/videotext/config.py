@@ -130,7 +130,7 @@ def demo() -> VideoTextConfig:
 
 
 # ------------------------------------------------------------------------------------------- paper presets
-# Flux-CLIP (FLUXVIT.md section 5): Table 16 gives the optimiser, schedule, batches, grid and crop; the rest follows
+# Flux-CLIP (FluxViT paper, arXiv 2503.14237): Table 16 gives the optimiser, schedule, batches, grid and crop; the rest follows
 # InternVideo2's public small-CLIP config (scripts/pretraining/clip/S14/config.py), whose numbers Table 16 matches.
 # Every value and its source: RECIPES.md (checked field by field by tests/test_recipes.py).
 CORPUS_25M, CORPUS_2M5 = 25_000_000, 2_500_000
@@ -194,7 +194,7 @@ def paper_b_2m5() -> VideoTextConfig:
 
 
 def _umt(model: str) -> VideoTextConfig:
-    # UMT's stage 2 (FLUXVIT.md section 5): BERT-base text, learnable temperature 0.07 clamped to [0.001, 0.5],
+    # UMT's stage 2 (FluxViT paper, arXiv 2503.14237): BERT-base text, learnable temperature 0.07 clamped to [0.001, 0.5],
     # trained projections, plain (no dual softmax) retrieval. Of its losses only VTC is implemented here (VTM,
     # MLM and ITM re-ranking are not); the unmasked-teacher alignment is ``align.weight``.
     cfg = _flux_clip(model, "25m")
