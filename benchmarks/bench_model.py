@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from fluxvit.models import available_backends, create_model, force_backend, varlen_attention
-from fluxvit.models.layers import segment_ids
+from fluxvit.models.attention import PackedSeqs
 from fluxvit.models.selector import select_tokens
 from benchmarks import write_result
 
@@ -41,12 +41,10 @@ def timed(fn, reps: int, warmup: int = 1) -> float:
 
 def run_blocks(model, x, lengths):
     """Blocks + pooling head over a pack with the given sequence lengths (what padding changes)."""
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-    cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
-    seg = segment_ids(cu, x.shape[0])
+    pack = PackedSeqs(lengths, x.device)
     for blk in model.blocks:
-        x = blk(x, cu, seg, max(lengths))
-    return model.clip_projector[0](x, cu, seg)
+        x = blk(x, pack)
+    return model.clip_projector[0](x, pack.cu_seqlens, pack.seg)
 
 
 def bench_selector(model, frames: int, res: int, budgets, reps: int) -> list[dict]:

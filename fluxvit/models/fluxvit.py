@@ -21,8 +21,10 @@ from typing import Sequence, Union
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .layers import AlignDecoder, AttentionPoolingHead, Block, ChannelAffine, DualNormPatchEmbed, segment_ids
+from .attention import PackedSeqs, available_backends
+from .layers import AlignDecoder, AttentionPoolingHead, Block, ChannelAffine, DualNormPatchEmbed
 from .pos_embed import resize_pos_grid, sincos_3d
 from .selector import select_tokens
 
@@ -151,6 +153,8 @@ class FluxViT(nn.Module):
         self.final_clip_decoder_for_projs = nn.ModuleList(
             AlignDecoder(cfg.clip_embed_dim) for _ in range(cfg.num_align_decoders)
         )
+        self.grad_checkpointing = False
+        self.blocks_compiled = False
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -172,6 +176,20 @@ class FluxViT(nn.Module):
             for i, blk in enumerate(self.blocks, start=1):
                 blk.attn.proj.weight.div_(math.sqrt(2.0 * i))
                 blk.mlp.fc2.weight.div_(math.sqrt(2.0 * i))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block (timm's convention): each block's activations are recomputed
+        in the backward pass instead of stored; outputs and gradients are unchanged."""
+        self.grad_checkpointing = bool(enable)
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """Regional compilation (as torchtitan does): ``torch.compile`` each block in place
+        (``nn.Module.compile``, so parameter names do not change). The packed token count is marked dynamic,
+        so a new Flux grid or budget reuses the compiled blocks; backends that split by host lengths
+        (segments, nested, math, block_mask) run eagerly between the compiled parts."""
+        for blk in self.blocks:
+            blk.compile(**compile_kwargs)
+        self.blocks_compiled = True
 
     def no_weight_decay(self) -> set:
         """Parameter names excluded from weight decay besides norms and biases."""
@@ -306,24 +324,32 @@ class FluxViT(nn.Module):
             for vi, s in zip(vis, sel):
                 keep[vi] = s
 
+        # Pack: lengths are host ints (kept-index tensors have host-known sizes), so cu_seqlens, max_seqlen
+        # and segment ids are built here once and no block reads anything back from the device.
         rows = []
         for vi, v in enumerate(views):
-            rows += [torch.tensor([cls_row[v.clip]], device=device), keep[vi] + clip_row[v.clip]]
+            rows += [keep[vi].new_full((1,), cls_row[v.clip]), keep[vi] + clip_row[v.clip]]
         x = table[torch.cat(rows)]
         lengths = [1 + k.numel() for k in keep]
-        cu = torch.zeros(len(views) + 1, dtype=torch.int64, device=device)
-        cu[1:] = torch.cumsum(torch.tensor(lengths, device=device), 0)
-        seg = segment_ids(cu, x.shape[0])
-        max_len = max(lengths)
+        pack = PackedSeqs(lengths, device)
+        cu = pack.cu_seqlens.long()
+        if self.blocks_compiled:
+            for t in (x, pack.seg, pack.cu_seqlens):  # one compiled block serves every token count
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            grad = x.requires_grad and torch.is_grad_enabled()
+            if (self.config.attn_backend or "auto") in ("auto", "flex") and \
+                    "flex" in available_backends(x.device, x.dtype, grad):
+                pack.flex_block_mask()  # built outside the compiled regions, reused by every block
 
         out_layers = {}
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cu, seg, max_len)
+            x = checkpoint(blk, x, pack, use_reentrant=False) if ckpt else blk(x, pack)
             if i in wanted:
                 out_layers[wanted[i]] = x
 
         heads = [v.head if v.head is not None else self.nearest_head(lengths[vi] - 1) for vi, v in enumerate(views)]
-        pooled = self._pool(x, cu, seg, heads, lengths)
+        pooled = self._pool(x, cu, pack.seg, heads, lengths)
         aligned = self.final_clip_decoder_for_projs[align](pooled) if align is not None else None
         return FluxFeatures(cu_seqlens=cu, keep=keep, grids=[grid_of[v.clip] for v in views],
                             clip_index=[v.clip for v in views], heads=heads, last=x, pooled=pooled,
@@ -333,13 +359,12 @@ class FluxViT(nn.Module):
         if len(set(heads)) == 1:
             return self.clip_projector[heads[0]](x, cu, seg)
         pooled = x.new_zeros(len(heads), self.config.clip_embed_dim)
+        parts = x.split(lengths)
         for h in sorted(set(heads)):
             vis = [i for i, hh in enumerate(heads) if hh == h]
-            rows = torch.cat([torch.arange(cu[i], cu[i + 1], device=x.device) for i in vis])
-            sub_len = torch.tensor([lengths[i] for i in vis], device=x.device)
-            sub_cu = torch.zeros(len(vis) + 1, dtype=torch.int64, device=x.device)
-            sub_cu[1:] = torch.cumsum(sub_len, 0)
-            pooled[vis] = self.clip_projector[h](x[rows], sub_cu, segment_ids(sub_cu, len(rows))).to(pooled.dtype)
+            sub = PackedSeqs([lengths[i] for i in vis], x.device)
+            rows = torch.cat([parts[i] for i in vis])
+            pooled[vis] = self.clip_projector[h](rows, sub.cu_seqlens, sub.seg).to(pooled.dtype)
         return pooled
 
     # ---------------------------------------------------------------- public

@@ -1,7 +1,8 @@
 """FluxViT building blocks, written for packed token sequences.
 
-All token tensors here are packed: (N_total, dim) with ``cu_seqlens`` (num_seqs + 1,) marking where each
-sequence (one clip's kept tokens, cls first) starts. Parameter names and shapes follow the official release
+All token tensors here are packed: (N_total, dim) with a ``PackedSeqs`` (host lengths, ``cu_seqlens``
+(num_seqs + 1,), segment ids; built once per forward) marking where each sequence (one clip's kept tokens,
+cls first) starts. Nothing inside a block reads a device value back to the host. Parameter names and shapes follow the official release
 so that its checkpoints load without renaming (see ``fluxvit.models.checkpoint``).
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import varlen_attention
+from .attention import PackedSeqs, varlen_attention
 
 __all__ = [
     "AlignDecoder",
@@ -135,7 +136,7 @@ class Attention(nn.Module):
     """Multi-head self-attention over packed sequences with qk-norm and local PE (LPE).
 
     out = proj(softmax(q k^T / sqrt(d)) v + lpe(v)), where q and k are RMS-normed over the full dim before
-    the head split and ``lpe`` is a per-channel affine map of v. (N, dim), cu_seqlens -> (N, dim).
+    the head split and ``lpe`` is a per-channel affine map of v. (N, dim), PackedSeqs -> (N, dim).
     """
 
     def __init__(self, dim: int, num_heads: int, attn_backend: str | None = None):
@@ -151,18 +152,21 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(dim)
         self.k_norm = RMSNorm(dim)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pack: PackedSeqs) -> torch.Tensor:
         N, D = x.shape
         q, k, v = self.qkv(x).view(N, 3, D).unbind(1)
         q, k = self.q_norm(q), self.k_norm(k)
         heads = (N, self.num_heads, self.head_dim)
-        out = varlen_attention(q.reshape(heads), k.reshape(heads), v.reshape(heads), cu_seqlens,
-                               max_seqlen=max_seqlen, backend=self.attn_backend)
-        return self.proj(out.reshape(N, D) + self.lpe(v))
+        out = varlen_attention(q.reshape(heads), k.reshape(heads), v.reshape(heads), pack,
+                               backend=self.attn_backend)
+        return self.proj(out.flatten(1) + self.lpe(v))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x += ls1 * Attn(RMSNorm(x)); x += ls2 * MLP(RMSNorm(x)). (N, dim) -> (N, dim)."""
+    """Pre-norm transformer block: x += ls1 * Attn(RMSNorm(x)); x += ls2 * MLP(RMSNorm(x)).
+
+    (N, dim), PackedSeqs -> (N, dim). Stochastic depth drops whole sequences (samples).
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, init_values: float = 1e-5,
                  drop_path: float = 0.0, attn_backend: str | None = None):
@@ -175,11 +179,9 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values)
         self.drop_path = drop_path
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, seg: torch.Tensor,
-                max_seqlen: int | None = None) -> torch.Tensor:
-        n = len(cu_seqlens) - 1
-        x = x + packed_drop_path(self.ls1(self.attn(self.norm1(x), cu_seqlens, max_seqlen)), seg, n,
-                                 self.drop_path, self.training)
+    def forward(self, x: torch.Tensor, pack: PackedSeqs) -> torch.Tensor:
+        seg, n = pack.seg, pack.num_seqs
+        x = x + packed_drop_path(self.ls1(self.attn(self.norm1(x), pack)), seg, n, self.drop_path, self.training)
         return x + packed_drop_path(self.ls2(self.mlp(self.norm2(x))), seg, n, self.drop_path, self.training)
 
 

@@ -109,6 +109,10 @@ class TrainConfig:
     find_unused_parameters: bool = True
     deterministic: bool = False
     progress: bool = True
+    # GPU-shaped training: regional torch.compile of every model block (dynamic token counts), and
+    # activation checkpointing per block (recompute in backward: less memory, about one more forward).
+    compile: bool = False
+    grad_checkpointing: bool = False
 
 
 # ----------------------------------------------------------------------------------------------- presets

@@ -98,6 +98,7 @@ def fit(config: Any, task: TrainTask, source: BatchSource, accelerator) -> Train
     tcfg: TrainConfig = config.train
     ocfg: OptimConfig = config.optim
     acc = accelerator
+    _check_step_setup(tcfg, acc)
     run_dir = Path(tcfg.run_dir)
     resolved = config_to_dict(config)
     ckpt = CheckpointManager(acc, run_dir, tcfg.keep_last)
@@ -115,6 +116,7 @@ def fit(config: Any, task: TrainTask, source: BatchSource, accelerator) -> Train
     if tcfg.init_from:  # also on resume: a stage-1 export can define the architecture (stage 2)
         task.load_init(tcfg.init_from)
     task.to_device(acc.device)
+    _apply_model_options(task.model, tcfg)
     # A task may supply its own parameter groups (e.g. stage 3's layer-wise lr decay).
     build = getattr(task, "build_optimizer", None)
     optimizer = build(ocfg) if callable(build) else build_optimizer(task.model, ocfg)
@@ -144,30 +146,11 @@ def fit(config: Any, task: TrainTask, source: BatchSource, accelerator) -> Train
     batches = source.batches(state["data_position"])
     model.train()
     step = start
+    pending: list = []  # logged rows of steps not yet read back from the device (read at log time)
     try:
         while step < tcfg.steps:
             t0 = time.perf_counter()
-            sums: dict[str, float] = {}
-            tokens, finite = 0, True
-            for _ in range(tcfg.grad_accum):
-                batch = next(batches)
-                state["data_position"] += 1
-                with acc.accumulate(model):
-                    out = task.compute_loss(model, batch, step)
-                    ok = torch.isfinite(out.loss.detach()).float()
-                    # Every rank must agree, or DDP/DeepSpeed collectives would deadlock.
-                    ok = acc.reduce(ok.to(acc.device), reduction="sum").item() == acc.num_processes
-                    finite = finite and ok
-                    if finite:
-                        acc.backward(out.loss)
-                        if acc.sync_gradients and ocfg.clip_grad > 0 and acc.distributed_type.value != "DEEPSPEED":
-                            acc.clip_grad_norm_(model.parameters(), ocfg.clip_grad)
-                        if acc.sync_gradients:
-                            optimizer.step()
-                    tokens += out.tokens
-                    for k, v in out.terms.items():
-                        sums[k] = sums.get(k, 0.0) + float(v) / tcfg.grad_accum
-            optimizer.zero_grad(set_to_none=True)
+            out_terms, tokens, finite = _train_step(task, model, optimizer, batches, state, step, acc, tcfg, ocfg)
             step += 1
             if finite:
                 scheduler.step()
@@ -177,7 +160,8 @@ def fit(config: Any, task: TrainTask, source: BatchSource, accelerator) -> Train
             else:
                 state["skipped_steps"] += 1
                 state["bad_in_a_row"] += 1
-                log.warning("step %d: non-finite loss, step skipped (%d in a row)", step, state["bad_in_a_row"])
+                log.warning("step %d: non-finite loss or gradient norm, step skipped (%d in a row)", step,
+                            state["bad_in_a_row"])
                 if state["bad_in_a_row"] >= tcfg.max_bad_steps:
                     raise NonFiniteLossError(
                         f"{state['bad_in_a_row']} consecutive steps had a NaN/inf loss (last at step {step}); "
@@ -185,15 +169,16 @@ def fit(config: Any, task: TrainTask, source: BatchSource, accelerator) -> Train
             dt = time.perf_counter() - t0
             state["step"] = step
             state["tokens"] += tokens
-            scalars = _reduce_scalars(acc, sums)
-            scalars.update(lr=scheduler.get_last_lr()[0], tok_s=tokens * acc.num_processes / max(dt, 1e-9),
-                           skipped_steps=state["skipped_steps"], skipped_samples=getattr(source, "skipped", 0))
-            logger.log(step, scalars)
-            if acc.is_main_process:
-                result.history.append({"step": step, **{k: _f(v) for k, v in scalars.items()}})
-            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
+            pending.append((step, out_terms, dict(
+                lr=scheduler.get_last_lr()[0], tok_s=tokens * acc.num_processes / max(dt, 1e-9),
+                skipped_steps=state["skipped_steps"], skipped_samples=getattr(source, "skipped", 0))))
+            evaluate = tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps
+            save = tcfg.ckpt_every and step % tcfg.ckpt_every == 0 and step < tcfg.steps
+            if step % logger.log_every == 0 or step == 1 or step == tcfg.steps or evaluate or save:
+                _flush_logs(acc, pending, logger, result)
+            if evaluate:
                 _evaluate(task, model, step, logger, result)
-            if tcfg.ckpt_every and step % tcfg.ckpt_every == 0 and step < tcfg.steps:
+            if save:
                 ckpt.save(step, _public(state), resolved)
         # The final evaluation precedes the final checkpoint, as periodic ones do: metrics.jsonl up to a
         # checkpoint's step is complete, so a resume never records a step or an evaluation twice.
@@ -212,6 +197,80 @@ def fit(config: Any, task: TrainTask, source: BatchSource, accelerator) -> Train
     return result
 
 
+def _apply_model_options(model: nn.Module, tcfg: TrainConfig) -> None:
+    """``train.grad_checkpointing`` / ``train.compile`` on every submodule that offers them (timm's
+    ``set_grad_checkpointing``; ``compile_blocks`` for regional compilation), e.g. the student inside a task."""
+    for m in model.modules():
+        if tcfg.grad_checkpointing and callable(getattr(m, "set_grad_checkpointing", None)):
+            m.set_grad_checkpointing(True)
+        if tcfg.compile and callable(getattr(m, "compile_blocks", None)):
+            m.compile_blocks()
+    if tcfg.compile or tcfg.grad_checkpointing:
+        log.info("model options: compile=%s grad_checkpointing=%s", tcfg.compile, tcfg.grad_checkpointing)
+
+
+def _check_step_setup(tcfg: TrainConfig, acc) -> None:
+    """Refuse what the step body cannot do reliably (one line, at start)."""
+    if acc.distributed_type.value == "DEEPSPEED" and tcfg.grad_accum > 1:
+        raise ValueError(
+            f"train.grad_accum={tcfg.grad_accum} under DeepSpeed is refused: DeepSpeed steps its optimizer "
+            f"inside backward, so a step with a non-finite micro-batch cannot be skipped whole; use "
+            f"train.grad_accum=1 with a larger data.batch_size, or a DDP launch config")
+
+
+def _train_step(task: TrainTask, model, optimizer, batches, state: dict, step: int, acc, tcfg: TrainConfig,
+                ocfg: OptimConfig):
+    """One optimizer step over ``tcfg.grad_accum`` micro-batches with at most one host-device sync.
+
+    Every micro-batch runs its backward pass; whether the losses (and the clipped gradient norm) were finite
+    on every rank is kept on the device and read once, before ``optimizer.step()`` (as ``GradScaler`` does),
+    so a non-finite micro-batch skips the whole step on every rank alike. Under DeepSpeed (which steps inside
+    backward, grad_accum is 1 there) the flag is read before the backward pass instead.
+
+    Returns (logged terms as detached tensors / floats averaged over micro-batches, tokens, finite).
+    """
+    deepspeed = acc.distributed_type.value == "DEEPSPEED"
+    terms: dict = {}
+    tokens, bad, finite = 0, None, True
+    for _ in range(tcfg.grad_accum):
+        batch = next(batches)
+        state["data_position"] += 1
+        with acc.accumulate(model):
+            out = task.compute_loss(model, batch, step)
+            nonfinite = (~torch.isfinite(out.loss.detach())).float()
+            bad = nonfinite if bad is None else bad + nonfinite
+            if deepspeed:
+                finite = _all_ranks_finite(acc, bad)
+                if finite:
+                    acc.backward(out.loss)
+            else:
+                acc.backward(out.loss)
+        tokens += out.tokens
+        for k, v in out.terms.items():
+            v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+            terms[k] = terms.get(k, 0.0) + v / tcfg.grad_accum
+    if not deepspeed:
+        # The last micro-batch's backward has synchronised the gradients (acc.sync_gradients is True).
+        norm = acc.clip_grad_norm_(model.parameters(), ocfg.clip_grad) if ocfg.clip_grad > 0 else None
+        finite = _all_ranks_finite(acc, bad, norm)
+        if finite:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return terms, tokens, finite
+
+
+def _all_ranks_finite(acc, bad: torch.Tensor, norm: torch.Tensor | None = None) -> bool:
+    """True when no rank saw a non-finite loss (``bad`` counts them) or gradient norm: one all-reduce (a
+    collective, no host wait) and one read back, the step's single synchronisation. Every rank gets the same
+    answer, so DDP/DeepSpeed collectives stay in step."""
+    flag = bad.to(acc.device)
+    if norm is not None:
+        flag = flag + (~torch.isfinite(norm.detach())).float().to(acc.device)
+    if acc.num_processes > 1:
+        flag = acc.reduce(flag, reduction="sum")
+    return flag.item() == 0
+
+
 def _public(state: dict) -> dict:
     return {k: v for k, v in state.items() if k != "step"}
 
@@ -220,15 +279,27 @@ def _f(v):
     return v.item() if isinstance(v, torch.Tensor) else v
 
 
-def _reduce_scalars(acc, sums: dict) -> dict:
-    """Mean of each loss term over ranks (one all-reduce for all terms)."""
-    if not sums:
-        return {}
-    keys = sorted(sums)
-    vec = torch.tensor([sums[k] for k in keys], device=acc.device, dtype=torch.float64)
-    if acc.num_processes > 1:
-        vec = acc.reduce(vec, reduction="mean")
-    return {k: float(v) for k, v in zip(keys, vec.tolist())}
+def _flush_logs(acc, pending: list, logger: MetricLogger, result: TrainResult) -> None:
+    """Read the buffered steps' loss terms back (one all-reduce mean over ranks, one read for all steps) and
+    log each step's row. Called at log time, before evaluations and checkpoints, and at the end."""
+    if not pending:
+        return
+    slots = [(i, k) for i, (_, terms, _) in enumerate(pending) for k in sorted(terms)
+             if isinstance(terms[k], torch.Tensor)]
+    values: list = []
+    if slots:
+        vec = torch.stack([pending[i][1][k].to(acc.device, torch.float64).reshape(()) for i, k in slots])
+        if acc.num_processes > 1:
+            vec = acc.reduce(vec, reduction="mean")
+        values = vec.tolist()
+    read = dict(zip(slots, values))
+    for i, (step, terms, host) in enumerate(pending):
+        scalars = {k: read[(i, k)] if (i, k) in read else v for k, v in sorted(terms.items())}
+        scalars.update(host)
+        logger.log(step, scalars)
+        if acc.is_main_process:
+            result.history.append({"step": step, **{k: _f(v) for k, v in scalars.items()}})
+    pending.clear()
 
 
 def _evaluate(task: TrainTask, model: nn.Module, step: int, logger: MetricLogger, result: TrainResult) -> None:
