@@ -14,7 +14,7 @@ TEXT ?=
 LAUNCH ?= launch/cpu.yaml
 RUN_DIR ?= runs
 
-.PHONY: help setup test test-fast bench bench-data bench-distill bench-finetune pretrain distill retrieval-eval finetune tokenopt clean-venv
+.PHONY: help setup test test-fast bench bench-data bench-distill bench-finetune pretrain distill retrieval-eval finetune tokenopt clean-venv gpu-check
 
 help:
 	@echo "make pretrain        stage 1 + stage 2 on the synthetic corpus (demo scale)"
@@ -26,6 +26,7 @@ help:
 	@echo "make bench           model benchmarks (selector cost, packed vs padded)"
 	@echo "make bench-data      data pipeline benchmark"
 	@echo "make bench-finetune  stage-3 claims on the synthetic corpus (2 starts x 3 seeds, hours on 2 cores; CLAIMS_ARGS=--tiny: 1 min)"
+	@echo "make gpu-check       one GPU check: gpu tests, backends, S/B train steps, MFU, teacher, decode (<= 8 min)"
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v ffmpeg >/dev/null 2>&1 || { \
@@ -49,6 +50,11 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_model
+
+# One prepared GPU run (benchmarks/gpu_check.py): one table + benchmarks/results/gpu_check.json.
+# ARGS='--cpu --tiny' runs it end to end on a CPU.
+gpu-check: $(STAMP)
+	$(PY) -m benchmarks.gpu_check $(ARGS)
 
 bench-data: $(STAMP)
 	$(PY) -m benchmarks.bench_data
