@@ -14,6 +14,8 @@ def test_gpu_check_cpu_tiny_end_to_end(tmp_path, capsys):
     for case in ("flux_multi_packed", "flux_multi_three_passes", "single_32", "mixed_packed", "mixed_padded"):
         assert tiny[case]["step_s"] > 0 and tiny[case]["tokens_s"] > 0
     assert tiny["packed_over_three"] > 0 and tiny["padded_over_packed"] > 0
+    teacher = report["teacher"]
+    assert teacher["status"] == "ok" and teacher["clips_s"] > 0 and 0 < teacher["share_of_stage1_step"] < 1
     printed = capsys.readouterr().out
     assert "| check | result | target | status |" in printed and "Flux-Multi packed / three passes" in printed
 

@@ -23,8 +23,9 @@ name               kernel                                                       
 =================  =====================================================================  ==================
 
 ``auto``: flash, then torch_varlen (CUDA half precision); then ``flex`` on CUDA (the fallback when
-flash-attn is absent or the dtype is fp32) and inside a ``torch.compile`` region on CPU when no gradient is
-needed (PyTorch's FlexAttention has no CPU backward); else ``segments`` (fastest measured in eager CPU runs).
+flash-attn is absent or the dtype is fp32); else ``segments``. On CPU, compiled ``flex`` measured level with
+``segments`` (S/14 dims: 1.13 s vs 1.24 s; B/14 dims: 1.92 s vs 1.60 s on a mixed 6660-token pack) after a
+15-30 s compile per pack length, and it has no CPU backward, so ``auto`` keeps ``segments`` there.
 
 Choose one with the environment variable ``FLUXVIT_ATTN_BACKEND`` or a model's ``attn_backend`` config
 field; ``force_backend`` is a context manager for tests. A requested backend that cannot run on the
@@ -252,15 +253,15 @@ def force_backend(name: str) -> Iterator[None]:
 def resolve_backend(q: torch.Tensor, requested: str | None = None) -> str:
     """Pick the backend for ``q``: forced > ``requested`` (config) > ``$FLUXVIT_ATTN_BACKEND`` > auto.
 
-    Auto: flash, torch_varlen (CUDA half precision); flex on CUDA, and inside a ``torch.compile`` region on
-    CPU when no gradient is needed; else ``segments`` (fastest measured in eager CPU runs; README table).
+    Auto: flash, torch_varlen (CUDA half precision); flex on CUDA (fp32, or no flash-attn / varlen);
+    else ``segments`` (on CPU as fast as compiled flex, without its compile; see the module docstring).
     """
     name = _forced[-1] if _forced else (requested or os.environ.get(ENV_VAR) or "auto")
     if name == "auto":
         for candidate in ("flash", "torch_varlen"):
             if _supports(candidate, q):
                 return candidate
-        if _supports("flex", q) and (q.is_cuda or torch.compiler.is_compiling()):
+        if q.is_cuda and _supports("flex", q):
             return "flex"
         return "segments"
     if name not in BACKENDS:

@@ -21,10 +21,9 @@ from typing import Sequence, Union
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .attention import PackedSeqs, available_backends
-from .layers import AlignDecoder, AttentionPoolingHead, Block, ChannelAffine, DualNormPatchEmbed
+from .attention import PackedSeqs
+from .layers import AlignDecoder, AttentionPoolingHead, Block, ChannelAffine, DualNormPatchEmbed, PackedBlockStack
 from .pos_embed import resize_pos_grid, sincos_3d
 from .selector import select_tokens
 
@@ -116,12 +115,13 @@ class _View:
     head: Union[int, None]
 
 
-class FluxViT(nn.Module):
+class FluxViT(PackedBlockStack, nn.Module):
     """FluxViT video encoder with three budget pooling heads, classifiers and two alignment decoders.
 
     ``model(video, num_tokens=None, head=None)`` -> logits (B, num_classes), or the normalised pooled
     feature (B, clip_embed_dim) when ``num_classes == 0``. ``forward_features`` and ``forward_multi``
-    return ``FluxFeatures`` for training stages.
+    return ``FluxFeatures`` for training stages. ``set_grad_checkpointing`` / ``compile_blocks``: see
+    ``PackedBlockStack``.
     """
 
     def __init__(self, config: FluxViTConfig | None = None, **kwargs):
@@ -153,8 +153,6 @@ class FluxViT(nn.Module):
         self.final_clip_decoder_for_projs = nn.ModuleList(
             AlignDecoder(cfg.clip_embed_dim) for _ in range(cfg.num_align_decoders)
         )
-        self.grad_checkpointing = False
-        self.blocks_compiled = False
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -176,20 +174,6 @@ class FluxViT(nn.Module):
             for i, blk in enumerate(self.blocks, start=1):
                 blk.attn.proj.weight.div_(math.sqrt(2.0 * i))
                 blk.mlp.fc2.weight.div_(math.sqrt(2.0 * i))
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Activation checkpointing per block (timm's convention): each block's activations are recomputed
-        in the backward pass instead of stored; outputs and gradients are unchanged."""
-        self.grad_checkpointing = bool(enable)
-
-    def compile_blocks(self, **compile_kwargs) -> None:
-        """Regional compilation (as torchtitan does): ``torch.compile`` each block in place
-        (``nn.Module.compile``, so parameter names do not change). The packed token count is marked dynamic,
-        so a new Flux grid or budget reuses the compiled blocks; backends that split by host lengths
-        (segments, nested, math, block_mask) run eagerly between the compiled parts."""
-        for blk in self.blocks:
-            blk.compile(**compile_kwargs)
-        self.blocks_compiled = True
 
     def no_weight_decay(self) -> set:
         """Parameter names excluded from weight decay besides norms and biases."""
@@ -333,20 +317,8 @@ class FluxViT(nn.Module):
         lengths = [1 + k.numel() for k in keep]
         pack = PackedSeqs(lengths, device)
         cu = pack.cu_seqlens.long()
-        if self.blocks_compiled:
-            for t in (x, pack.seg, pack.cu_seqlens):  # one compiled block serves every token count
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-            grad = x.requires_grad and torch.is_grad_enabled()
-            if (self.config.attn_backend or "auto") in ("auto", "flex") and \
-                    "flex" in available_backends(x.device, x.dtype, grad):
-                pack.flex_block_mask()  # built outside the compiled regions, reused by every block
-
-        out_layers = {}
-        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
-        for i, blk in enumerate(self.blocks):
-            x = checkpoint(blk, x, pack, use_reentrant=False) if ckpt else blk(x, pack)
-            if i in wanted:
-                out_layers[wanted[i]] = x
+        x, outs = self.run_blocks(x, pack, wanted)
+        out_layers = {wanted[i]: t for i, t in outs.items()}
 
         heads = [v.head if v.head is not None else self.nearest_head(lengths[vi] - 1) for vi, v in enumerate(views)]
         pooled = self._pool(x, cu, pack.seg, heads, lengths)

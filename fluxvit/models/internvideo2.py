@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import varlen_attention
-from .layers import AttentionPoolingHead, LayerScale, Mlp, RMSNorm, packed_drop_path, segment_ids
+from .attention import PackedSeqs, varlen_attention
+from .layers import AttentionPoolingHead, LayerScale, Mlp, PackedBlockStack, RMSNorm, packed_drop_path
 from .pos_embed import resize_pos_grid, sincos_3d
 from .selector import select_tokens
 
@@ -95,7 +95,7 @@ class InternVideo2Config:
 class InternVideo2Attention(nn.Module):
     """Packed multi-head self-attention with full-width qk RMSNorm (across all heads together), no local PE.
 
-    (N, dim), cu_seqlens (S + 1,) -> (N, dim). Parameter names as released: ``qkv``, ``proj``, ``q_norm``,
+    (N, dim), PackedSeqs -> (N, dim). Parameter names as released: ``qkv``, ``proj``, ``q_norm``,
     ``k_norm``.
     """
 
@@ -110,14 +110,14 @@ class InternVideo2Attention(nn.Module):
         self.q_norm = RMSNorm(dim) if qk_normalization else nn.Identity()
         self.k_norm = RMSNorm(dim) if qk_normalization else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pack: PackedSeqs) -> torch.Tensor:
         N, D = x.shape
         q, k, v = self.qkv(x).view(N, 3, D).unbind(1)
         q, k = self.q_norm(q), self.k_norm(k)
         heads = (N, self.num_heads, self.head_dim)
-        out = varlen_attention(q.reshape(heads), k.reshape(heads), v.reshape(heads), cu_seqlens,
-                               max_seqlen=max_seqlen, backend=self.attn_backend)
-        return self.proj(out.reshape(N, D))
+        out = varlen_attention(q.reshape(heads), k.reshape(heads), v.reshape(heads), pack,
+                               backend=self.attn_backend)
+        return self.proj(out.flatten(1))
 
 
 class InternVideo2Mlp(Mlp):
@@ -146,11 +146,9 @@ class InternVideo2Block(nn.Module):
         self.ls2 = LayerScale(D, cfg.init_values)
         self.drop_path = drop_path
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, seg: torch.Tensor,
-                max_seqlen: int | None = None) -> torch.Tensor:
-        n = len(cu_seqlens) - 1
-        x = x + packed_drop_path(self.ls1(self.attn(self.norm1(x), cu_seqlens, max_seqlen)), seg, n,
-                                 self.drop_path, self.training)
+    def forward(self, x: torch.Tensor, pack: PackedSeqs) -> torch.Tensor:
+        seg, n = pack.seg, pack.num_seqs
+        x = x + packed_drop_path(self.ls1(self.attn(self.norm1(x), pack)), seg, n, self.drop_path, self.training)
         return x + packed_drop_path(self.ls2(self.mlp(self.norm2(x))), seg, n, self.drop_path, self.training)
 
 
@@ -249,7 +247,7 @@ class TeacherForward(NamedTuple):
     attn: torch.Tensor
 
 
-class InternVideo2(nn.Module):
+class InternVideo2(PackedBlockStack, nn.Module):
     """InternVideo2 vision encoder (the official distillation teacher) on packed variable-length sequences.
 
     ``model(video, num_tokens=None)`` -> (B, clip_embed_dim) projector output. ``forward_teacher`` and
@@ -393,18 +391,11 @@ class InternVideo2(nn.Module):
             for j, i in enumerate(idx):
                 rows[i], keep[i], grids[i] = x[j], sel[j], grid
         x = torch.cat(rows)
-        lengths = [r.shape[0] for r in rows]
-        cu = torch.zeros(n + 1, dtype=torch.int64, device=x.device)
-        cu[1:] = torch.cumsum(torch.tensor(lengths, device=x.device), 0)
-        seg = segment_ids(cu, x.shape[0])
-        max_len = max(lengths)
-
-        hidden = {}
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, cu, seg, max_len)
-            if i in wanted:
-                hidden[i] = x
-        pooled, attn = pool_with_attention(self.clip_projector, x, cu, seg)
+        # Lengths are host ints: cu_seqlens, max_seqlen and segment ids are built once, no block syncs.
+        pack = PackedSeqs([r.shape[0] for r in rows], x.device)
+        cu = pack.cu_seqlens.long()
+        x, hidden = self.run_blocks(x, pack, wanted)
+        pooled, attn = pool_with_attention(self.clip_projector, x, cu, pack.seg)
         return InternVideo2Features(cu_seqlens=cu, keep=keep, grids=grids, hidden=hidden, pooled=pooled, attn=attn)
 
     def forward_teacher(self, video: VideoInput, layers: Sequence[int],

@@ -12,8 +12,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .attention import PackedSeqs, varlen_attention
+from .attention import PackedSeqs, available_backends, varlen_attention
 
 __all__ = [
     "AlignDecoder",
@@ -24,6 +25,7 @@ __all__ = [
     "DualNormPatchEmbed",
     "LayerScale",
     "Mlp",
+    "PackedBlockStack",
     "RMSNorm",
     "packed_drop_path",
     "segment_ids",
@@ -183,6 +185,46 @@ class Block(nn.Module):
         seg, n = pack.seg, pack.num_seqs
         x = x + packed_drop_path(self.ls1(self.attn(self.norm1(x), pack)), seg, n, self.drop_path, self.training)
         return x + packed_drop_path(self.ls2(self.mlp(self.norm2(x))), seg, n, self.drop_path, self.training)
+
+
+class PackedBlockStack:
+    """Mixin for a model whose ``self.blocks`` each map (N, dim), PackedSeqs -> (N, dim) (FluxViT, InternVideo2).
+
+    ``set_grad_checkpointing`` (timm's convention): each block's activations are recomputed in the backward
+    pass instead of stored (outputs, gradients and stochastic-depth draws unchanged). ``compile_blocks``:
+    regional compilation as torchtitan does it, ``torch.compile`` of each block in place (parameter names do
+    not change), with the packed token count marked dynamic so a new Flux grid or budget reuses the compiled
+    blocks; kernels that split by host lengths (segments, nested, math, block_mask) run eagerly between the
+    compiled parts.
+    """
+
+    grad_checkpointing: bool = False
+    blocks_compiled: bool = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = bool(enable)
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        for blk in self.blocks:
+            blk.compile(**compile_kwargs)
+        self.blocks_compiled = True
+
+    def run_blocks(self, x: torch.Tensor, pack: PackedSeqs, keep: set | dict = ()) -> tuple[torch.Tensor, dict]:
+        """x (N, dim) through every block; returns (output, {i: output of block i for i in keep})."""
+        if self.blocks_compiled:
+            for t in (x, pack.seg, pack.cu_seqlens):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            grad = x.requires_grad and torch.is_grad_enabled()
+            if (self.config.attn_backend or "auto") in ("auto", "flex") and \
+                    "flex" in available_backends(x.device, x.dtype, grad):
+                pack.flex_block_mask()  # built outside the compiled regions, reused by every block
+        outs = {}
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        for i, blk in enumerate(self.blocks):
+            x = checkpoint(blk, x, pack, use_reentrant=False) if ckpt else blk(x, pack)
+            if i in keep:
+                outs[i] = x
+        return x, outs
 
 
 class _PoolingCrossAttention(nn.Module):
