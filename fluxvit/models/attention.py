@@ -54,9 +54,6 @@ __all__ = [
 
 ENV_VAR = "FLUXVIT_ATTN_BACKEND"
 BACKENDS = ("flash", "torch_varlen", "flex", "nested", "segments", "block_mask", "math")
-# Backends that trace into a torch.compile graph without specialising on the sequence lengths; the others
-# run eagerly between compiled regions (a graph break), so a new pack does not recompile the block.
-COMPILABLE = ("flash", "torch_varlen", "flex")
 FLEX_BLOCK = 128  # FlexAttention's default sparse block size (tokens per q / kv tile)
 _forced: list[str] = []
 

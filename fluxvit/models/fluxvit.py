@@ -86,6 +86,7 @@ class FluxFeatures:
         last: (N, dim) packed tokens after the last block.
         pooled: (V, clip_embed_dim) pooled features of the views' heads (before ``fc_norm``).
         aligned: (V, clip_embed_dim) L2-normalised decoder output, or None when not requested.
+        lengths: V host ints, the views' row counts (so splitting reads nothing back from the device).
     """
 
     cu_seqlens: torch.Tensor
@@ -97,10 +98,12 @@ class FluxFeatures:
     pooled: torch.Tensor
     layers: dict = field(default_factory=dict)
     aligned: Union[torch.Tensor, None] = None
+    lengths: tuple = ()
 
     def split(self, packed: torch.Tensor) -> list:
         """Split a packed (N, ...) tensor into V per-view tensors."""
-        return list(torch.split(packed, torch.diff(self.cu_seqlens).tolist()))
+        lengths = list(self.lengths) if self.lengths else torch.diff(self.cu_seqlens).tolist()
+        return list(torch.split(packed, lengths))
 
     def patch_tokens(self, packed: torch.Tensor) -> list:
         """Per-view kept-token rows of ``packed`` without the cls row: V tensors (k_i, ...)."""
@@ -325,7 +328,7 @@ class FluxViT(PackedBlockStack, nn.Module):
         aligned = self.final_clip_decoder_for_projs[align](pooled) if align is not None else None
         return FluxFeatures(cu_seqlens=cu, keep=keep, grids=[grid_of[v.clip] for v in views],
                             clip_index=[v.clip for v in views], heads=heads, last=x, pooled=pooled,
-                            layers=out_layers, aligned=aligned)
+                            layers=out_layers, aligned=aligned, lengths=pack.lengths)
 
     def _pool(self, x, cu, seg, heads, lengths) -> torch.Tensor:
         if len(set(heads)) == 1:

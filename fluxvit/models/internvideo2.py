@@ -220,6 +220,7 @@ class InternVideo2Features:
         hidden: block index (0-based) -> (N, dim) packed hidden states after that block (not normalised).
         pooled: (V, clip_embed_dim) projector output (not normalised).
         attn: (N,) projector attention from each view's query to each of its rows (cls row included).
+        lengths: V host ints, the views' row counts (splitting reads nothing back from the device).
     """
 
     cu_seqlens: torch.Tensor
@@ -228,10 +229,12 @@ class InternVideo2Features:
     hidden: dict
     pooled: torch.Tensor
     attn: torch.Tensor
+    lengths: tuple = ()
 
     def split(self, packed: torch.Tensor) -> list:
         """Per-view pieces of a packed (N, ...) tensor."""
-        return list(torch.split(packed, torch.diff(self.cu_seqlens).tolist()))
+        lengths = list(self.lengths) if self.lengths else torch.diff(self.cu_seqlens).tolist()
+        return list(torch.split(packed, lengths))
 
 
 class TeacherForward(NamedTuple):
@@ -396,7 +399,8 @@ class InternVideo2(PackedBlockStack, nn.Module):
         cu = pack.cu_seqlens.long()
         x, hidden = self.run_blocks(x, pack, wanted)
         pooled, attn = pool_with_attention(self.clip_projector, x, cu, pack.seg)
-        return InternVideo2Features(cu_seqlens=cu, keep=keep, grids=grids, hidden=hidden, pooled=pooled, attn=attn)
+        return InternVideo2Features(cu_seqlens=cu, keep=keep, grids=grids, hidden=hidden, pooled=pooled, attn=attn,
+                                    lengths=pack.lengths)
 
     def forward_teacher(self, video: VideoInput, layers: Sequence[int],
                         num_tokens: Union[int, None] = None) -> TeacherForward:
@@ -414,7 +418,7 @@ class InternVideo2(PackedBlockStack, nn.Module):
         """
         order = self._layer_indices(layers)
         f = self.forward_packed(video, order, num_tokens)
-        lengths = torch.diff(f.cu_seqlens).tolist()
+        lengths = list(f.lengths)
         if len(set(lengths)) != 1:
             raise ValueError(f"forward_teacher stacks clips of equal kept-token counts, got {lengths}; "
                              "use forward_packed for mixed grids or budgets")
