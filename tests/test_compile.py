@@ -123,13 +123,18 @@ def test_grad_checkpointing_same_loss_and_grads_and_recomputes(name):
 
 @pytest.mark.parametrize("option", ["compile", "grad_checkpointing"])
 def test_fit_applies_model_options(option, monkeypatch):
-    from fluxvit.models import FluxViT
+    """train.compile reaches the student and the frozen teacher; train.grad_checkpointing the student only."""
+    from types import SimpleNamespace
+
+    from fluxvit.models import FluxViT, InternVideo2
     from fluxvit.stages.common.config import TrainConfig
     from fluxvit.stages.common.loop import _apply_model_options
 
     seen = []
-    monkeypatch.setattr(FluxViT, "compile_blocks", lambda self, **kw: seen.append("compile"))
-    wrapper = torch.nn.Sequential(_model("fluxvit"))
-    _apply_model_options(wrapper, TrainConfig(**{option: True}))
-    assert seen == (["compile"] if option == "compile" else [])
-    assert wrapper[0].grad_checkpointing is (option == "grad_checkpointing")
+    for cls in (FluxViT, InternVideo2):
+        monkeypatch.setattr(cls, "compile_blocks", lambda self, **kw: seen.append(type(self).__name__))
+    task = SimpleNamespace(model=torch.nn.Sequential(_model("fluxvit")), teacher=_model("internvideo2"))
+    _apply_model_options(task, TrainConfig(**{option: True}))
+    assert seen == (["FluxViT", "InternVideo2"] if option == "compile" else [])
+    assert task.model[0].grad_checkpointing is (option == "grad_checkpointing")
+    assert task.teacher.grad_checkpointing is False

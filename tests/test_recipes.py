@@ -22,6 +22,8 @@ PLUMBING = ("train.run_dir", "train.log_every", "train.ckpt_every", "train.keep_
             "data.decoder", "data.decoder_threads", "data.num_workers", "data.epoch_size", "data.shuffle_buffer",
             "data.pin_memory", "data.prefetch_factor", "data.resampled", "data.num_frames", "data.img_size",
             "eval.split", "eval.max_videos", "eval.batch_size", "retrieval.max_videos", "align.teacher.")
+# Speed / memory switches that leave the math unchanged (compiled and checkpointed steps equal eager ones).
+PLUMBING += ("train.compile", "train.grad_checkpointing")
 SOURCE = re.compile(r"Table \d+|release (script|code|factory|eval|Flux-Single)|InternVideo2|UMT|\[inferred\]|"
                     r"\[choice\]|\[derived\]|FLUXVIT\.md")
 

@@ -116,7 +116,7 @@ def fit(config: Any, task: TrainTask, source: BatchSource, accelerator) -> Train
     if tcfg.init_from:  # also on resume: a stage-1 export can define the architecture (stage 2)
         task.load_init(tcfg.init_from)
     task.to_device(acc.device)
-    _apply_model_options(task.model, tcfg)
+    _apply_model_options(task, tcfg)
     # A task may supply its own parameter groups (e.g. stage 3's layer-wise lr decay).
     build = getattr(task, "build_optimizer", None)
     optimizer = build(ocfg) if callable(build) else build_optimizer(task.model, ocfg)
@@ -197,14 +197,17 @@ def fit(config: Any, task: TrainTask, source: BatchSource, accelerator) -> Train
     return result
 
 
-def _apply_model_options(model: nn.Module, tcfg: TrainConfig) -> None:
-    """``train.grad_checkpointing`` / ``train.compile`` on every submodule that offers them (timm's
-    ``set_grad_checkpointing``; ``compile_blocks`` for regional compilation), e.g. the student inside a task."""
-    for m in model.modules():
-        if tcfg.grad_checkpointing and callable(getattr(m, "set_grad_checkpointing", None)):
-            m.set_grad_checkpointing(True)
-        if tcfg.compile and callable(getattr(m, "compile_blocks", None)):
-            m.compile_blocks()
+def _apply_model_options(task: TrainTask, tcfg: TrainConfig) -> None:
+    """``train.grad_checkpointing`` on every submodule of the trainable ``task.model`` that offers timm's
+    ``set_grad_checkpointing``; ``train.compile``: ``compile_blocks`` (regional compilation) on those and on
+    the task's frozen modules (a teacher runs under no_grad, so checkpointing it would save nothing)."""
+    frozen = [m for m in vars(task).values() if isinstance(m, nn.Module) and m is not task.model]
+    for root, trainable in [(task.model, True)] + [(m, False) for m in frozen]:
+        for m in root.modules():
+            if trainable and tcfg.grad_checkpointing and callable(getattr(m, "set_grad_checkpointing", None)):
+                m.set_grad_checkpointing(True)
+            if tcfg.compile and callable(getattr(m, "compile_blocks", None)):
+                m.compile_blocks()
     if tcfg.compile or tcfg.grad_checkpointing:
         log.info("model options: compile=%s grad_checkpointing=%s", tcfg.compile, tcfg.grad_checkpointing)
 
