@@ -70,8 +70,9 @@ def test_eval_budget_all_means_every_token():
     assert budget_arg("all") == 0 and budget_arg("64") == 64
 
 
-def test_retrieval_module_runs_without_runpy_warning():
-    proc = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "fluxvit.stages.videotext.retrieval",
+@pytest.mark.parametrize("module", ["fluxvit.stages.videotext.retrieval", "fluxvit.stages.finetune.eval"])
+def test_cli_modules_run_without_runpy_warning(module):
+    proc = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", module,
                            "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -24,6 +24,7 @@ from fluxvit.models.checkpoint import read_metadata
 
 from ..common.cli import OneLineParser, fail
 from ..common.config import DataConfig
+from .data import eval_views, has_held_out
 
 __all__ = ["budget_arg", "eval_head", "evaluate", "load_classifier", "main", "view_tokens"]
 
@@ -67,8 +68,6 @@ def evaluate(net: FluxViT, data: DataConfig, *, split: str = "val", frames: int 
         ``[]`` when a shard source has no held-out shards; else one dict per budget: ``budget, tokens, head,
         frames, resolution, views, videos, top1, top5, gflops`` (paper GFLOPs per view, ``metrics.fluxvit_gflops``).
     """
-    from .data import eval_views, has_held_out
-
     budgets = [int(b) for b in budgets]
     if any(b < 0 for b in budgets):
         raise ValueError(f"token budgets must be >= 1 (or 0 for every token), got {budgets}")

@@ -170,6 +170,8 @@ class FinetuneTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict:
         """Multi-view top-1 / top-5 on the validation split at ``eval.budgets`` (see ``eval.evaluate``)."""
+        # Imported here: a top-level import would load .eval with the package and make
+        # `python -m fluxvit.stages.finetune.eval` warn (runpy's RuntimeWarning).
         from .eval import evaluate
 
         inner = getattr(model, "module", model)

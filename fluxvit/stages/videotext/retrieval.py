@@ -29,12 +29,14 @@ from typing import Sequence
 
 import torch
 
+from fluxvit.datasets import EvalTransform, decode_clips
 from fluxvit.datasets.synth import ensure_synthetic_corpus
 from fluxvit.metrics import chance_recall, retrieval_metrics, retrieval_protocol
 
 from ..common.cli import OneLineParser
 from ..common.config import DataConfig
 from ..common.data import build_loader
+from .task import load_videotext
 
 __all__ = ["RetrievalSet", "corpus_splits", "evaluate_retrieval", "format_table", "load_retrieval_set", "main"]
 
@@ -76,7 +78,6 @@ def _from_shards(shards: str, frames: int, res: int, max_videos: int, data: Data
 
 def _from_annotations(ann_path: str, video_dir: str, frames: int, res: int, max_videos: int, normalize: str,
                       decoder: str = "decord") -> RetrievalSet:
-    from fluxvit.datasets import EvalTransform, decode_clips
 
     entries = json.loads(Path(ann_path).read_text())
     if not isinstance(entries, list):
@@ -212,7 +213,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    from .task import load_videotext
 
     ckpt = Path(args.checkpoint)
     if not ckpt.is_file():
