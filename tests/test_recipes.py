@@ -16,7 +16,8 @@ REGISTRIES = {"Stage 3": finetune_presets, "Stage 2": videotext_presets}
 NOT_RECIPES = {"smoke", "demo", "micro_scratch", "micro_multi"}
 # Run plumbing, not hyperparameters: where and how often to write, where the data lives, how it is decoded.
 PLUMBING = ("train.run_dir", "train.log_every", "train.ckpt_every", "train.keep_last", "train.resume",
-            "train.init_from", "train.max_bad_steps", "train.eval_every", "train.export_name", "train.tensorboard",
+            "train.init_from", "train.init_strict", "train.max_bad_steps", "train.eval_every", "train.export_name",
+            "train.tensorboard",
             "train.find_unused_parameters", "train.deterministic", "train.progress", "train.seed",
             "data.source", "data.shards", "data.val_shards", "data.root", "data.num_clips", "data.num_val_clips",
             "data.decoder", "data.decoder_threads", "data.num_workers", "data.epoch_size", "data.shuffle_buffer",
