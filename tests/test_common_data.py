@@ -52,7 +52,7 @@ def test_set_overrides_reach_the_loader_and_the_saved_config(corpus, tmp_path):
         LoaderSource(apply_overrides(smoke(), ["data.source=shards", "data.shards=x.tar", "data.crop=bogus"]).data)
 
 
-def test_no_val_shards_skips_held_out_once_and_never_reads_training_shards(corpus, caplog):
+def test_no_val_shards_skips_held_out_once_and_never_reads_training_shards(corpus, caplog, monkeypatch):
     from fluxvit.stages.common import data as common_data
 
     cfg = DataConfig(source="shards", shards=corpus["splits"]["train"]["shards"], batch_size=4, grids=[[2, 28]],
@@ -65,9 +65,15 @@ def test_no_val_shards_skips_held_out_once_and_never_reads_training_shards(corpu
     assert sum("held-out evaluation is skipped" in r.message for r in caplog.records) == 1
     assert vars(cfg) == before  # resolving shards never rewrites the user's config
     with_val = LoaderSource(DataConfig(**{**before, "val_shards": corpus["splits"]["train"]["shards"],
-                                          "num_val_clips": 3}))
+                                          "num_val_clips": 3, "decoder": "torchcodec", "crop": "rrc"}))
+    import fluxvit.datasets as fd
+
+    built = []
+    real = fd.build_video_loader
+    monkeypatch.setattr(fd, "build_video_loader", lambda c, **kw: built.append(c) or real(c, **kw))
     clips = with_val.held_out([(2, 28)])
     assert len(clips) == 3 and clips[0].shape == (1, 3, 2, 28, 28)
+    assert built[0].decoder == "torchcodec" and not built[0].train  # the data section's decoder reaches evaluation
 
 
 def test_eval_skips_are_not_training_skipped_samples(corpus, tmp_path):

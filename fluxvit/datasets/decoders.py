@@ -64,32 +64,32 @@ _AVAILABLE: dict[str, bool] = {}
 _WARNED: set[str] = set()
 
 
+def _is_available(name: str) -> bool:
+    if name not in _AVAILABLE:
+        try:
+            with quiet_stderr():
+                _import_backend(name)
+            _AVAILABLE[name] = True
+        except ImportError:
+            _AVAILABLE[name] = False
+    return _AVAILABLE[name]
+
+
 def available_backends() -> list[str]:
     """The backends that import on this machine (imports them)."""
-    out = []
-    for name in BACKENDS:
-        if name not in _AVAILABLE:
-            try:
-                with quiet_stderr():
-                    _import_backend(name)
-                _AVAILABLE[name] = True
-            except ImportError:
-                _AVAILABLE[name] = False
-        if _AVAILABLE[name]:
-            out.append(name)
-    return out
+    return [name for name in BACKENDS if _is_available(name)]
 
 
 def resolve_backend(name: str) -> str:
     """``name`` if it imports, else ``"pyav"`` with a one-time warning; unknown names raise ``ValueError``."""
     if name not in BACKENDS:
         raise ValueError(f"unknown decoder {name!r}; choose from {BACKENDS}")
-    if name in available_backends():
+    if _is_available(name):  # imports only this backend (torchcodec alone takes about a second)
         return name
     if name not in _WARNED:
         _WARNED.add(name)
         log.warning("decoder %r is not installed (%s); falling back to PyAV", name, _INSTALL_HINT[name])
-    if "pyav" not in available_backends():
+    if not _is_available("pyav"):
         raise ImportError(f"no video decoder available; install one: {_INSTALL_HINT['pyav']}")
     return "pyav"
 

@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig
-from .decoders import DecodeError, clean_reason, decode_clips
+from .decoders import DecodeError, clean_reason, decode_clips, resolve_backend
 from .shards import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ShardReader, parse_shard_spec, shard_sizes
 from .augment import flatten_repeats, train_views
 from .transforms import EvalTransform
@@ -546,6 +546,8 @@ class VideoLoader:
     def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1) -> None:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.dataset = VideoShardDataset(cfg, rank, world_size)
+        if cfg.num_workers > 0:
+            resolve_backend(cfg.decoder)  # import the decoder once here: forked workers inherit it every epoch
         self.stats = DataStats()
         self.epoch = 0
         self.samples_seen = 0

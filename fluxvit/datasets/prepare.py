@@ -33,7 +33,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Encoding:
-    """How ``make-shards`` stores a video. Defaults: see the README's data section (benchmark-backed).
+    """How ``make-shards`` stores a video. The defaults (256 px, a keyframe every 32 frames, crf 23, at most 15 fps)
+    were the fastest and smallest of the candidates ``benchmarks/bench_data.py`` measured at the Flux grids (the
+    README's data section has the table). ``max_fps=0`` keeps the source rate (short clips, dense sampling);
+    a larger ``short_side`` keeps detail for the 280-336 px grids at a higher decode and disk cost.
 
     Attributes:
         short_side: shorter side in pixels after re-encoding (never upscaled; sides kept even).
@@ -44,10 +47,10 @@ class Encoding:
         copy: store the original bytes instead of re-encoding (still verified by decoding).
     """
 
-    short_side: int = 320
-    keyframe_interval: int = 16
+    short_side: int = 256
+    keyframe_interval: int = 32
     crf: int = 23
-    max_fps: float = 30.0
+    max_fps: float = 15.0
     preset: str = "veryfast"
     copy: bool = False
 
