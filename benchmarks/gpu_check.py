@@ -129,7 +129,8 @@ def _clips(batch, frames, res, device, dtype, seed=0):
 def train_steps(args, name, device, dtype, bench: Bench, peak_flops) -> dict:
     """Flux-Multi packed vs three passes, 2048 tokens eager / compiled, packed vs padded."""
     torch.manual_seed(0)
-    model = create_model(name, num_classes=400).to(device)
+    with torch.device(device):  # initialise on the device (fast for B and the 1B teacher)
+        model = create_model(name, num_classes=400)
     cfg = model.config
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     budgets = args.budgets
@@ -203,7 +204,8 @@ def teacher_forward(args, device, dtype, bench: Bench, student_step_s: float | N
     budget on the same clips; its share of a stage-1 step = teacher / (teacher + B student step at 2048)."""
     tiny = dict(embed_dim=64, depth=2, num_heads=4, attn_pool_num_heads=4, clip_embed_dim=32) if args.tiny else {}
     torch.manual_seed(0)
-    teacher = create_model("internvideo2_1b_patch14", **tiny).to(device).eval()
+    with torch.device(device):
+        teacher = create_model("internvideo2_1b_patch14", **tiny).eval()
     video = _clips(args.batch, args.frames, args.res, device, torch.float32)
     budget = args.budgets[1]
 

@@ -284,7 +284,9 @@ def _f(v):
 
 def _flush_logs(acc, pending: list, logger: MetricLogger, result: TrainResult) -> None:
     """Read the buffered steps' loss terms back (one all-reduce mean over ranks, one read for all steps) and
-    log each step's row. Called at log time, before evaluations and checkpoints, and at the end."""
+    log each step's row. Called at log time, before evaluations and checkpoints, and at the end, so every step
+    up to a checkpoint is recorded; a crash loses only rows after the last checkpoint, which a resume redoes.
+    The progress bar therefore advances in jumps of ``train.log_every`` steps."""
     if not pending:
         return
     slots = [(i, k) for i, (_, terms, _) in enumerate(pending) for k in sorted(terms)
