@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointManager, clean_leftovers
-from .config import OptimConfig, TrainConfig, check_resume_config, config_to_dict, save_config
+from .config import ConfigError, OptimConfig, TrainConfig, check_resume_config, config_to_dict, save_config
 from .optim import ModelEMA, build_optimizer, build_scheduler
 from .runtime import MetricLogger, truncate_metrics
 
@@ -215,7 +215,7 @@ def _apply_model_options(task: TrainTask, tcfg: TrainConfig) -> None:
 def _check_step_setup(tcfg: TrainConfig, acc) -> None:
     """Refuse what the step body cannot do reliably (one line, at start)."""
     if acc.distributed_type.value == "DEEPSPEED" and tcfg.grad_accum > 1:
-        raise ValueError(
+        raise ConfigError(  # a ValueError the command line prints as one line (exit 2)
             f"train.grad_accum={tcfg.grad_accum} under DeepSpeed is refused: DeepSpeed steps its optimizer "
             f"inside backward, so a step with a non-finite micro-batch cannot be skipped whole; use "
             f"train.grad_accum=1 with a larger data.batch_size, or a DDP launch config")
