@@ -58,3 +58,21 @@ def test_deepspeed_dropped_by_use_cpu_is_refused_in_one_line(tmp_path):
     assert len(lines) == 1, proc.stderr[-3000:]
     assert "asked for DEEPSPEED on 2 process(es) but this run got MULTI_CPU on 2" in lines[0]
     assert not (tmp_path / "ckpt-00000002").exists()
+
+
+def test_finetune_declares_when_every_parameter_is_used():
+    from fluxvit.stages.finetune import FinetuneTask, build_config
+
+    assert FinetuneTask(build_config("smoke")).find_unused_parameters is False  # 3 budgets, 3 heads, 2 decoders
+    assert FinetuneTask(build_config("smoke", ["loss.mode=single"])).find_unused_parameters is True  # heads 1, 2 idle
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_without_the_unused_parameters_warning(tmp_path):
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", "launch/cpu_ddp2.yaml", "--main_process_port", "29633",
+           "-m", "fluxvit.stages.finetune", "--preset", "smoke", "--set", "train.steps=2",
+           "--set", f"train.run_dir={tmp_path}", "--set", "eval.budgets=[]", *QUIET]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(ACCELERATE_USE_CPU="1"), capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "ckpt-00000002" / "trainer_state.json").read_text())["world_size"] == 2
+    assert "find_unused_parameters=True was specified" not in proc.stderr

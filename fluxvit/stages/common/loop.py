@@ -121,6 +121,10 @@ def fit(config: Any, task: TrainTask, source: BatchSource, accelerator) -> Train
     build = getattr(task, "build_optimizer", None)
     optimizer = build(ocfg) if callable(build) else build_optimizer(task.model, ocfg)
     scheduler = build_scheduler(optimizer, ocfg, tcfg.steps)
+    # A task that knows every parameter gets a gradient each step says so (``find_unused_parameters = False``):
+    # DDP then skips the search for unused parameters, and its warning that it found none.
+    if getattr(task, "find_unused_parameters", None) is False and getattr(acc, "ddp_handler", None) is not None:
+        acc.ddp_handler.find_unused_parameters = False
     model, optimizer = acc.prepare(task.model, optimizer)
     acc.register_for_checkpointing(scheduler)
     ema = None

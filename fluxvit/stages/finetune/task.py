@@ -72,6 +72,11 @@ class FinetuneTask:
         self.heads = [int(h) for h in heads]
         if max(self.heads) >= len(net.clip_projector):
             raise ValueError(f"loss heads {self.heads} exceed the model's {len(net.clip_projector)} pooling heads")
+        # Every parameter gets a gradient each step when the step uses every pooling head and classifier and, in
+        # Flux-Multi, every alignment decoder: DDP then need not search for unused ones (and warns when asked to).
+        n_dec = len(net.final_clip_decoder_for_projs)
+        self.find_unused_parameters = not (set(self.heads) == set(range(len(net.clip_projector)))
+                                           and (n_dec == 0 or (lc.mode == "multi" and len(self.budgets) - 1 >= n_dec)))
         a = cfg.aug
         self.mixer = build_mixup(a.mixup, a.cutmix, a.mix_prob, a.switch_prob, a.label_smoothing, m.num_classes)
         if self.mixer is not None and cfg.data.per_sample_grid:
