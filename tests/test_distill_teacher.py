@@ -1,10 +1,14 @@
-"""Teachers: open_clip parity, token-grid mapping, budgets, FluxViT teacher, layer alignment, visible sampling."""
+"""Teachers: open_clip parity, token-grid mapping, budgets, FluxViT and InternVideo2 teachers, layer pairing,
+visible sampling, pooling heads per budget, student-side decoders."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fluxvit.stages.distill import (FluxViTTeacher, OpenCLIPTeacher, align_layers, grid_index_map, sample_visible)
-from fluxvit.stages.distill.teacher import map_to_student_grid
+from fluxvit.models import create_model
+from fluxvit.stages.common.teacher import TeacherConfig, build_teacher, map_to_student_grid
+from fluxvit.stages.distill import (DecoderPosEmbed, FeatureDecoder, FluxViTTeacher, InternVideo2Teacher,
+                                    OpenCLIPTeacher, align_layers, build_config, grid_index_map, pool_heads,
+                                    sample_visible)
 
 VISION = dict(image_size=112, patch_size=16, width=64, layers=4, head_width=32)
 
@@ -79,13 +83,85 @@ def test_fluxvit_teacher_interface():
     torch.testing.assert_close(out.cls_attn.view(2, 4, 49).sum(-1), torch.ones(2, 4))
 
 
-def test_align_layers():
-    assert align_layers(12, 12, 6) == [(6, 1), (7, 3), (8, 5), (9, 7), (10, 9), (11, 11)]
-    assert align_layers(12, 24, 6)[-1] == (11, 23) and align_layers(12, 24, 6)[0] == (6, 3)
-    assert align_layers(6, 4, 2) == [(4, 1), (5, 3)]
-    assert align_layers(6, 4, 2, teacher_layers=(-2, -1)) == [(4, 2), (5, 3)]
-    with pytest.raises(ValueError):
+def test_align_layers_official_pairing():
+    # InternVideo2-1B (40 blocks), K 6, interval 3.34, student interval 1: the official indices
+    assert align_layers(12, 40, 6, teacher_interval=3.34) == [(6, 23), (7, 26), (8, 29), (9, 33), (10, 36),
+                                                              (11, 39)]
+    # UMT: a 12-block CLIP tower, its last six blocks against the student's last six
+    assert align_layers(12, 12, 6) == [(6, 6), (7, 7), (8, 8), (9, 9), (10, 10), (11, 11)]
+    assert align_layers(24, 24, 6) == [(18, 18), (19, 19), (20, 20), (21, 21), (22, 22), (23, 23)]
+    assert align_layers(6, 4, 2, teacher_interval=2) == [(4, 1), (5, 3)]
+    assert align_layers(6, 4, 2, teacher_layers=(-3, -1), student_layers=(1, 5)) == [(1, 1), (5, 3)]
+    with pytest.raises(ValueError, match="do not fit"):
         align_layers(6, 4, 7)
+    with pytest.raises(ValueError, match="teacher layers"):
+        align_layers(6, 4, 2, teacher_layers=(1, 1))
+
+
+def test_pool_heads_by_rank_or_explicit():
+    assert pool_heads([2048, 1536, 1024], 3) == [0, 1, 2]
+    assert pool_heads([128, 192], 3) == [1, 0]
+    assert pool_heads([128, 96, 64, 32], 3) == [0, 1, 2, 2]
+    assert pool_heads([2048, 1024], 3, explicit=(1, 2)) == [1, 2]
+    with pytest.raises(ValueError, match="pool_heads"):
+        pool_heads([2048, 1024], 3, explicit=(1, 3))
+
+
+def test_decoders_and_position_embedding():
+    torch.manual_seed(0)
+    for kind in ("mlp", "linear"):
+        dec = FeatureDecoder(16, 24, kind)
+        y = dec(torch.randn(5, 16))
+        assert y.shape == (5, 24)
+        torch.testing.assert_close(y.norm(dim=-1), torch.ones(5))
+    assert isinstance(FeatureDecoder(16, 24, "mlp").head[1], torch.nn.GELU)
+    with pytest.raises(ValueError, match="loss.decoder"):
+        FeatureDecoder(16, 24, "conv")
+    pe = DecoderPosEmbed(32, (4, 3, 3))
+    assert pe.table((4, 3, 3)) is pe.weight and pe.table((2, 5, 4)).shape == (1 + 40, 32)
+    assert torch.equal(pe.table((2, 5, 4))[0], pe.weight[0])
+
+
+TINY_IV2 = dict(embed_dim=64, depth=4, num_heads=4, attn_pool_num_heads=4, clip_embed_dim=32, img_size=56,
+                num_frames=4, init_values=0.1)
+
+
+def test_internvideo2_teacher_targets_are_the_models_outputs():
+    torch.manual_seed(0)
+    t = build_teacher(TeacherConfig(kind="internvideo2", budget=40, overrides=TINY_IV2))
+    assert isinstance(t, InternVideo2Teacher) and not t.training and t.depth == 4 and t.pooled_dim == 32
+    t.train()
+    assert not t.training and not t.model.training  # never leaves eval mode (the official script's teacher does)
+    video = torch.randn(2, 3, 4, 56, 42)  # grid 4 x 4 x 3 = 48 tokens, the teacher keeps 40
+    out = t(video, (4, 4, 3), layers=[1, 3])
+    z, pooled, attn = t.model.forward_teacher(video, [1, 3], num_tokens=40)
+    keep = torch.stack(t.model.forward_packed(video, [], 40).keep)
+    assert out.valid.sum(1).tolist() == [40, 40]
+    for b in range(2):
+        assert torch.equal(out.valid[b].nonzero().squeeze(1), keep[b])
+        torch.testing.assert_close(out.token_targets(3, b, keep[b]), z[1, b, 1:])
+        torch.testing.assert_close(out.cls[1][b], z[0, b, 0])
+        torch.testing.assert_close(out.cls_attn[b, keep[b]], attn[b])
+    assert (out.cls_attn[~out.valid] == 0).all()
+    torch.testing.assert_close(out.pooled, pooled)
+
+
+def test_internvideo2_teacher_needs_the_official_weights():
+    with pytest.raises(ValueError, match="InternVideo2-stage2_1b-224p-f4.pt"):
+        build_teacher(TeacherConfig(kind="internvideo2", name="internvideo2_1b_patch14"))
+    from fluxvit.stages.distill import DistillTask
+    with pytest.raises(ValueError, match=r"teacher.weights.*InternVideo2-Stage2_1B-224p-f4"):
+        DistillTask(build_config("paper_s"))
+
+
+def test_internvideo2_teacher_loads_weights(tmp_path):
+    torch.manual_seed(0)
+    src = create_model("internvideo2_1b_patch14", **TINY_IV2)
+    path = tmp_path / "iv2.pt"
+    torch.save({"module": {f"vision_encoder.{k}": v for k, v in src.state_dict().items()}}, path)
+    t = build_teacher(TeacherConfig(kind="internvideo2", weights=str(path), overrides=TINY_IV2))
+    assert torch.equal(t.model.blocks[1].attn.qkv.weight, src.blocks[1].attn.qkv.weight)
+    assert not any(p.requires_grad for p in t.parameters())
 
 
 def test_sample_visible():
@@ -103,3 +179,35 @@ def test_sample_visible():
     peaked[7] = 1.0
     for _ in range(5):
         assert 7 in sample_visible(peaked, torch.ones(40, dtype=torch.bool), 3, 4, "clip", g)
+
+
+def test_presets_follow_their_source_recipes():
+    for name, student in (("paper_s", "fluxvit_small_patch14"), ("paper_b", "fluxvit_base_patch14")):
+        c = build_config(name)
+        assert c.student.name == student and c.teacher.kind == "internvideo2" and c.teacher.budget == 2048
+        assert (c.loss.num_layers, c.loss.teacher_interval, c.loss.student_interval) == (6, 3.34, 1.0)
+        assert c.loss.sampling == "clip" and c.loss.decoder == "mlp" and c.loss.pooled_weight == c.loss.token_weight
+        assert tuple(c.loss.budgets) == (2048, 1536, 1024) and c.optim.lr == 1e-3
+        assert align_layers(12, 40, 6, c.loss.teacher_interval)[0] == (6, 23)
+    for name, tower, student in (("umt_b16", "ViT-B-16", "fluxvit_base_patch14"),
+                                 ("umt_l14", "ViT-L-14", "fluxvit_large_patch14")):
+        c = build_config(name)
+        assert c.teacher.kind == "open_clip" and c.teacher.name == tower and c.student.name == student
+        assert c.loss.sampling == "frame" and c.loss.decoder == "linear" and c.loss.teacher_interval == 1.0
+        assert c.loss.pooled_weight == 0 and tuple(c.loss.budgets) == (416,) and tuple(c.optim.betas) == (0.9, 0.95)
+    for name in ("smoke", "smoke_corpus", "demo"):
+        assert build_config(name).teacher.kind == "internvideo2"
+
+
+def test_videotext_shares_the_teacher_without_importing_distill():
+    import ast
+    from pathlib import Path
+
+    import fluxvit.stages.videotext as videotext
+    from fluxvit.stages.videotext.config import TeacherAlignConfig
+
+    assert TeacherAlignConfig().teacher.__class__ is TeacherConfig  # one teacher config for stages 1 and 2
+    for path in Path(videotext.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "distill" not in (node.module or ""), f"{path.name} imports {node.module}"

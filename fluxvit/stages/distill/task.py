@@ -1,19 +1,22 @@
 """Flux-UMT task: FluxViT student + student-side decoders (trainable) against a frozen teacher.
 
 One step on a batch of clips (B, 3, T, H, W):
-  1. the teacher sees each clip reduced to its budget and returns normalised targets on the student grid,
-     plus its last block's cls-to-patch attention (``teacher.TeacherOutput``);
+  1. the teacher sees each clip reduced to its budget (the double mask) and returns normalised targets on the
+     student grid and the attention visible tokens are drawn from (``common.teacher.TeacherOutput``);
   2. for each student budget K (default 2048 / 1536 / 1024), the visible tokens of every clip are drawn by
-     multinomial sampling (without replacement) on the teacher attention over the tokens the teacher saw;
+     multinomial sampling without replacement on that attention over the tokens the teacher saw: jointly over
+     the clip (``loss.sampling="clip"``, InternVideo2's engine) or an equal share per frame ("frame", UMT's);
   3. one packed student pass runs all B * len(budgets) views with those explicit ``keep`` indices;
-  4. loss = token_weight * mean_l mean(2 - 2 cos(dec_l(student_l), teacher_t(l))) over visible tokens
-     + pooled_weight * mean(2 - 2 cos(dec_pool(student pooled), teacher pooled)).
+  4. loss = token_weight * mean over layer pairs and rows of (2 - 2 cos(dec_l(student_l + pos), teacher_t(l)))
+     (rows: the visible tokens, and the cls token when the teacher has one, as InternVideo2's engine)
+     + pooled_weight * mean(2 - 2 cos(final_dec(student pooled of the view's head), teacher pooled)).
 """
 from __future__ import annotations
 
 import logging
 import random
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,25 +25,59 @@ from torch import nn
 from fluxvit.models import FluxViT, create_model, load_official_checkpoint, save_model
 
 from ..common.loop import StepOutput
-from .config import DistillConfig
-from .teacher import FluxViTTeacher, OpenCLIPTeacher, TeacherOutput, align_layers
+from ..common.teacher import TeacherOutput, build_teacher
+from .config import DistillConfig, LossConfig
+from .decoders import DecoderPosEmbed, FeatureDecoder
 
-__all__ = ["DistillModel", "DistillTask", "build_teacher", "sample_visible"]
+__all__ = ["DistillModel", "DistillTask", "align_layers", "pool_heads", "return_index", "sample_visible"]
 
 log = logging.getLogger("fluxvit.train")
 
 
-def build_teacher(cfg: DistillConfig) -> nn.Module:
-    """The frozen teacher named by ``cfg.teacher``."""
-    t = cfg.teacher
-    common = dict(budget=t.budget, image_size=t.image_size, bf16=t.bf16)
-    if t.kind == "open_clip":
-        return OpenCLIPTeacher.create(name=t.name, pretrained=t.pretrained, weights=t.weights,
-                                      vision_cfg=t.vision_cfg or None, embed_dim=t.embed_dim,
-                                      input_norm=cfg.data.normalize, **common)
-    if t.kind == "fluxvit":
-        return FluxViTTeacher.create(weights=t.weights, name=t.name, **common)
-    raise ValueError(f"unknown teacher.kind {t.kind!r}; use open_clip or fluxvit")
+def return_index(depth: int, num_layers: int, interval: float) -> list[int]:
+    """Blocks the official recipes return, ascending: ``depth - int(i * interval) - 1`` for i < num_layers."""
+    blocks = sorted({depth - int(i * interval) - 1 for i in range(num_layers)})
+    if len(blocks) != num_layers or blocks[0] < 0:
+        raise ValueError(f"{num_layers} layers at interval {interval} do not fit a {depth}-block model")
+    return blocks
+
+
+def _explicit(layers: Sequence[int], depth: int, num_layers: int, who: str) -> list[int]:
+    out = sorted(t + depth if t < 0 else t for t in layers)
+    if len(out) != num_layers or len(set(out)) != num_layers or not all(0 <= t < depth for t in out):
+        raise ValueError(f"{who} layers {list(layers)} must be {num_layers} distinct blocks in [0, {depth})")
+    return out
+
+
+def align_layers(student_depth: int, teacher_depth: int, num_layers: int, teacher_interval: float = 1.0,
+                 student_interval: float = 1.0, teacher_layers: Sequence[int] = (),
+                 student_layers: Sequence[int] = ()) -> list[tuple[int, int]]:
+    """Pairs (student block, teacher block), 0-based, as the official recipes pair them: each side returns
+    ``depth - int(i * interval) - 1`` for i < ``num_layers`` (or the explicit lists), both sorted ascending and
+    paired in that order. InternVideo2-1B with K 6 and interval 3.34: 23, 26, 29, 33, 36, 39; a 12-block CLIP
+    tower with interval 1: its last six blocks."""
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    student = (_explicit(student_layers, student_depth, num_layers, "student") if student_layers
+               else return_index(student_depth, num_layers, student_interval))
+    teacher = (_explicit(teacher_layers, teacher_depth, num_layers, "teacher") if teacher_layers
+               else return_index(teacher_depth, num_layers, teacher_interval))
+    return list(zip(student, teacher))
+
+
+def pool_heads(budgets: Sequence[int], num_heads: int, explicit: Sequence[int] = ()) -> list[int]:
+    """The student pooling head of each budget: ``explicit`` when given, else by rank (the largest budget on
+    head 0, the next on head 1, ...; budgets beyond the last head share it)."""
+    if explicit:
+        if len(explicit) != len(budgets) or not all(0 <= h < num_heads for h in explicit):
+            raise ValueError(f"loss.pool_heads {list(explicit)} must give one head in [0, {num_heads}) per budget "
+                             f"{list(budgets)}")
+        return list(explicit)
+    order = sorted(range(len(budgets)), key=lambda i: -budgets[i])
+    heads = [0] * len(budgets)
+    for rank, i in enumerate(order):
+        heads[i] = min(rank, num_heads - 1)
+    return heads
 
 
 def sample_visible(attn: torch.Tensor, valid: torch.Tensor, budget: int, frames: int, mode: str,
@@ -48,16 +85,18 @@ def sample_visible(attn: torch.Tensor, valid: torch.Tensor, budget: int, frames:
     """Student-visible token indices of one clip, drawn without replacement from the teacher attention.
 
     Args:
-        attn: (T*L,) non-negative teacher cls-to-patch attention.
+        attn: (T*L,) non-negative teacher attention.
         valid: (T*L,) bool, tokens the teacher saw (only these have targets).
         budget: K, visible tokens wanted (fewer when fewer are valid).
         frames: T (for ``mode="frame"``: K is split evenly over frames, remainder to the first frames).
-        mode: "clip" or "frame".
+        mode: "clip" (one draw over all tokens: InternVideo2's engine) or "frame" (per frame: UMT's).
 
     Returns:
         (k,) int64 ascending indices into T*L.
     """
-    w = (attn.float().clamp_min(0) + 1e-6) * valid
+    # A floor far below any softmax weight keeps every valid token drawable (underflowed weights) without
+    # changing the distribution measurably.
+    w = attn.float().clamp_min(1e-12) * valid
     n_valid = int(valid.sum())
     if budget >= n_valid:
         return valid.nonzero().squeeze(1)
@@ -79,29 +118,37 @@ def sample_visible(attn: torch.Tensor, valid: torch.Tensor, budget: int, frames:
 
 
 class DistillModel(nn.Module):
-    """The trainable part: the FluxViT student plus one decoder per aligned layer and a pooled decoder.
+    """The trainable part: the FluxViT student plus the student-side heads of stage 1.
 
-    Decoders map student width to teacher width: LayerNorm -> Linear (UMT's student-side heads).
-    ``forward(clips, keep)`` -> (per-layer (N_vis, C) predictions in view order, (V, C_pool) pooled predictions,
-    number of student tokens).
+    Per aligned student layer a ``FeatureDecoder`` to the teacher width, applied after adding the student-side
+    ``DecoderPosEmbed`` (when enabled); a final ``FeatureDecoder`` from the student's pooled feature to the
+    teacher's pooled width. ``forward(clips, keep, heads)`` -> (student layer -> (N, C) decoded rows of every
+    view, cls first per view, packed; (V, C_pool) decoded pooled features; ``cu_seqlens``; student token count).
     """
 
-    def __init__(self, student: FluxViT, layers: list[int], token_dim: int, pooled_dim: int):
+    def __init__(self, student: FluxViT, layers: list[int], token_dim: int, pooled_dim: int, loss: LossConfig):
         super().__init__()
         self.student = student
         self.layers = list(layers)
         D, P = student.config.embed_dim, student.config.clip_embed_dim
-        self.decoders = nn.ModuleDict({str(s): nn.Sequential(nn.LayerNorm(D), nn.Linear(D, token_dim)) for s in layers})
-        self.pooled_decoder = nn.Sequential(nn.LayerNorm(P), nn.Linear(P, pooled_dim))
+        self.decoders = nn.ModuleDict({str(s): FeatureDecoder(D, token_dim, loss.decoder) for s in layers})
+        self.decoder_pos_embed = DecoderPosEmbed(D, student.pos_grid) if loss.decoder_pos_embed else None
+        self.final_decoder = FeatureDecoder(P, pooled_dim, loss.decoder)
 
-    def forward(self, clips: list, keep: list):
-        """clips: V tensors (3, T, H, W) (views of the same clip may repeat); keep: V tensors (k_v,)."""
-        f = self.student.forward_features(clips, keep=keep, layers=self.layers)
-        n = f.last.shape[0]
-        patch = torch.ones(n, dtype=torch.bool, device=f.last.device)
-        patch[f.cu_seqlens[:-1]] = False  # drop each view's cls row
-        preds = {s: self.decoders[str(s)](f.layers[s][patch]) for s in self.layers}
-        return preds, self.pooled_decoder(f.pooled), n
+    def forward(self, clips: list, keep: list, heads: list):
+        """clips: V tensors (3, T, H, W) (views of one clip may repeat); keep: V tensors (k_v,); heads: V ints."""
+        f = self.student.forward_features(clips, keep=keep, layers=self.layers, head=heads)
+        pos = None
+        if self.decoder_pos_embed is not None:
+            tables: dict = {}  # one resize per distinct grid
+            rows = []
+            for grid, k in zip(f.grids, f.keep):
+                if grid not in tables:
+                    tables[grid] = self.decoder_pos_embed.table(grid)
+                rows.append(torch.cat([tables[grid][:1], tables[grid][1 + k]]))
+            pos = torch.cat(rows)
+        preds = {s: self.decoders[str(s)](f.layers[s] if pos is None else f.layers[s] + pos) for s in self.layers}
+        return preds, self.final_decoder(f.pooled), f.cu_seqlens, f.last.shape[0]
 
 
 class DistillTask:
@@ -109,17 +156,19 @@ class DistillTask:
 
     def __init__(self, cfg: DistillConfig, rank: int = 0):
         self.cfg, self.rank = cfg, rank
-        s = cfg.student
+        s, lc = cfg.student, cfg.loss
         student = create_model(s.name, num_classes=0, drop_path_rate=s.drop_path_rate, **s.overrides)
-        self.teacher = build_teacher(cfg)
-        self.pairs = align_layers(len(student.blocks), self.teacher.depth, cfg.loss.num_layers,
-                                  cfg.loss.teacher_layers)
+        self.teacher = build_teacher(cfg.teacher, input_norm=cfg.data.normalize)
+        self.pairs = align_layers(len(student.blocks), self.teacher.depth, lc.num_layers, lc.teacher_interval,
+                                  lc.student_interval, lc.teacher_layers, lc.student_layers)
+        self.heads = pool_heads([int(b) for b in lc.budgets], student.num_heads_pool, lc.pool_heads)
         pooled_dim = getattr(self.teacher, "pooled_dim", self.teacher.dim)
-        self.model = DistillModel(student, [p[0] for p in self.pairs], self.teacher.dim, pooled_dim)
+        self.model = DistillModel(student, [p[0] for p in self.pairs], self.teacher.dim, pooled_dim, lc)
         self.patch = student.config.patch_size
         self.held_out: list = []
-        log.info("distill: student %s (%.1f M params), teacher %s, layer pairs (student, teacher) %s",
-                 s.name, sum(p.numel() for p in student.parameters()) / 1e6, type(self.teacher).__name__, self.pairs)
+        log.info("distill: student %s (%.1f M params), teacher %s (%d blocks), layer pairs (student, teacher) %s, "
+                 "pooling heads per budget %s", s.name, sum(p.numel() for p in student.parameters()) / 1e6,
+                 type(self.teacher).__name__, self.teacher.depth, self.pairs, dict(zip(lc.budgets, self.heads)))
 
     # ------------------------------------------------------------------ TrainTask
     def to_device(self, device: torch.device) -> None:
@@ -141,7 +190,7 @@ class DistillTask:
         return torch.Generator(device=device).manual_seed(seed)
 
     def targets(self, video) -> list[tuple[torch.Tensor, TeacherOutput, int]]:
-        """Teacher outputs per clip: list of (clip (3,T,H,W), TeacherOutput of batch size 1 view, row)."""
+        """Teacher outputs per clip: list of (clip (3,T,H,W), TeacherOutput of its shape group, row)."""
         clips = list(video.unbind(0)) if isinstance(video, torch.Tensor) else list(video)
         groups: dict = {}
         for i, c in enumerate(clips):
@@ -159,22 +208,32 @@ class DistillTask:
         """Loss terms (tensors) and student token count for one batch (B, 3, T, H, W) or list of clips."""
         lc = self.cfg.loss
         tgt = self.targets(video)
-        views, keeps, rows = [], [], []
-        for budget in lc.budgets:
+        views, keeps, rows, heads = [], [], [], []
+        for budget, head in zip(lc.budgets, self.heads):
             for clip, t, r in tgt:
-                keep = sample_visible(t.cls_attn[r], t.valid[r], int(budget), clip.shape[1], lc.sampling, generator)
+                keeps.append(sample_visible(t.cls_attn[r], t.valid[r], int(budget), clip.shape[1], lc.sampling,
+                                            generator))
                 views.append(clip)
-                keeps.append(keep)
                 rows.append((t, r))
-        preds, pooled, ntok = model(views, keeps)
-        terms = {}
-        token_losses = []
+                heads.append(head)
+        preds, pooled, cu, ntok = model(views, keeps, heads)
+        with_cls = tgt[0][1].cls is not None
+        if not with_cls:  # teacher without a cls token: patch rows only
+            patch = torch.ones(int(cu[-1]), dtype=torch.bool, device=cu.device)
+            patch[cu[:-1]] = False
+        terms, token_losses = {}, []
         for s, tl in self.pairs:
-            target = torch.cat([t.tokens[tl][r, k] for (t, r), k in zip(rows, keeps)])
-            cos = F.cosine_similarity(preds[s].float(), target, dim=-1)
+            parts = []
+            for (t, r), k in zip(rows, keeps):
+                if with_cls:
+                    parts.append(t.cls[tl][r:r + 1])
+                parts.append(t.token_targets(tl, r, k))
+            target = torch.cat(parts).float()
+            pred = preds[s] if with_cls else preds[s][patch]
+            cos = F.cosine_similarity(pred.float(), target, dim=-1)
             token_losses.append((2 - 2 * cos).mean())
             terms[f"cos_l{s}"] = cos.mean().detach()
-        target = torch.stack([t.pooled[r] for t, r in rows])
+        target = torch.stack([t.pooled[r] for t, r in rows]).float()
         cos_pool = F.cosine_similarity(pooled.float(), target, dim=-1)
         terms["tok"] = torch.stack(token_losses).mean()
         terms["pool"] = (2 - 2 * cos_pool).mean()

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..common.config import DataConfig, OptimConfig, PresetRegistry, TrainConfig
-from ..distill.config import TeacherConfig
+from ..common.teacher import TeacherConfig
 
 __all__ = ["ContrastConfig", "RetrievalEvalConfig", "TeacherAlignConfig", "TextConfig", "VideoConfig", "VideoTextConfig", "presets"]
 

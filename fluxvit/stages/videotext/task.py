@@ -21,6 +21,7 @@ from fluxvit.models import FluxViT, FluxViTConfig, create_model
 from fluxvit.models.checkpoint import CheckpointMismatchError, read_metadata, read_state_dict, set_default_mode
 
 from ..common.loop import StepOutput
+from ..common.teacher import build_teacher
 from .config import VideoTextConfig
 from .text import TextTower, build_text_tower
 
@@ -186,10 +187,7 @@ class VideoTextTask:
         self.evaluator = None  # set by train.py: callable(model_module) -> metrics dict
         self.teacher = None
         if cfg.align.weight > 0:
-            from ..distill.config import DistillConfig
-            from ..distill.task import build_teacher
-
-            self.teacher = build_teacher(DistillConfig(teacher=cfg.align.teacher, data=cfg.data))
+            self.teacher = build_teacher(cfg.align.teacher, input_norm=cfg.data.normalize)
             self.model.attach_align_decoder(getattr(self.teacher, "pooled_dim", self.teacher.dim))
 
     def to_device(self, device: torch.device) -> None:

@@ -1,40 +1,95 @@
-"""Frozen teachers for Flux-UMT distillation, all behind one interface.
+"""Frozen teachers shared by stage 1 (distillation) and stage 2 (the optional unmasked-teacher alignment).
 
-``teacher(video, student_grid) -> TeacherOutput`` gives, on the *student's* token grid:
-  * ``tokens[l]``: (B, T*h*w, C) L2-normalised patch features of teacher block ``l`` (for open_clip towers:
-    passed through the tower's final norm ``ln_post`` and projection ``proj``, as UMT does),
-  * ``pooled``: (B, C) L2-normalised clip feature (per-frame image embeddings averaged over frames),
-  * ``cls_attn``: (B, T*h*w) the last block's cls-to-patch attention (head mean; each frame's row sums to 1
-    over the tokens the teacher kept), zero on tokens the teacher did not see,
+``TeacherConfig`` names a teacher and ``build_teacher`` builds it. Every teacher is frozen and stays in eval mode,
+runs under ``no_grad`` and (on CUDA) bf16 autocast, and is called as
+``teacher(video, student_grid, layers) -> TeacherOutput`` with, on the *student's* token grid (T, h, w):
+  * ``tokens[l]``: L2-normalised features of teacher block ``l``; (B, T*h*w, C) dense on the grid, or, when
+    ``rows`` is set, (B, R, C) rows that ``rows`` (B, T*h*w) indexes (the InternVideo2 teacher: row 0 is its cls
+    token, rows 1.. its kept tokens),
+  * ``cls``: block -> (B, C) normalised cls-token features, or None (per-frame image towers),
+  * ``pooled``: (B, C_pool) L2-normalised clip feature,
+  * ``cls_attn``: (B, T*h*w) the attention visible tokens are drawn from (zero on tokens the teacher did not see):
+    for image towers the last block's cls-to-patch attention per frame (UMT's rule), for InternVideo2 its
+    projector's attention from the mean query to the patch tokens (the official engine's rule),
   * ``valid``: (B, T*h*w) bool, tokens the teacher saw (its Flux budget, group-dynamic selector).
 
 Teachers:
-  * ``OpenCLIPTeacher``: any open_clip ``VisionTransformer`` (by model name + pretrained tag or local weights,
-    or a vision config dict), applied per frame.
+  * ``InternVideo2Teacher``: the paper's teacher, InternVideo2-1B (``kind="internvideo2"``, the official
+    stage-2 file in ``weights``), or a small randomly initialised one (``overrides``, for tests and demos).
+  * ``OpenCLIPTeacher``: any open_clip ``VisionTransformer`` (UMT's CLIP teachers), applied per frame.
   * ``FluxViTTeacher``: a FluxViT of the zoo (e.g. a larger checkpoint) as a video teacher.
 
-Token grids: the student has patch 14, so clip (T, H, W) has grid (T, H/14, W/14). With
-``image_size=0`` (default, UMT's choice) each frame is resized to (h * p_t, w * p_t) for a teacher of patch
-p_t, so both grids coincide. With a fixed teacher ``image_size`` the grids differ and ``grid_index_map``
-maps each student token to the teacher token whose cell contains the student cell's centre.
+Token grids: the student has patch 14, so clip (T, H, W) has grid (T, H/14, W/14). With ``image_size=0``
+(default) each frame is resized (bicubic, as UMT's and InternVideo2's engines do) to (h * p_t, w * p_t) for a
+teacher of patch p_t, so both grids coincide; the InternVideo2 teacher (patch 14) sees the student's clip as is.
+With a fixed teacher ``image_size`` the grids differ and ``grid_index_map`` maps each student token to the teacher
+token whose cell contains the student cell's centre.
+
+The official InternVideo2 distillation script never puts its teacher in eval mode, so drop path 0.25 stays live
+in its teacher; here a teacher is always in eval mode (deterministic targets).
 """
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fluxvit.models import FluxViT, load_model, select_tokens
+from fluxvit.models import (FluxViT, InternVideo2, create_model, load_model, load_official_checkpoint, read_state_dict,
+                            select_tokens)
 
-from ..common.data import _MEANS
+from .data import _MEANS
 
-__all__ = ["FluxViTTeacher", "OpenCLIPTeacher", "TeacherOutput", "align_layers", "grid_index_map",
-           "map_to_student_grid"]
+__all__ = ["FluxViTTeacher", "InternVideo2Teacher", "OpenCLIPTeacher", "TeacherConfig", "TeacherOutput",
+           "build_teacher", "grid_index_map", "map_to_student_grid"]
+
+# The paper's teacher: InternVideo2-1B after its stage 2 (the official ``teacher_internvideo2_stage2_1B`` factory).
+INTERNVIDEO2_1B_FILE = ("InternVideo2-stage2_1b-224p-f4.pt from "
+                        "https://huggingface.co/OpenGVLab/InternVideo2-Stage2_1B-224p-f4")
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen teacher.
+
+    kind: "internvideo2" (the zoo's ``name``, default ``internvideo2_1b_patch14``, with the official weights in
+    ``weights``; ``overrides`` build a smaller randomly initialised one instead), "open_clip" (a vision tower by
+    ``name`` + ``pretrained`` tag or local ``weights``, or a random tower from ``vision_cfg``) or "fluxvit" (a zoo
+    checkpoint in ``weights``, or a registered ``name`` at random init).
+    budget: tokens the teacher sees per clip (group-dynamic selector); 0 = all.
+    image_size: teacher input size; 0 = match the student's token grid (frames resized to grid * teacher patch).
+    """
+
+    kind: str = "open_clip"
+    name: str = "ViT-B-16"
+    pretrained: str = "openai"
+    weights: str = ""
+    vision_cfg: dict = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)
+    embed_dim: int = 512
+    image_size: int = 0
+    budget: int = 2048
+    bf16: bool = True
+
+
+def build_teacher(t: TeacherConfig, input_norm: str = "imagenet") -> nn.Module:
+    """The frozen teacher named by ``t``; ``input_norm`` is the normalisation of the videos it will receive."""
+    common = dict(budget=t.budget, image_size=t.image_size, bf16=t.bf16)
+    if t.kind == "internvideo2":
+        return InternVideo2Teacher.create(name=t.name, weights=t.weights, overrides=t.overrides,
+                                          input_norm=input_norm, **common)
+    if t.kind == "open_clip":
+        return OpenCLIPTeacher.create(name=t.name, pretrained=t.pretrained, weights=t.weights,
+                                      vision_cfg=t.vision_cfg or None, embed_dim=t.embed_dim,
+                                      input_norm=input_norm, **common)
+    if t.kind == "fluxvit":
+        return FluxViTTeacher.create(weights=t.weights, name=t.name, **common)
+    raise ValueError(f"unknown teacher.kind {t.kind!r}; use internvideo2, open_clip or fluxvit")
+
 
 log = logging.getLogger("fluxvit.train")
 
@@ -47,6 +102,13 @@ class TeacherOutput:
     pooled: torch.Tensor
     cls_attn: torch.Tensor
     valid: torch.Tensor
+    rows: Union[torch.Tensor, None] = None
+    cls: Union[dict, None] = None
+
+    def token_targets(self, layer: int, b: int, idx: torch.Tensor) -> torch.Tensor:
+        """(k, C) targets of clip ``b`` at grid indices ``idx`` (k,) for teacher block ``layer``."""
+        rows = idx if self.rows is None else self.rows[b, idx]
+        return self.tokens[layer][b, rows]
 
 
 def grid_index_map(src_hw: tuple[int, int], dst_hw: tuple[int, int], device=None) -> torch.Tensor:
@@ -66,25 +128,6 @@ def map_to_student_grid(x: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[
     idx = grid_index_map(src_hw, dst_hw, x.device)
     out = x.index_select(2, idx)
     return out.flatten(1, 2)
-
-
-def align_layers(student_depth: int, teacher_depth: int, num_layers: int,
-                 teacher_layers: Sequence[int] = ()) -> list[tuple[int, int]]:
-    """Pairs (student block, teacher block), 0-based: the last ``num_layers`` student blocks against
-    ``num_layers`` evenly spaced teacher blocks ending at the teacher's last block
-    (t_j = round((j + 1) * D_t / K) - 1), or against explicit ``teacher_layers``."""
-    if not 1 <= num_layers <= student_depth:
-        raise ValueError(f"num_layers must be in [1, {student_depth}] (student depth), got {num_layers}")
-    student = list(range(student_depth - num_layers, student_depth))
-    if teacher_layers:
-        teacher = [t + teacher_depth if t < 0 else t for t in teacher_layers]
-        if len(teacher) != num_layers or not all(0 <= t < teacher_depth for t in teacher):
-            raise ValueError(f"teacher_layers {list(teacher_layers)} must be {num_layers} blocks in [0, {teacher_depth})")
-    else:
-        if num_layers > teacher_depth:
-            raise ValueError(f"cannot align {num_layers} layers with a {teacher_depth}-block teacher")
-        teacher = [int(round((j + 1) * teacher_depth / num_layers)) - 1 for j in range(num_layers)]
-    return list(zip(student, teacher))
 
 
 def _renormalize(video: torch.Tensor, src: str, dst_mean, dst_std) -> torch.Tensor:
@@ -202,7 +245,7 @@ class OpenCLIPTeacher(_FrozenTeacher):
         frames = video.transpose(1, 2).reshape(B * T, 3, H, W).float()
         frames = _renormalize(frames, self.input_norm, self.mean, self.std)
         if (H, W) != size:
-            frames = F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=True)
+            frames = F.interpolate(frames, size=size, mode="bicubic", align_corners=False)
         with _autocast(video.device, self.bf16):
             v = self.visual
             emb = v.conv1(frames.to(v.conv1.weight.dtype))  # (BT, D, gh, gw)
@@ -241,8 +284,6 @@ class OpenCLIPTeacher(_FrozenTeacher):
 
 
 def _load_visual(visual: nn.Module, path: str) -> None:
-    from fluxvit.models import read_state_dict
-
     state = read_state_dict(path)
     if any(k.startswith("visual.") for k in state):
         state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
@@ -275,8 +316,6 @@ class FluxViTTeacher(_FrozenTeacher):
     @classmethod
     def create(cls, weights: str = "", name: str = "", **kwargs) -> "FluxViTTeacher":
         """From a ``save_model`` safetensors file, or a registered name (random init, for tests)."""
-        from fluxvit.models import create_model
-
         model = load_model(weights) if weights else create_model(name, num_classes=0)
         return cls(model, **kwargs)
 
@@ -288,7 +327,7 @@ class FluxViTTeacher(_FrozenTeacher):
         size = (hs * self.patch, ws * self.patch) if not self.image_size else (self.image_size, self.image_size)
         if (H, W) != size:
             frames = video.transpose(1, 2).reshape(B * T, 3, H, W)
-            frames = F.interpolate(frames.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+            frames = F.interpolate(frames.float(), size=size, mode="bicubic", align_corners=False)
             video = frames.view(B, T, 3, *size).transpose(1, 2)
         gh, gw = size[0] // self.patch, size[1] // self.patch
         L = gh * gw
@@ -321,3 +360,93 @@ class FluxViTTeacher(_FrozenTeacher):
         tokens = {i: map_to_student_grid(t.view(B, T, L, -1), src, dst) for i, t in tokens.items()}
         return TeacherOutput(tokens, pooled, map_to_student_grid(attn, src, dst),
                              map_to_student_grid(valid.view(B, T, L), src, dst))
+
+
+class InternVideo2Teacher(_FrozenTeacher):
+    """The paper's teacher: an InternVideo2 of the zoo (the official 1B model with its stage-2 weights).
+
+    The clip runs as FluxViT's double mask does it: the teacher keeps ``budget`` tokens of each clip with the
+    group-dynamic selector on its own patch embeddings, all clips of a call in one packed pass (flash-attn on GPU).
+    Targets are what the official teacher returns in the distillation path: the hidden states of the requested
+    blocks (cls included) and the projector output, L2-normalised, and the projector's attention from its query
+    (the mean token) to the patch tokens, from which the student's visible tokens are drawn.
+
+    Args:
+        model: an ``InternVideo2``.
+        budget: tokens the teacher keeps per clip (0 = all).
+        image_size: 0 feeds the student's clip (resized bicubic only when the teacher's patch differs);
+            otherwise frames are resized to ``image_size`` and the grids are mapped.
+        input_norm: normalisation of incoming videos; re-normalised to ImageNet mean/std (InternVideo2's input).
+        bf16: autocast the teacher to bf16 on CUDA.
+    """
+
+    def __init__(self, model: InternVideo2, budget: int = 2048, image_size: int = 0, input_norm: str = "imagenet",
+                 bf16: bool = True):
+        super().__init__()
+        if model.config.tubelet_size != 1:
+            raise ValueError("the InternVideo2 teacher needs tubelet_size 1 (one token grid per student frame)")
+        self.model, self.budget, self.image_size, self.input_norm, self.bf16 = model, budget, image_size, input_norm, bf16
+        self.patch = model.config.patch_size
+        self.depth = len(model.blocks)
+        self.dim = model.config.embed_dim
+        self.pooled_dim = model.config.clip_embed_dim
+        self.freeze()
+
+    @classmethod
+    def create(cls, name: str = "", weights: str = "", overrides: dict | None = None, **kwargs) -> "InternVideo2Teacher":
+        """The zoo model ``name`` (default ``internvideo2_1b_patch14``) with the official ``weights`` loaded
+        strictly (built on the meta device and filled from the file: no 4 GB random init first), or, with
+        ``overrides`` and no weights, a randomly initialised model of that shape (tests, demos, benchmarks)."""
+        name = name if name and name.startswith("internvideo2") else "internvideo2_1b_patch14"
+        random_init = bool(overrides) and not weights
+        overrides = {"drop_path_rate": 0.0, **(overrides or {})}  # inert in eval mode; zero says so
+        if weights:
+            with torch.device("meta"):
+                model = create_model(name, **overrides)
+            load_official_checkpoint(model, weights)
+        elif random_init:
+            model = create_model(name, **overrides)
+        else:
+            raise ValueError(f"teacher.weights is required for the {name} teacher: download {INTERNVIDEO2_1B_FILE} "
+                             "and pass --set teacher.weights=PATH")
+        return cls(model, **kwargs)
+
+    @torch.no_grad()
+    def forward(self, video: torch.Tensor, student_grid: tuple[int, int, int], layers: Sequence[int]) -> TeacherOutput:
+        """video (B, 3, T, H, W) normalised with ``input_norm``; student_grid (T, h, w); layers: teacher blocks."""
+        B, _, T, H, W = video.shape
+        _, hs, ws = student_grid
+        size = (hs * self.patch, ws * self.patch) if not self.image_size else (self.image_size, self.image_size)
+        if self.input_norm != "imagenet":
+            frames = video.transpose(1, 2).reshape(B * T, 3, H, W).float()
+            frames = _renormalize(frames, self.input_norm, *_MEANS["imagenet"])
+            video = frames.view(B, T, 3, H, W).transpose(1, 2)
+        if (H, W) != size:
+            frames = video.transpose(1, 2).reshape(B * T, 3, H, W).float()
+            frames = F.interpolate(frames, size=size, mode="bicubic", align_corners=False)
+            video = frames.view(B, T, 3, *size).transpose(1, 2)
+        gh, gw = size[0] // self.patch, size[1] // self.patch
+        L = gh * gw
+        layers = sorted(set(layers))
+        with _autocast(video.device, self.bf16):
+            f = self.model.forward_packed(video, layers, num_tokens=self.budget or None)
+        n = int(f.cu_seqlens[1])  # every clip of the call has the same grid and budget: equal lengths
+        tokens, cls = {}, {}
+        for layer in layers:
+            h = f.hidden[layer].float()
+            tokens[layer] = (h / h.norm(dim=-1, keepdim=True)).view(B, n, -1)
+            cls[layer] = tokens[layer][:, 0]
+        pooled = f.pooled.float()
+        pooled = pooled / pooled.norm(dim=-1, keepdim=True)
+        keep = torch.stack(f.keep)  # (B, n - 1) ascending grid indices
+        valid = torch.zeros(B, T * L, dtype=torch.bool, device=video.device).scatter_(1, keep, True)
+        rows = torch.zeros(B, T * L, dtype=torch.long, device=video.device)
+        rows.scatter_(1, keep, torch.arange(1, n, device=video.device).expand(B, -1))
+        attn = torch.zeros(B, T * L, dtype=torch.float32, device=video.device)
+        attn.scatter_(1, keep, f.attn.float().view(B, n)[:, 1:])
+        src, dst = (gh, gw), (hs, ws)
+        if src != dst:  # fixed teacher image_size: map the student's grid onto the teacher's
+            rows = map_to_student_grid(rows.view(B, T, L), src, dst)
+            return TeacherOutput(tokens, pooled, map_to_student_grid(attn.view(B, T, L), src, dst),
+                                 map_to_student_grid(valid.view(B, T, L), src, dst), rows, cls)
+        return TeacherOutput(tokens, pooled, attn, valid, rows, cls)
