@@ -72,8 +72,9 @@ TEACHER_SETS = $(if $(TEACHER),$(if $(filter 1,$(words $(_TW))),\
   $(if $(_T3),$(if $(_T3_FILE),--set teacher.weights=$(_T3) --set teacher.pretrained=,--set teacher.pretrained=$(_T3)),\
   --set teacher.pretrained=)))
 
-# Stage 1 distillation. PRESET=smoke|smoke_corpus|small|base; DATA=shard pattern (data.source=shards);
-# TEACHER= (above); LAUNCH=accelerate config in launch/ (cpu.yaml, gpu8.yaml, deepspeed_zero2_cpu.yaml, ...).
+# Stage 1 distillation. PRESET=smoke|smoke_corpus|demo|paper_s|paper_b|umt_b16|umt_l14; DATA=shard pattern
+# (data.source=shards); TEACHER= (above; paper_*: the official InternVideo2-stage2_1b-224p-f4.pt);
+# LAUNCH=accelerate config in launch/ (cpu.yaml, gpu8.yaml, deepspeed_zero2_cpu.yaml, ...).
 distill: $(STAMP)
 	$(VENV)/bin/accelerate launch --config_file $(LAUNCH) -m fluxvit.stages.distill --preset $(PRESET) \
 	  --set train.run_dir=$(RUN_DIR)/distill_$(PRESET) \
@@ -85,7 +86,7 @@ bench-distill: $(STAMP)
 # The front door: synthetic corpus (generated once) -> stage 1 (distillation) -> stage 2 (video-text).
 # Real data: DATA=video shards with captions, TEACHER= (as for distill), TEXT=text tower spec
 # (hf:bert-base-uncased, a local folder, open_clip:MODEL[:PRETRAINED]), LAUNCH=launch/gpu8.yaml,
-# PRETRAIN_PRESETS="small paper_s" (stage 1 and stage 2 presets).
+# PRETRAIN_PRESETS="paper_s paper_s" (stage 1 and stage 2 presets).
 SYNTH ?= data/synthetic
 PRETRAIN_DIR ?= $(RUN_DIR)/pretrain
 PRETRAIN_PRESETS ?= demo demo

@@ -119,8 +119,7 @@ def bench_case(case: str, reps: int, device: torch.device, teacher_depth: int, s
 
     task.teacher.forward = timed_teacher
 
-    def step(i: int):
-        batch = source.batch(i)
+    def step(i: int, batch: dict):
         with amp:
             out: StepOutput = task.compute_loss(model, batch, i)
         out.loss.backward()
@@ -130,10 +129,11 @@ def bench_case(case: str, reps: int, device: torch.device, teacher_depth: int, s
 
     steps, teach, tokens = [], [], []
     for i in range(reps + 1):
+        batch = source.batch(i)  # clip synthesis is not part of the step
         teacher_time[0] = 0.0
         _sync(device)
         t0 = time.perf_counter()
-        out = step(i)
+        out = step(i, batch)
         _sync(device)
         dt = time.perf_counter() - t0
         if i:  # the first step warms up allocators and kernels
@@ -153,7 +153,7 @@ def bench_case(case: str, reps: int, device: torch.device, teacher_depth: int, s
     _, dim, hidden, pooled = STUDENTS[case]
     # Check the FLOP model on the measured (reduced) step.
     with FlopCounterMode(display=False) as counter:
-        step(reps + 1)
+        step(reps + 1, source.batch(reps + 1))
     counted = counter.get_total_flops()
     ATTENTION[0] = device.type == "cuda"  # what the counter sees: on CPU, matmuls only
     modelled = teacher_flops(t_depth) + student_flops(s_depth, dim, hidden, pooled, aligned)
@@ -175,7 +175,7 @@ def bench_case(case: str, reps: int, device: torch.device, teacher_depth: int, s
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default="smoke,paper_s,paper_b", help="comma-separated subset of smoke,paper_s,paper_b")
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--teacher-depth", type=int, default=2, help="teacher blocks measured (extrapolated to 40)")
     p.add_argument("--student-depth", type=int, default=2, help="student blocks measured (extrapolated to 12)")
     p.add_argument("--full", action="store_true", help="run the full 40-block teacher and 12-block students")

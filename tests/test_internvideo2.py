@@ -144,3 +144,17 @@ def test_bad_budget_and_layer():
         model(torch.randn(1, 3, 2, 28, 28), num_tokens=0)
     with pytest.raises(ValueError, match="out of range"):
         model.forward_teacher(torch.randn(1, 3, 2, 28, 28), [3])
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_matches_fp32_within_bf16_rounding():
+    """On CUDA the teacher runs under bf16 autocast on the fastest backend (flash-attn when installed)."""
+    model = tiny().cuda()
+    video = torch.randn(2, 3, 8, 56, 56, device="cuda")
+    with torch.no_grad():
+        with force_backend("math"):
+            ref = model.forward_teacher(video, [1, 2])
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got = model.forward_teacher(video, [1, 2])
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.float(), b, rtol=0, atol=5e-2)

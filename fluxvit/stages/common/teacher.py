@@ -47,6 +47,8 @@ from .data import _MEANS
 __all__ = ["FluxViTTeacher", "InternVideo2Teacher", "OpenCLIPTeacher", "TeacherConfig", "TeacherOutput",
            "build_teacher", "grid_index_map", "map_to_student_grid"]
 
+log = logging.getLogger("fluxvit.train")
+
 # The paper's teacher: InternVideo2-1B after its stage 2 (the official ``teacher_internvideo2_stage2_1B`` factory).
 INTERNVIDEO2_1B_FILE = ("InternVideo2-stage2_1b-224p-f4.pt from "
                         "https://huggingface.co/OpenGVLab/InternVideo2-Stage2_1B-224p-f4")
@@ -89,9 +91,6 @@ def build_teacher(t: TeacherConfig, input_norm: str = "imagenet") -> nn.Module:
     if t.kind == "fluxvit":
         return FluxViTTeacher.create(weights=t.weights, name=t.name, **common)
     raise ValueError(f"unknown teacher.kind {t.kind!r}; use internvideo2, open_clip or fluxvit")
-
-
-log = logging.getLogger("fluxvit.train")
 
 
 @dataclass
@@ -403,9 +402,12 @@ class InternVideo2Teacher(_FrozenTeacher):
         if weights:
             with torch.device("meta"):
                 model = create_model(name, **overrides)
-            load_official_checkpoint(model, weights)
+            report = load_official_checkpoint(model, weights)
+            log.info("InternVideo2 teacher %s: %d tensors from %s (%d resized, %d dropped)", name, len(report.loaded),
+                     weights, len(report.resized), len(report.dropped))
         elif random_init:
             model = create_model(name, **overrides)
+            log.info("InternVideo2 teacher %s: randomly initialised with %s (no weights)", name, overrides)
         else:
             raise ValueError(f"teacher.weights is required for the {name} teacher: download {INTERNVIDEO2_1B_FILE} "
                              "and pass --set teacher.weights=PATH")
