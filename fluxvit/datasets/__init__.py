@@ -13,8 +13,9 @@ Typical use (the training stages)::
         log(stats().as_dict())        # delivered / skipped samples, shard errors
 
 Modules: :mod:`.shards` (spec syntax, tar reading/writing), :mod:`.decoders` (decord / PyAV / torchcodec),
-:mod:`.sampling` (frame indices), :mod:`.transforms` (crops, eval views), :mod:`.grid` (Flux),
-:mod:`.loader` (streaming, resume), :mod:`.synth` (synthetic corpus), :mod:`.cli` (``fluxvit-data``).
+:mod:`.sampling` (frame indices), :mod:`.transforms` (crops, eval views), :mod:`.augment` (the release's training
+augmentation from timm's pieces: RandAugment, RandomResizedCrop, RandomErasing, repeated augmentation), :mod:`.grid`
+(Flux), :mod:`.loader` (streaming, resume), :mod:`.synth` (synthetic corpus), :mod:`.cli` (``fluxvit-data``).
 decord, torchcodec and PyAV are imported only when a video is decoded.
 """
 from .config import DataConfig, LoaderOptions
