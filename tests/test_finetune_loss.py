@@ -185,3 +185,28 @@ def test_eval_head_ties_go_to_the_earlier_head(net):
             assert eval_head(net, mid // 2) == a
         assert eval_head(net, mid // 2 + 1) == a and eval_head(net, (mid + 1) // 2 - 1) == b
     assert eval_head(net, (budgets[0] + budgets[2]) // 2, trained_heads=[2, 0]) == 0  # order of the list is irrelevant
+
+
+def test_init_class_map_picks_classifier_rows(tmp_path):
+    """K710 -> K400 as the release does it: the init checkpoint's classifier rows are re-ordered for the new classes."""
+    import json
+
+    from fluxvit.models import save_model
+    from fluxvit.stages.finetune import FinetuneTask, build_config
+
+    torch.manual_seed(0)
+    src = create_model("fluxvit_tiny_patch14", num_classes=5, depth=1, head_budgets=(192, 128, 64))
+    save_model(src, tmp_path / "src.safetensors")
+    (tmp_path / "map.json").write_text(json.dumps([4, 0, 2]))
+    cfg = build_config("smoke", ["model.num_classes=3", f"model.init_class_map={tmp_path / 'map.json'}",
+                                 'model.overrides={"depth": 1, "head_budgets": [192, 128, 64]}'])
+    task = FinetuneTask(cfg)
+    task.load_init(str(tmp_path / "src.safetensors"))
+    for k in range(3):
+        torch.testing.assert_close(task.model.net.head[k].weight, src.head[k].weight[[4, 0, 2]])
+        torch.testing.assert_close(task.model.net.head[k].bias, src.head[k].bias[[4, 0, 2]])
+    torch.testing.assert_close(task.model.net.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    (tmp_path / "bad.json").write_text(json.dumps([0, 1]))
+    task.cfg.model.init_class_map = str(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="list of 3 row indices"):
+        task.load_init(str(tmp_path / "src.safetensors"))

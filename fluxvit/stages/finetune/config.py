@@ -26,13 +26,16 @@ class ModelConfig:
 
     ``init``: "" (random), a stage-1/2/3 export (``.safetensors`` from ``save_model``) or an official FluxViT
     checkpoint (``.pth``/``.pt``/``.bin``; weights under ``model``/``module`` or bare). Heads whose shape does not
-    match (another number of classes) are left at their initialisation.
+    match (another number of classes) are left at their initialisation, unless ``init_class_map`` names a JSON list
+    with, for each of the ``num_classes`` classes, its row in the checkpoint's classifier (the release maps the K710
+    classifier onto K400's classes this way).
     """
 
     name: str = "fluxvit_small_patch14"
     num_classes: int = 400
     drop_path_rate: float = 0.1
     init: str = ""
+    init_class_map: str = ""
     overrides: dict = field(default_factory=dict)
 
 

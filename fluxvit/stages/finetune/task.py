@@ -11,16 +11,18 @@ The optimiser is AdamW over timm's layer-decay groups with the release's layer i
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from fluxvit.models import create_model, load_official_checkpoint, save_model
+from fluxvit.models import create_model, load_official_checkpoint, read_state_dict, save_model
 
 from ..common.config import ConfigError, OptimConfig
 from ..common.loop import StepOutput
@@ -29,7 +31,7 @@ from .config import FinetuneConfig
 from .loss import build_mixup, flux_multi_loss, smooth_targets
 from .model import FinetuneModel, random_keep
 
-__all__ = ["FinetuneTask", "check_labels"]
+__all__ = ["FinetuneTask", "check_labels", "map_classifier_rows"]
 
 log = logging.getLogger("fluxvit.train")
 
@@ -45,6 +47,33 @@ def check_labels(labels: torch.Tensor, num_classes: int, keys=None) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ task
+def map_classifier_rows(state: dict, class_map: str, num_classes: int) -> dict:
+    """Classifier rows of a checkpoint re-ordered for another label set (K710 -> K400 in the release).
+
+    Args:
+        state: the checkpoint's tensors; every ``head.<k>.weight`` (C_src, D) / ``head.<k>.bias`` (C_src,) is mapped.
+        class_map: JSON file with a list of ``num_classes`` source row indices (target class i <- source row map[i]).
+
+    Returns:
+        a new dict with the heads (num_classes, D) / (num_classes,).
+    """
+    rows = json.loads(Path(class_map).read_text())
+    if not isinstance(rows, list) or len(rows) != num_classes or not all(isinstance(r, int) for r in rows):
+        raise ValueError(f"model.init_class_map {class_map}: expected a JSON list of {num_classes} row indices")
+    index = torch.tensor(rows)
+    out, mapped = dict(state), 0
+    for name, value in state.items():
+        if re.search(r"(^|\.)head\.\d+\.(weight|bias)$", name):
+            if index.max() >= value.shape[0] or index.min() < 0:
+                raise ValueError(f"model.init_class_map {class_map}: row {int(index.max())} outside {name}'s "
+                                 f"{value.shape[0]} classes")
+            out[name] = value[index]
+            mapped += 1
+    if not mapped:
+        raise ValueError(f"model.init_class_map {class_map}: the checkpoint has no classifier head to map")
+    return out
+
+
 class FinetuneTask:
     """FluxViT classifier, label mixing and the Flux-Multi / Flux-Single loss (the ``TrainTask`` of stage 3).
 
@@ -91,10 +120,13 @@ class FinetuneTask:
         self.device = device
 
     def load_init(self, path: str) -> None:
-        """Weights of a stage-1/2 export or an official FluxViT checkpoint. They must fit the model unless
-        ``train.init_strict=false``; classifier heads of another class count keep their initialisation
-        (reported)."""
-        load_official_checkpoint(self.model.net, path, strict=self.cfg.train.init_strict, classifier_may_differ=True)
+        """Weights of a stage-1/2/3 export or an official FluxViT checkpoint. They must fit the model unless
+        ``train.init_strict=false``; classifier heads of another class count keep their initialisation (reported),
+        or, with ``model.init_class_map``, their rows are picked for this model's classes."""
+        src = path
+        if self.cfg.model.init_class_map:
+            src = map_classifier_rows(read_state_dict(path), self.cfg.model.init_class_map, self.cfg.model.num_classes)
+        load_official_checkpoint(self.model.net, src, strict=self.cfg.train.init_strict, classifier_may_differ=True)
 
     def peak_lr(self, ocfg: OptimConfig) -> float:
         """``optim.lr``, scaled as the release does with ``scale_lr``: x total batch x num_sample / lr_batch
