@@ -61,7 +61,8 @@ bench-data: $(STAMP)
 
 # TEACHER: a weights file for the preset's teacher architecture (path/to/file.{pt,pth,bin,safetensors}), or
 # KIND:NAME[:WEIGHTS_OR_TAG] naming the architecture (teacher.kind, teacher.name), e.g. open_clip:ViT-L-14:openai,
-# open_clip:ViT-B-16:/w/vitb16.bin, fluxvit:fluxvit_base_patch14:/w/stage1.safetensors. A third part with a "/"
+# internvideo2:internvideo2_1b_patch14:/w/InternVideo2-stage2_1b-224p-f4.pt, open_clip:ViT-B-16:/w/vitb16.bin. Naming
+# one resets teacher.vision_cfg / teacher.overrides (the tiny test towers of smoke presets). A third part with a "/"
 # or a weights suffix is a file (teacher.weights), otherwise an open_clip pretrained tag.
 _TW = $(subst :, ,$(TEACHER))
 _T3 = $(word 3,$(_TW))
@@ -69,6 +70,7 @@ _T3_FILE = $(or $(findstring /,$(_T3)),$(filter %.pt %.pth %.bin %.safetensors,$
 TEACHER_SETS = $(if $(TEACHER),$(if $(filter 1,$(words $(_TW))),\
   --set teacher.weights=$(TEACHER) --set teacher.pretrained=,\
   --set teacher.kind=$(word 1,$(_TW)) --set teacher.name=$(word 2,$(_TW)) --set teacher.vision_cfg={} \
+  --set teacher.overrides={} \
   $(if $(_T3),$(if $(_T3_FILE),--set teacher.weights=$(_T3) --set teacher.pretrained=,--set teacher.pretrained=$(_T3)),\
   --set teacher.pretrained=)))
 

@@ -229,9 +229,10 @@ def test_make_keeps_brace_and_glob_patterns_as_one_argument(fake_venv):
 @pytest.mark.parametrize("teacher,want", [
     ("/w/vitb16.bin", ["teacher.weights=/w/vitb16.bin", "teacher.pretrained="]),
     ("open_clip:ViT-L-14:openai", ["teacher.kind=open_clip", "teacher.name=ViT-L-14", "teacher.vision_cfg={}",
-                                   "teacher.pretrained=openai"]),
+                                   "teacher.overrides={}", "teacher.pretrained=openai"]),
     ("fluxvit:fluxvit_base_patch14:/w/s1.safetensors", ["teacher.kind=fluxvit", "teacher.name=fluxvit_base_patch14",
-                                                        "teacher.vision_cfg={}", "teacher.weights=/w/s1.safetensors",
+                                                        "teacher.vision_cfg={}", "teacher.overrides={}",
+                                                        "teacher.weights=/w/s1.safetensors",
                                                         "teacher.pretrained="]),
 ])
 def test_make_distill_teacher_names_the_architecture(fake_venv, teacher, want):
