@@ -177,9 +177,13 @@ def test_a_stage_run_logged_to_a_file_is_plain_and_quiet(tmp_path):
     accelerator notice at export."""
     log = tmp_path / "run.log"
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, "-m", "fluxvit.stages.distill", "--preset", "smoke", "--set",
-                               "train.steps=2", "--set", f"train.run_dir={tmp_path / 'run'}", "--set", "train.eval_every=0",
-                               "--set", "train.tensorboard=false", "--set", "train.log_every=1"],
+        teacher = ["teacher.kind=open_clip", "teacher.name=", "teacher.pretrained=", "teacher.overrides={}",
+                   "teacher.embed_dim=64", 'teacher.vision_cfg={"image_size": 112, "patch_size": 16, "width": 96, '
+                   '"layers": 4, "head_width": 32}']  # a small random open_clip tower: open_clip logs via root
+        sets = [f"train.run_dir={tmp_path / 'run'}", "train.steps=2", "train.eval_every=0", "train.tensorboard=false",
+                "train.log_every=1", *teacher]
+        proc = subprocess.run([sys.executable, "-m", "fluxvit.stages.distill", "--preset", "smoke",
+                               *[a for x in sets for a in ("--set", x)]],
                               cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=300,
                               env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
     text = log.read_text()
@@ -187,6 +191,7 @@ def test_a_stage_run_logged_to_a_file_is_plain_and_quiet(tmp_path):
     assert "\r" not in text  # progress=true by default, but not a terminal: log lines only
     assert text.count("saved checkpoint") == 1 and text.count("step 2: loss=") == 1
     assert "Setting accelerator to CPU" not in text and "exported student" in text
+    assert "OpenCLIPTeacher" in text
 
 
 def test_exports_get_the_mode_of_the_runs_other_files(tmp_path):
