@@ -14,7 +14,7 @@ TEXT ?=
 LAUNCH ?= launch/cpu.yaml
 RUN_DIR ?= runs
 
-.PHONY: help setup test test-fast bench bench-data bench-distill bench-finetune pretrain distill retrieval-eval finetune tokenopt clean-venv gpu-check
+.PHONY: help setup lint test test-fast bench bench-data bench-distill bench-finetune pretrain distill retrieval-eval finetune tokenopt clean-venv gpu-check
 
 help:
 	@echo "make pretrain        stage 1 + stage 2 on the synthetic corpus (demo scale)"
@@ -22,6 +22,7 @@ help:
 	@echo "make retrieval-eval  zero-shot retrieval of the pretrained model"
 	@echo "make finetune        stage 3 Flux-Multi finetuning (PRESET=smoke; ARGS='--set k=v ...')"
 	@echo "make tokenopt        Token Optimization table + plot of the finetuned model (CKPT=...)"
+	@echo "make lint            ruff over fluxvit, benchmarks and tests (CI runs it before the tests)"
 	@echo "make test            the CPU test suite (bootstraps .venv)"
 	@echo "make bench           model benchmarks (selector cost, packed vs padded)"
 	@echo "make bench-data      data pipeline benchmark"
@@ -41,6 +42,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check fluxvit benchmarks tests
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

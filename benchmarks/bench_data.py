@@ -195,8 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     sources = {}
     for name, (w, h) in {"340p": (604, 340), "720p": (1280, 720)}.items():
         t0 = time.perf_counter()
-        src = cached(args.cache / f"{name}.mp4", lambda: make_source(w, h))
-        ready = cached(args.cache / f"{name}_{key}.mp4", lambda: encode_video(src, enc))
+        src = cached(args.cache / f"{name}.mp4", lambda w=w, h=h: make_source(w, h))
+        ready = cached(args.cache / f"{name}_{key}.mp4", lambda src=src: encode_video(src, enc))
         sources[f"{name} default GOP"] = src
         sources[f"{name} training-ready"] = ready
         print(f"{name}: source {len(src) / 1e6:.2f} MB, training-ready {len(ready) / 1e6:.2f} MB "
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
                        **bench_row(video, backend, grid, args.seconds)}
                 if name.endswith("training-ready"):
                     row.update(bench_loader(video, backend, grid, args.loader_epochs, Path(tmp) / name.split()[0]))
-                for (d, model, mode), (tflop, rate) in gpu.items():
+                for (d, model, mode), (_tflop, rate) in gpu.items():
                     if d == draw:
                         row[f"gpu_{model}_{mode}_clips_s"] = rate
                         row[f"cores_{model}_{mode}"] = rate / row["pipeline_clips_per_core_s"]
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
         for short, keyint, fps in CANDIDATES:
             c = Encoding(short_side=short, keyframe_interval=keyint, max_fps=fps)
             ck = f"s{short}_k{keyint}_q{c.crf}_f{c.max_fps:g}"
-            video = cached(args.cache / f"720p_{ck}.mp4", lambda: encode_video(src, c))
+            video = cached(args.cache / f"720p_{ck}.mp4", lambda c=c: encode_video(src, c))
             r = bench_row(video, backend, DRAWS["finetune"], args.seconds)
             cand = {"short_side": short, "keyframe_interval": keyint, "max_fps": fps, "bytes_per_clip": len(video),
                     "pipeline_clips_per_core_s": r["pipeline_clips_per_core_s"],

@@ -53,8 +53,8 @@ def bench_selector(model, frames: int, res: int, budgets, reps: int) -> list[dic
     emb_t = timed(lambda: model.patch_embed(video), reps)
     emb = model.patch_embed(video)
     for budget in budgets:
-        sel_t = timed(lambda: select_tokens(emb, budget), reps)
-        fwd_t = timed(lambda: model(video, num_tokens=budget), reps)
+        sel_t = timed(lambda budget=budget: select_tokens(emb, budget), reps)
+        fwd_t = timed(lambda budget=budget: model(video, num_tokens=budget), reps)
         rows.append(dict(pool=f"{frames}x{res}", pool_tokens=emb.shape[1] * emb.shape[2], budget=budget,
                          patch_embed_s=emb_t, select_s=sel_t, forward_s=fwd_t,
                          selector_pct=100 * sel_t / fwd_t, total_pct=100 * (emb_t + sel_t) / fwd_t))

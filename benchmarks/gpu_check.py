@@ -195,7 +195,6 @@ def train_steps(args, name, device, dtype, bench: Bench, peak_flops) -> dict:
     out["mixed_packed"] = summarise(packed, args.mixed, len(mixed))
     out["mixed_padded"] = summarise(padded, [max(args.mixed)] * len(mixed), len(mixed))
     out["padded_over_packed"] = padded["s"] / packed["s"]
-    del model, opt
     return out
 
 
@@ -214,7 +213,6 @@ def teacher_forward(args, device, dtype, bench: Bench, student_step_s: float | N
             return teacher.forward_teacher(video, [teacher.depth - 1], num_tokens=budget)
 
     t = bench.time(forward)
-    del teacher
     share = t["s"] / (t["s"] + student_step_s) if student_step_s else None
     return dict(status="ok", model="internvideo2_1b_patch14" + (" (tiny dims)" if args.tiny else ""),
                 tokens=budget, clips_s=args.batch / t["s"], step_s=t["s"], peak_gib=t["peak_gib"],

@@ -1,6 +1,5 @@
 """What a person sees at the command line: one-line errors with exit status 2, budgets below 1 refused, the launch
 check, log lines printed once, a progress postfix of the step shown, and the Makefile's handling of arguments."""
-import logging
 import os
 import stat
 import subprocess
@@ -9,7 +8,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from fluxvit.stages.common.cli import run_cli
 from fluxvit.stages.common.runtime import (DistributedMismatchError, MetricLogger, check_distributed,
@@ -157,8 +155,8 @@ def test_library_noise_is_silenced():
         warnings.simplefilter("default")
         quiet_third_party(progress=False)
         warnings.warn("find_unused_parameters=True was specified in DDP constructor, but did not find any unused "
-                      "parameters in the forward pass.", UserWarning)
-        warnings.warn("another warning stays visible", UserWarning)
+                      "parameters in the forward pass.", UserWarning, stacklevel=1)
+        warnings.warn("another warning stays visible", UserWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == ["another warning stays visible"]
     assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
     import transformers

@@ -133,8 +133,10 @@ def test_bad_samples_are_counted_and_skipped(tmp_path):
 @pytest.mark.parametrize("num_workers,buffer", [(2, 0), (2, 3), (0, 4)])
 def test_resume_bound(corpus, num_workers, buffer, monkeypatch):
     """Stop after k batches, restore from state_dict: repeats and misses stay within one shuffle buffer per stream."""
-    make = lambda: build_video_loader(cfg(corpus, num_workers=num_workers, shuffle_buffer=buffer, batch_size=2),
-                                      rank=0, world_size=1)
+    def make():
+        return build_video_loader(cfg(corpus, num_workers=num_workers, shuffle_buffer=buffer, batch_size=2),
+                                  rank=0, world_size=1)
+
     full = make()
     full.set_epoch(3)
     reference = keys_of(full)

@@ -22,9 +22,9 @@ class _Teacher:
 
     def __call__(self, video, grid, layers):
         B, N = video.shape[0], grid[0] * grid[1] * grid[2]
-        tokens = {l: _onehot(l, B * N).view(B, N, DIM) for l in layers}
+        tokens = {layer: _onehot(layer, B * N).view(B, N, DIM) for layer in layers}
         return TeacherOutput(tokens=tokens, pooled=_onehot(POOL, B), cls_attn=torch.rand(B, N),
-                             valid=torch.ones(B, N, dtype=torch.bool), cls={l: _onehot(l, B) for l in layers})
+                             valid=torch.ones(B, N, dtype=torch.bool), cls={layer: _onehot(layer, B) for layer in layers})
 
 
 class _Student:

@@ -7,7 +7,6 @@ Run as a script (``python tests/test_faults.py RUN_DIR KILL_AT``) it is the work
 """
 from __future__ import annotations
 
-import json
 import os
 import resource
 import signal

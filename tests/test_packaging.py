@@ -1,5 +1,6 @@
 """Packaging contracts: environment.yml agrees with pyproject.toml, CI runs the README's test command,
 and ``import fluxvit`` works without the optional heavy dependencies."""
+import ast
 import re
 import subprocess
 import sys
@@ -78,3 +79,42 @@ def test_import_without_optional_dependencies():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def _function_level_project_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import of the project's own modules inside a function of ``path``."""
+    lines = path.read_text().splitlines()
+    found = []
+    for node in ast.walk(ast.parse("\n".join(lines))):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.ImportFrom):
+                own = sub.level > 0 or (sub.module or "").split(".")[0] == "fluxvit"
+                name = "." * sub.level + (sub.module or "")
+            elif isinstance(sub, ast.Import):
+                own = any(a.name.split(".")[0] == "fluxvit" for a in sub.names)
+                name = ",".join(a.name for a in sub.names)
+            else:
+                continue
+            # The one accepted reason: a module run with `python -m` must not be imported by its own package
+            # first (runpy's RuntimeWarning); the comment above the import has to say so.
+            if own and not any("runpy" in line for line in lines[max(0, sub.lineno - 4):sub.lineno - 1]):
+                found.append((sub.lineno, name))
+    return found
+
+
+def test_project_imports_are_at_the_top_of_library_modules():
+    offenders = {str(p.relative_to(ROOT)): hits for p in sorted((ROOT / "fluxvit").rglob("*.py"))
+                 if (hits := _function_level_project_imports(p))}
+    assert not offenders, f"project imports inside functions (move them to the top): {offenders}"
+
+
+def test_the_import_check_sees_a_function_level_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import torch\n\n\ndef f():\n    from fluxvit.models import create_model\n    return create_model\n")
+    assert _function_level_project_imports(bad) == [(5, "fluxvit.models")]
+    ok = tmp_path / "ok.py"
+    ok.write_text("def f():\n    # runpy: imported here so `python -m pkg.mod` does not warn\n    from .mod import g\n"
+                  "    import torch\n    return g, torch\n")
+    assert _function_level_project_imports(ok) == []

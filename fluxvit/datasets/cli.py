@@ -28,6 +28,7 @@ from .decoders import BACKENDS
 from .loader import SampleError, process_sample
 from .prepare import Encoding, make_shards, read_classes
 from .shards import VIDEO_EXTENSIONS, ShardReader, parse_shard_spec
+from .synth import make_synthetic_corpus
 
 __all__ = ["main", "read_csv_list", "read_json_list", "read_folder", "check_shards"]
 
@@ -200,8 +201,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if report["skipped"] == 0 else 1
 
     if args.command == "synth":
-        from .synth import make_synthetic_corpus
-
         if min(args.num_train, args.num_val, args.num_test) < 0 or args.scale < 1:
             print("error: sizes must be >= 0 and --scale >= 1", file=sys.stderr)
             return 2

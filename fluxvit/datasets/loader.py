@@ -442,6 +442,7 @@ class VideoShardDataset(IterableDataset):
                 yield sample
 
         shuffle_rng = random.Random(f"shuffle:{cfg.seed}:{self.epoch}:{self.rank}:{worker}")
+        good_before = 0
         for p, urls in enumerate(self._passes(worker, num_workers, in_worker)):
             if p:
                 if progress["good"] == good_before or not progress.get("more", True):

@@ -18,6 +18,9 @@ from typing import Iterator, Sequence
 
 import torch
 
+from fluxvit import datasets as fd
+from fluxvit.datasets import FluxGrid
+from fluxvit.datasets.synth import ensure_synthetic_corpus
 from fluxvit.datasets.transforms import NORMALIZE
 
 from .config import DataConfig
@@ -44,8 +47,6 @@ def flux_grids(cfg: DataConfig) -> list[tuple[int, int]]:
     ``FluxGrid.preset(cfg.flux_preset)``."""
     if cfg.grids:
         return [(int(f), int(r)) for f, r in cfg.grids]
-    from fluxvit.datasets import FluxGrid
-
     return FluxGrid.preset(cfg.flux_preset).valid_pairs()
 
 
@@ -145,8 +146,6 @@ def resolve_shards(cfg: DataConfig) -> tuple[str, str]:
     splits. ``cfg`` is never modified. The held-out spec is empty when there is none (no ``val_shards``).
     """
     if cfg.source == "synthetic-corpus":
-        from fluxvit.datasets.synth import ensure_synthetic_corpus
-
         if not cfg.root:
             raise ValueError("data.source=synthetic-corpus needs data.root (where the corpus is generated)")
         # An existing corpus is used as it is; a missing one is generated with the default parameters
@@ -164,8 +163,6 @@ def resolve_shards(cfg: DataConfig) -> tuple[str, str]:
 
 def loader_grid(cfg: DataConfig):
     """The ``FluxGrid`` of a data section: exactly ``cfg.grids`` when given, else ``FluxGrid.preset(flux_preset)``."""
-    from fluxvit.datasets import FluxGrid
-
     return FluxGrid.from_pairs(cfg.grids) if cfg.grids else FluxGrid.preset(cfg.flux_preset)
 
 
@@ -181,8 +178,6 @@ def build_loader(cfg: DataConfig, shards: str, *, train: bool, seed: int = 0, ra
     Returns:
         a ``fluxvit.datasets.VideoLoader`` yielding ``{"video": (B, 3, T, H, W) | list, "caption", "label", "key"}``.
     """
-    from fluxvit import datasets as fd
-
     opts = cfg.loader_options()
     opts.update({k: v for k, v in view.items() if k in opts})
     extra = {k: v for k, v in view.items() if k not in opts}

@@ -17,6 +17,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from fluxvit.datasets import EvalTransform, multi_clip_indices, sample_tsn_indices
+from fluxvit.datasets.augment import build_train_transform, repeated_views
+from fluxvit.datasets.shards import shard_classes
+from fluxvit.datasets.synth import CLASSES, draw_clip_spec, ensure_synthetic_corpus, render_clip
+
 from ..common.config import DataConfig
 from ..common.data import build_loader, build_source, draw_grids, flux_grids, log_once, resolve_shards
 
@@ -40,8 +45,6 @@ def motion_clip(split: str, index: int, num_frames: int = 32, size: int = 128, c
     Returns:
         (uint8 (num_frames or len(indices), size, size, 3) frames, motion label in [0, 8)).
     """
-    from fluxvit.datasets.synth import CLASSES, draw_clip_spec, render_clip
-
     rng = np.random.default_rng([corpus_seed, _SPLIT_INDEX[split], index])
     spec = draw_clip_spec(rng, label=index % len(CLASSES), size=size)
     return torch.from_numpy(render_clip(spec, num_frames, size, indices)), spec.label
@@ -62,8 +65,6 @@ class MotionClips:
     """
 
     def __init__(self, cfg: DataConfig, seed: int = 0, rank: int = 0, world_size: int = 1):
-        from fluxvit.datasets.augment import build_train_transform
-
         self.cfg, self.seed, self.rank, self.world = cfg, seed, rank, world_size
         self.grids = flux_grids(cfg)
         self.transform = build_train_transform(cfg)
@@ -71,9 +72,6 @@ class MotionClips:
 
     def batch(self, n: int) -> dict:
         """Micro-batch ``n`` of this rank: ``batch_size`` videos x ``num_sample`` clips each."""
-        from fluxvit.datasets import sample_tsn_indices
-        from fluxvit.datasets.augment import repeated_views
-
         rng = random.Random(f"{self.seed}-{n}-{self.rank}")
         grids = draw_grids(rng, self.grids, self.cfg.batch_size, self.cfg.per_sample_grid)
         ids = [rng.randrange(self.cfg.num_clips) for _ in range(self.cfg.batch_size)]
@@ -105,8 +103,6 @@ def _eval_clip(split: str, index: int) -> tuple[torch.Tensor, int]:
 
 def _motion_views(split: str, num_videos: int, frames: int, resolution: int, num_clips: int, num_crops: int,
                   normalize: str, batch_size: int) -> Iterator[dict]:
-    from fluxvit.datasets import EvalTransform, multi_clip_indices
-
     tf = EvalTransform(num_crops=num_crops, normalize=normalize)
     for start in range(0, num_videos, batch_size):
         views, index, labels = [], [], []
@@ -152,8 +148,6 @@ def eval_shards(data: DataConfig, split: str) -> str:
     if split == "train":
         return train
     if data.source == "synthetic-corpus" and not data.val_shards and split != "val":
-        from fluxvit.datasets.synth import ensure_synthetic_corpus
-
         info = ensure_synthetic_corpus(data.root)["splits"].get(split, {})
         return info.get("shards", "") if info.get("num_samples") else ""
     return val
@@ -200,8 +194,6 @@ def shard_num_classes(data: DataConfig) -> int | None:
     ``None`` for in-memory sources or shards without one."""
     if data.source not in ("shards", "synthetic-corpus"):
         return None
-    from fluxvit.datasets.shards import shard_classes
-
     names = shard_classes(resolve_shards(data)[0])
     return None if names is None else len(names)
 

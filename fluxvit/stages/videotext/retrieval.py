@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                   options=DataConfig(decoder=args.decoder, num_workers=args.workers))
         if not rset.videos:
             p.error(f"no captioned videos found in {args.data}")
-        for budget, m in evaluate_retrieval(model, tower, rset, budgets, args.dual_softmax, args.device).items():
+        for m in evaluate_retrieval(model, tower, rset, budgets, args.dual_softmax, args.device).values():
             rows.append({"setting": f"{frames}x{res}", **m})
     report = {"checkpoint": str(ckpt), "data": args.data, "split": args.split,
               "dual_softmax_temperature": args.dual_softmax, "protocol": retrieval_protocol(args.dual_softmax),

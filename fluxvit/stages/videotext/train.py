@@ -29,6 +29,8 @@ def build_config(preset: str, overrides: Sequence[str] = ()) -> VideoTextConfig:
 def _make_evaluator(cfg: VideoTextConfig, val_shards: str):
     """Held-out retrieval during training: the first retrieval setting and budget on ``val_shards`` (None when
     there are none: logged once, the training shards are never evaluated instead)."""
+    # Imported here: a top-level import would load .retrieval with the package and make
+    # `python -m fluxvit.stages.videotext.retrieval` warn (runpy's RuntimeWarning).
     from .retrieval import evaluate_retrieval, load_retrieval_set
 
     if not val_shards:
