@@ -46,7 +46,9 @@ def test_deepspeed_zero2_runs_on_two_cpu_processes(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
     assert (tmp_path / "student.safetensors").is_file()
-    assert "Setting accelerator to CPU" not in proc.stdout + proc.stderr.split("get_accelerator", 1)[-1]
+    # the launcher process itself prints DeepSpeed's CPU notice once (stdout or stderr, by DeepSpeed version);
+    # the two ranks and the export must add none
+    assert (proc.stdout + proc.stderr).count("Setting accelerator to CPU") <= 1, proc.stdout[-3000:]
 
 
 @pytest.mark.slow
