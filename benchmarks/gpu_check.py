@@ -15,7 +15,7 @@ Prints one table (and writes JSON, default benchmarks/results/gpu_check.json):
 4. the InternVideo2-1B teacher forward at 2048 tokens (clips/s, share of a stage-1 step);
 5. torchcodec decoding on the GPU (clips/s), if torchcodec is installed.
 
-MFU uses the paper's FLOP convention (FLUXVIT.md section 8): a view of N = tokens + 1 rows costs
+MFU uses the paper's FLOP convention (its GFLOPs column): a view of N = tokens + 1 rows costs
 ``depth * (12 * N * d**2 + 2 * N**2 * d)`` multiply-accumulates in the backbone; a training step costs 3x the
 forward (forward + backward) and a multiply-accumulate is 2 FLOPs, so
 

@@ -21,7 +21,7 @@ def test_gpu_check_cpu_tiny_end_to_end(tmp_path, capsys):
 
 
 def test_paper_flop_convention():
-    """FLUXVIT.md section 8's formula reproduces the paper's GFLOPs table within 3 % (the paper's figures run
+    """The paper's FLOP convention reproduces the paper's GFLOPs table within 3 % (the paper's figures run
     1-2 % higher, presumably counting the patch embedding and head too)."""
     paper = {(768, 3072): 440, (768, 2048): 255, (768, 1024): 108, (768, 512): 49,
              (384, 3072): 154, (384, 2048): 83, (384, 1024): 32, (384, 512): 13}

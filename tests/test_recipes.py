@@ -26,7 +26,7 @@ PLUMBING = ("train.run_dir", "train.log_every", "train.ckpt_every", "train.keep_
 # Speed / memory switches that leave the math unchanged (compiled and checkpointed steps equal eager ones).
 PLUMBING += ("train.compile", "train.grad_checkpointing")
 SOURCE = re.compile(r"Table \d+|release (script|code|factory|eval|Flux-Single)|InternVideo2|UMT|\[inferred\]|"
-                    r"\[choice\]|\[derived\]|FLUXVIT\.md")
+                    r"\[choice\]|\[derived\]")
 
 
 def _leaves(d: dict, prefix: str = ""):
