@@ -62,10 +62,17 @@ def test_budgets_below_one_are_refused(capsys, module, argv, needle):
     assert "--budgets" in line and needle in line
 
 
-def test_eval_budget_all_means_every_token():
-    from fluxvit.stages.finetune.eval import budget_arg
+def test_budget_types_accept_positive_integers_and_all_only_where_allowed():
+    import argparse
 
-    assert budget_arg("all") == 0 and budget_arg("64") == 64
+    from fluxvit.stages.common.cli import token_budget, token_budget_or_all
+
+    assert token_budget_or_all("all") == 0 and token_budget_or_all("64") == 64 and token_budget("1") == 1
+    for bad in ("0", "-5", "abc", "all"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            token_budget(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="or 'all'"):
+        token_budget_or_all("0")
 
 
 @pytest.mark.parametrize("module", ["fluxvit.stages.videotext.retrieval", "fluxvit.stages.finetune.eval"])

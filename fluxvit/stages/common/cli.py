@@ -33,6 +33,27 @@ def fail(message: str, status: int = 2, prog: str = "fluxvit") -> NoReturn:
     raise SystemExit(status)
 
 
+def token_budget(text: str) -> int:
+    """argparse type of a CLI token budget: an integer >= 1 (a clear usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"token budget must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"token budget must be >= 1, got {value}")
+    return value
+
+
+def token_budget_or_all(text: str) -> int:
+    """argparse type: an integer token budget >= 1, or "all" (every token; 0 internally)."""
+    if text.strip().lower() == "all":
+        return 0
+    try:
+        return token_budget(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or 'all' for every token)") from None
+
+
 class OneLineParser(argparse.ArgumentParser):
     """``argparse`` whose usage errors are one line (``prog: error: ...``, exit 2), without the usage dump."""
 

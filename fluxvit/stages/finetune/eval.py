@@ -22,11 +22,11 @@ from fluxvit.metrics import aggregate_views, fluxvit_gflops, topk_accuracy
 from fluxvit.models import FluxViT, load_model
 from fluxvit.models.checkpoint import read_metadata
 
-from ..common.cli import OneLineParser, fail
+from ..common.cli import OneLineParser, fail, token_budget_or_all
 from ..common.config import DataConfig
 from .data import eval_views, has_held_out
 
-__all__ = ["budget_arg", "eval_head", "evaluate", "load_classifier", "main", "view_tokens"]
+__all__ = ["eval_head", "evaluate", "load_classifier", "main", "view_tokens"]
 
 log = logging.getLogger("fluxvit.eval")
 
@@ -147,19 +147,6 @@ def data_config(args: argparse.Namespace) -> DataConfig:
     return DataConfig(source="synthetic-motion", num_val_clips=args.max_videos or 100, normalize=args.normalize)
 
 
-def budget_arg(text: str) -> int:
-    """A CLI token budget: an integer >= 1, or "all" (every token, 0 internally)."""
-    if text.strip().lower() == "all":
-        return 0
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"token budget must be an integer >= 1 or 'all', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"token budget must be >= 1 (or 'all' for every token), got {value}")
-    return value
-
-
 def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="stage-3 export (.safetensors from save_model)")
     p.add_argument("--shards", default="", help="labelled validation shards; default: the synthetic corpus")
@@ -176,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     add_data_args(p)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--resolution", type=int, default=224)
-    p.add_argument("--budgets", type=budget_arg, nargs="+", default=[2048],
+    p.add_argument("--budgets", type=token_budget_or_all, nargs="+", default=[2048],
                    help="token budgets (integers >= 1, or 'all' for every token)")
     p.add_argument("--clips", type=int, default=4, help="temporal clips per video")
     p.add_argument("--crops", type=int, default=3, choices=(1, 3), help="spatial crops per clip")

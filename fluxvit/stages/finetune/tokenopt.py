@@ -13,7 +13,6 @@ without TO) into ``--out``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -23,7 +22,7 @@ from typing import Sequence
 
 from fluxvit.models import FluxViT
 
-from ..common.cli import OneLineParser, fail
+from ..common.cli import OneLineParser, fail, token_budget
 from ..common.config import DataConfig
 from .eval import add_data_args, data_config, evaluate, load_classifier
 
@@ -146,22 +145,12 @@ def plot_tokenopt(result: dict, path: str | Path, title: str = "") -> Path:
     return path
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"token budget must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"token budget must be >= 1, got {value}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     """CLI: search, print the Markdown table, write JSON / Markdown / PNG into ``--out``."""
     p = OneLineParser(prog="python -m fluxvit.stages.finetune.tokenopt",
                       description="FluxViT Token Optimization: best (frames, resolution) per token budget")
     add_data_args(p)
-    p.add_argument("--budgets", type=_positive, nargs="+", default=[2048, 1024, 512], help="token budgets (>= 1)")
+    p.add_argument("--budgets", type=token_budget, nargs="+", default=[2048, 1024, 512], help="token budgets (>= 1)")
     p.add_argument("--frames", type=int, nargs="+", default=list(range(4, 25, 2)), help="candidate frame counts")
     p.add_argument("--resolutions", type=int, nargs="+", default=list(range(112, 337, 28)),
                    help="candidate resolutions (pixels)")

@@ -33,7 +33,7 @@ from fluxvit.datasets import EvalTransform, decode_clips
 from fluxvit.datasets.synth import ensure_synthetic_corpus
 from fluxvit.metrics import chance_recall, retrieval_metrics, retrieval_protocol
 
-from ..common.cli import OneLineParser
+from ..common.cli import OneLineParser, token_budget
 from ..common.config import DataConfig
 from ..common.data import build_loader
 from .task import load_videotext
@@ -180,16 +180,6 @@ def _setting(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"setting must look like 8x224, got {text!r}") from None
 
 
-def _budget(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"token budget must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"token budget must be >= 1, got {value}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     """CLI entry point; returns the JSON report."""
     p = OneLineParser(prog="python -m fluxvit.stages.videotext.retrieval",
@@ -199,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--data", default="synthetic")
     p.add_argument("--root", default="data/synthetic", help="synthetic corpus folder (generated when absent)")
     p.add_argument("--split", default="test")
-    p.add_argument("--budgets", type=_budget, nargs="+", default=None, help="token budgets (>= 1)")
+    p.add_argument("--budgets", type=token_budget, nargs="+", default=None, help="token budgets (>= 1)")
     p.add_argument("--settings", type=_setting, nargs="+", default=None, help="FRAMESxRES, e.g. 8x224")
     p.add_argument("--dual-softmax", type=float, nargs="?", const=1.0, default=None, metavar="TAU",
                    help="InternVideo2's dual softmax with temperature TAU (default 1 on cosine similarity); "
