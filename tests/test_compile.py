@@ -86,18 +86,28 @@ def test_compiled_blocks_match_eager_training_and_reuse_graphs_for_new_grids(nam
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # names unchanged (no _orig_mod)
     graphs = []
     for budgets in ([None, 40], [30, None]):
-        losses = []
-        for m in (eager, compiled):
-            m.zero_grad()
-            torch.manual_seed(1)
-            loss = _loss(m, budgets)
-            loss.backward()
-            losses.append(loss.detach())
-        torch.testing.assert_close(losses[0], losses[1])
-        for a, b in zip(eager.parameters(), compiled.parameters()):
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+        _assert_same_training_step(eager, compiled, budgets)
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[1] == graphs[0]
+
+
+def _assert_same_training_step(eager, compiled, budgets):
+    """One forward + backward of each model on the same clips and stochastic-depth draws: equal losses, and
+    every gradient eager has is present and equal in the compiled model."""
+    losses = []
+    for m in (eager, compiled):
+        m.zero_grad()
+        torch.manual_seed(1)
+        loss = _loss(m, budgets)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1])
+    pairs = list(zip(eager.parameters(), compiled.parameters()))
+    assert all((a.grad is None) == (b.grad is None) for a, b in pairs)
+    grads = [(a.grad, b.grad) for a, b in pairs if a.grad is not None]
+    assert grads
+    for a, b in grads:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -147,15 +157,4 @@ def test_inductor_compiled_blocks_match_eager_training():
     compiled = copy.deepcopy(eager)
     compiled.compile_blocks()  # torch.compile's default backend: inductor
     for budgets in ([None, 40], [30, None]):
-        losses = []
-        for m in (eager, compiled):
-            m.zero_grad()
-            torch.manual_seed(1)
-            loss = _loss(m, budgets)
-            loss.backward()
-            losses.append(loss.detach())
-        torch.testing.assert_close(losses[0], losses[1])
-        grads = [(a.grad, b.grad) for a, b in zip(eager.parameters(), compiled.parameters()) if a.grad is not None]
-        assert grads and all(b is not None for _, b in grads)
-        for a, b in grads:
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        _assert_same_training_step(eager, compiled, budgets)

@@ -24,7 +24,7 @@ from torch import nn
 
 from .attention import PackedSeqs
 from .layers import AlignDecoder, AttentionPoolingHead, Block, ChannelAffine, DualNormPatchEmbed, PackedBlockStack
-from .pos_embed import resize_pos_grid, sincos_3d
+from .pos_embed import resize_pos_grid
 from .selector import select_tokens
 
 __all__ = ["FluxFeatures", "FluxViT", "FluxViTConfig", "VideoInput"]
@@ -159,33 +159,6 @@ class FluxViT(PackedBlockStack, nn.Module):
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
-    def reset_parameters(self) -> None:
-        """Release initialisation: 3-D sin-cos pos-embed, trunc-normal(0.02) cls and Linear weights,
-        LayerNorm 1/0, and block i's attn.proj / mlp.fc2 weights divided by sqrt(2 i)."""
-        with torch.no_grad():
-            self.pos_embed.zero_()
-            self.pos_embed[0, 1:].copy_(sincos_3d(self.config.embed_dim, *self.pos_grid))
-            nn.init.trunc_normal_(self.cls_token, std=0.02)
-            for m in self.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.trunc_normal_(m.weight, std=0.02)
-                    if m.bias is not None:
-                        nn.init.zeros_(m.bias)
-                elif isinstance(m, nn.LayerNorm):
-                    nn.init.ones_(m.weight)
-                    nn.init.zeros_(m.bias)
-            for i, blk in enumerate(self.blocks, start=1):
-                blk.attn.proj.weight.div_(math.sqrt(2.0 * i))
-                blk.mlp.fc2.weight.div_(math.sqrt(2.0 * i))
-
-    def no_weight_decay(self) -> set:
-        """Parameter names excluded from weight decay besides norms and biases."""
-        return {"pos_embed", "cls_token"}
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.patch_embed.proj.weight.dtype
-
     @property
     def num_heads_pool(self) -> int:
         return len(self.clip_projector)

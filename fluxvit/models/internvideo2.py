@@ -31,7 +31,7 @@ from torch import nn
 
 from .attention import PackedSeqs, varlen_attention
 from .layers import AttentionPoolingHead, LayerScale, Mlp, PackedBlockStack, RMSNorm, packed_drop_path
-from .pos_embed import resize_pos_grid, sincos_3d
+from .pos_embed import resize_pos_grid
 from .selector import select_tokens
 
 __all__ = ["InternVideo2", "InternVideo2Config", "InternVideo2Features", "TeacherForward",
@@ -273,32 +273,6 @@ class InternVideo2(PackedBlockStack, nn.Module):
         self.blocks = nn.ModuleList(InternVideo2Block(cfg, rates[i]) for i in range(cfg.depth))
         self.clip_projector = AttentionPoolingHead(D, cfg.attn_pool_num_heads, cfg.clip_embed_dim)
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Official initialisation: 3-D sin-cos pos-embed (cls row zero), trunc-normal(0.02) cls and Linear
-        weights, zero biases, LayerNorm 1/0, block i's attn.proj / mlp.fc2 weights divided by sqrt(2 i)."""
-        with torch.no_grad():
-            self.pos_embed.zero_()
-            self.pos_embed[0, 1:].copy_(sincos_3d(self.config.embed_dim, *self.pos_grid))
-            nn.init.trunc_normal_(self.cls_token, std=0.02)
-            for m in self.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.trunc_normal_(m.weight, std=0.02)
-                    if m.bias is not None:
-                        nn.init.zeros_(m.bias)
-                elif isinstance(m, nn.LayerNorm):
-                    nn.init.ones_(m.weight)
-                    nn.init.zeros_(m.bias)
-            for i, blk in enumerate(self.blocks, start=1):
-                blk.attn.proj.weight.div_(math.sqrt(2.0 * i))
-                blk.mlp.fc2.weight.div_(math.sqrt(2.0 * i))
-
-    def no_weight_decay(self) -> set:
-        return {"pos_embed", "cls_token"}
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.patch_embed.proj.weight.dtype
 
     @property
     def depth(self) -> int:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import PackedSeqs, available_backends, varlen_attention
+from .pos_embed import sincos_3d
 
 __all__ = [
     "AlignDecoder",
@@ -196,10 +197,40 @@ class PackedBlockStack:
     not change), with the packed token count marked dynamic so a new Flux grid or budget reuses the compiled
     blocks; kernels that split by host lengths (segments, nested, math, block_mask) run eagerly between the
     compiled parts.
+
+    ``reset_parameters`` / ``no_weight_decay`` / ``dtype``: the ViT initialisation and conventions both models
+    share (they need ``pos_embed``, ``pos_grid``, ``cls_token``, ``patch_embed.proj`` and ``config.embed_dim``).
     """
 
     grad_checkpointing: bool = False
     blocks_compiled: bool = False
+
+    def reset_parameters(self) -> None:
+        """Release / official initialisation: 3-D sin-cos pos-embed (cls row zero), trunc-normal(0.02) cls and
+        Linear weights, zero biases, LayerNorm 1/0, and block i's attn.proj / mlp.fc2 weights divided by sqrt(2 i)."""
+        with torch.no_grad():
+            self.pos_embed.zero_()
+            self.pos_embed[0, 1:].copy_(sincos_3d(self.config.embed_dim, *self.pos_grid))
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.LayerNorm):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+            for i, blk in enumerate(self.blocks, start=1):
+                blk.attn.proj.weight.div_(math.sqrt(2.0 * i))
+                blk.mlp.fc2.weight.div_(math.sqrt(2.0 * i))
+
+    def no_weight_decay(self) -> set:
+        """Parameter names excluded from weight decay besides norms and biases."""
+        return {"pos_embed", "cls_token"}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embed.proj.weight.dtype
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = bool(enable)
