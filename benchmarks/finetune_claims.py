@@ -141,9 +141,10 @@ def find_starts(args, data, run: Path) -> tuple[list[Path], list]:
         pair = list(range(seed, min(seed + (1 if args.serial else 2), args.start_seed + args.max_start_tries)))
         log(f"start: micro_scratch from scratch, seeds {pair}, {args.start_steps} steps each")
         t0 = time.perf_counter()
+        todo = [s for s in pair if not (run / f"start_seed{s}" / "model.safetensors").exists()]  # rerun: reuse
         runs = {f"seed {s}": launch("micro_scratch", run / f"start_seed{s}",
                                      [f"train.seed={s}", f"train.steps={args.start_steps}", *args.extra_start])
-                for s in pair}
+                for s in todo}
         wait(runs, args.start_steps)
         secs = time.perf_counter() - t0
         for s in pair:
@@ -256,6 +257,19 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write(res: dict, out: str, t_start: float, complete: bool) -> str:
+    """Summarise the runs so far and write the JSON and Markdown results; returns the Markdown."""
+    res["summary"] = summarize(res["runs"])
+    res["seconds"] = round(time.perf_counter() - t_start, 1)
+    res["complete"] = complete
+    md = markdown(res)
+    if not complete:
+        md = f"(partial: {len(res['runs'])} runs so far)\n\n" + md
+    write_result(out, res)
+    Path(out).with_suffix(".md").write_text(md)
+    return md
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="finetune seeds (data stream, mixing)")
@@ -263,7 +277,7 @@ def main(argv=None) -> dict:
     p.add_argument("--start", nargs="+", default=[], help="existing start exports (skip step 1)")
     p.add_argument("--starts", type=int, default=2, help="starts to find (step 1)")
     p.add_argument("--start-seed", type=int, default=0)
-    p.add_argument("--start-steps", type=int, default=6000)
+    p.add_argument("--start-steps", type=int, default=3000)
     p.add_argument("--start-threshold", type=float, default=2.0, help="a start must reach this x chance on val")
     p.add_argument("--max-start-tries", type=int, default=8)
     p.add_argument("--single-budget", type=int, default=64, help="Flux-Single budget (release: 2048 of 3072/2048/1024)")
@@ -310,25 +324,24 @@ def main(argv=None) -> dict:
             common = [f"train.seed={seed}", f"train.steps={args.steps}", f"train.init_from={start}",
                       f"loss.single_budget={args.single_budget}", f"loss.single_head={args.single_head}",
                       *args.extra_finetune]
-            if args.serial:  # one process at a time (one core)
+            exports = {m: d / "model.safetensors" for m, d in dirs.items()}
+            if all(x.exists() for x in exports.values()):  # a rerun of an interrupted experiment
+                log(f"  reusing the finished exports in {base}")
+            elif args.serial:  # one process at a time (one core)
                 for m, d in dirs.items():
                     wait({m: launch("micro_multi", d, [f"loss.mode={m}", *common])}, args.steps)
             else:
                 runs = {m: launch("micro_multi", d, [f"loss.mode={m}", *common]) for m, d in dirs.items()}
                 wait(runs, args.steps)
             secs = time.perf_counter() - t0
-            row = measure({m: d / "model.safetensors" for m, d in dirs.items()}, data, args, test, base / "tokenopt",
-                          plot=not args.tiny)
+            row = measure(exports, data, args, test, base / "tokenopt", plot=not args.tiny)
             row.update(start=si, seed=seed, train_wall_seconds=round(secs, 1))
             res["runs"].append(row)
             log(f"start {si} seed {seed}: Multi " + " / ".join(f"{row['ladder']['multi'][str(k)]:.1f}" for k in BUDGETS)
                 + ", Single " + " / ".join(f"{row['ladder']['single'][str(k)]:.1f}" for k in BUDGETS))
-    res["summary"] = summarize(res["runs"])
-    res["seconds"] = round(time.perf_counter() - t_start, 1)
-    md = markdown(res)
+            done = len(res["runs"]) == len(starts) * len(args.seeds)
+            md = _write(res, args.out, t_start, complete=done)  # after every run: an interrupted run keeps its rows
     print(md)
-    write_result(args.out, res)
-    Path(args.out).with_suffix(".md").write_text(md)
     log(f"total {res['seconds'] / 60:.1f} min")
     return res
 
