@@ -29,6 +29,7 @@ default kernels (so they take effect); other machines were not available to chec
 tensors is reported: equal hashes mean the same start, whatever the machine.
 
     .venv/bin/python -m benchmarks.finetune_claims                       # 2 starts x 3 seeds: ~2 h on 2 cores
+    .venv/bin/python -m benchmarks.finetune_claims --shipped-starts     # the README's starts (benchmarks/starts)
     .venv/bin/python -m benchmarks.finetune_claims --start runs/finetune_claims/start_seed1/model.safetensors
     .venv/bin/python -m benchmarks.finetune_claims --tiny                # the pipeline in about a minute
 """
@@ -73,6 +74,53 @@ def sha256(path: Path) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+SHIPPED = Path(__file__).parent / "starts"  # the start checkpoints the README's figures came from
+
+
+def shipped_starts(directory: Path = SHIPPED) -> list[Path]:
+    """The start exports recorded in ``directory/starts.json``, each checked against its recorded sha256.
+
+    Raises:
+        ValueError: one line when the record or a file is missing, or a file's tensors differ from the record.
+    """
+    card = Path(directory) / "starts.json"
+    if not card.exists():
+        raise ValueError(f"no shipped starts: {card} is missing")
+    out = []
+    for entry in json.loads(card.read_text())["starts"]:
+        path = Path(directory) / entry["file"]
+        if not path.exists():
+            raise ValueError(f"shipped start {path} is missing (recorded in {card})")
+        got = sha256(path)
+        if got != entry["sha256"]:
+            raise ValueError(f"shipped start {path} has sha256 {got[:12]}..., {card} records {entry['sha256'][:12]}...")
+        out.append(path)
+    return out
+
+
+def ship_starts(starts: list[Path], tries: list, directory: Path = SHIPPED) -> Path:
+    """Copy the start exports into ``directory`` (``start_seed{N}.safetensors``) and record each one's seed, steps,
+    val top-1 and sha256 in ``directory/starts.json``; returns the record's path."""
+    import shutil
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    by_name = {f"start_seed{t['seed']}": t for t in tries}
+    entries = []
+    for path in starts:
+        name = path.parent.name  # start_seed{N}
+        shutil.copyfile(path, directory / f"{name}.safetensors")
+        t = by_name.get(name, {})
+        entries.append({"file": f"{name}.safetensors", "sha256": sha256(path), "seed": t.get("seed"),
+                        "steps": t.get("steps"), "val_top1": t.get("val_top1")})
+    card = directory / "starts.json"
+    card.write_text(json.dumps({"preset": "micro_scratch", "deterministic_env": DETERMINISTIC_ENV,
+                                "how": "python -m benchmarks.finetune_claims --ship-starts (step 1 of its protocol)",
+                                "starts": entries}, indent=2) + "\n")
+    log(f"shipped {len(entries)} starts to {directory}")
+    return card
 
 
 @dataclass
@@ -275,6 +323,9 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="finetune seeds (data stream, mixing)")
     p.add_argument("--steps", type=int, default=1500, help="finetune steps of each recipe")
     p.add_argument("--start", nargs="+", default=[], help="existing start exports (skip step 1)")
+    p.add_argument("--shipped-starts", action="store_true",
+                   help="finetune the starts the README's figures came from (benchmarks/starts, sha256 checked)")
+    p.add_argument("--ship-starts", action="store_true", help="copy the starts found in step 1 to benchmarks/starts")
     p.add_argument("--starts", type=int, default=2, help="starts to find (step 1)")
     p.add_argument("--start-seed", type=int, default=0)
     p.add_argument("--start-steps", type=int, default=3000)
@@ -304,10 +355,14 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     run = Path(args.run_dir)
     data = build_config("micro_multi").data
-    if args.start:
+    if args.shipped_starts:
+        starts, tries = shipped_starts(), []
+    elif args.start:
         starts, tries = [Path(x) for x in args.start], []
     else:
         starts, tries = find_starts(args, data, run)
+        if args.ship_starts:
+            ship_starts(starts, tries)
     res = {"starts": [{"path": str(x), "sha256": sha256(x)} for x in starts], "start_tries": tries,
            "start_steps": args.start_steps if tries else None, "seeds": args.seeds, "steps": args.steps,
            "budgets": list(BUDGETS), "single": [args.single_budget, args.single_head], "videos": args.videos,

@@ -39,3 +39,24 @@ def test_per_budget_verdicts_and_spread():
     assert "| 96 | 83.0 ± 4.2 [80.0, 86.0] |" in md and "| 1/2 | holds (not in every run) |" in md
     assert "start_seed1` (sha256 abababababab)" in md and "Flux-Single at 64 tokens, head 1" in md
     assert "(b) holds at the trained budgets: 96, 64, 32" in md
+
+
+def test_ship_and_check_starts_round_trip(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from benchmarks.finetune_claims import ship_starts, shipped_starts
+
+    run = tmp_path / "run" / "start_seed3"
+    run.mkdir(parents=True)
+    save_file({"w": torch.arange(6.0).view(2, 3), "b": torch.ones(2)}, str(run / "model.safetensors"))
+    card = ship_starts([run / "model.safetensors"], [{"seed": 3, "steps": 10, "val_top1": 40.0}], tmp_path / "starts")
+    assert [p.name for p in shipped_starts(tmp_path / "starts")] == ["start_seed3.safetensors"]
+    assert '"val_top1": 40.0' in card.read_text()
+    # one changed weight: the check refuses the file
+    save_file({"w": torch.arange(6.0).view(2, 3) + 1e-6, "b": torch.ones(2)},
+              str(tmp_path / "starts" / "start_seed3.safetensors"))
+    with pytest.raises(ValueError, match="has sha256"):
+        shipped_starts(tmp_path / "starts")
+    with pytest.raises(ValueError, match="no shipped starts"):
+        shipped_starts(tmp_path / "nowhere")
