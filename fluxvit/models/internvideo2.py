@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import NamedTuple, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import PackedSeqs, varlen_attention
@@ -165,31 +164,6 @@ class PatchEmbed3d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(3).permute(0, 2, 3, 1)
-
-
-def pool_with_attention(head: AttentionPoolingHead, x: torch.Tensor, cu_seqlens: torch.Tensor,
-                        seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The attention-pooling projector on packed tokens, also returning its attention.
-
-    The query of sequence s is the mean of its tokens (cls included); separate LayerNorms on q, k, v inputs;
-    no position terms. Returns (pooled (S, out_dim), attention (N,) from each sequence's query to each of its
-    tokens, averaged over heads; each sequence's weights sum to 1).
-    """
-    ca = head.cross_attn
-    S, (N, D) = len(cu_seqlens) - 1, x.shape
-    H = ca.num_heads
-    counts = torch.diff(cu_seqlens).to(x.dtype).unsqueeze(-1)
-    mean = x.new_zeros(S, D).index_add_(0, seg, x) / counts
-    q = F.linear(head.norm1_q(mean), ca.q.weight, ca.q_bias).view(S, H, -1)
-    k = F.linear(head.norm1_k(x), ca.k.weight, ca.k_bias).view(N, H, -1)
-    v = F.linear(head.norm1_v(x), ca.v.weight, ca.v_bias).view(N, H, -1)
-    logits = (q[seg] * ca.scale * k).sum(-1).float()  # (N, H)
-    seg_h = seg.unsqueeze(-1).expand(N, H)
-    peak = logits.new_full((S, H), -math.inf).scatter_reduce(0, seg_h, logits, "amax", include_self=True)
-    weights = torch.exp(logits - peak[seg])
-    weights = weights / logits.new_zeros(S, H).index_add_(0, seg, weights)[seg]
-    pooled = v.new_zeros(S, H, v.shape[-1]).index_add_(0, seg, weights.to(v.dtype).unsqueeze(-1) * v)
-    return ca.proj(pooled.reshape(S, D)), weights.mean(-1)
 
 
 def resize_internvideo2_pos_embed(pos_embed: torch.Tensor, src_grid: Sequence[int],
@@ -372,7 +346,7 @@ class InternVideo2(PackedBlockStack, nn.Module):
         pack = PackedSeqs([r.shape[0] for r in rows], x.device)
         cu = pack.cu_seqlens.long()
         x, hidden = self.run_blocks(x, pack, wanted)
-        pooled, attn = pool_with_attention(self.clip_projector, x, cu, pack.seg)
+        pooled, attn = self.clip_projector(x, cu, pack.seg, return_attention=True)
         return InternVideo2Features(cu_seqlens=cu, keep=keep, grids=grids, hidden=hidden, pooled=pooled, attn=attn,
                                     lengths=pack.lengths)
 

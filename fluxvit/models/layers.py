@@ -291,7 +291,11 @@ class AttentionPoolingHead(nn.Module):
         self.norm1_v = nn.LayerNorm(dim, eps=1e-5)
         self.cross_attn = _PoolingCrossAttention(dim, num_heads, out_dim)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, seg: torch.Tensor,
+                return_attention: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Pool packed tokens x (N, dim) with sequence ids ``seg`` (N,) -> (num_seqs, out_dim); with
+        ``return_attention`` also the attention (N,) from each sequence's query to each of its tokens, averaged
+        over heads (each sequence's weights sum to 1)."""
         ca = self.cross_attn
         S, (N, D) = len(cu_seqlens) - 1, x.shape
         H = ca.num_heads
@@ -304,10 +308,10 @@ class AttentionPoolingHead(nn.Module):
         seg_h = seg.unsqueeze(-1).expand(N, H)
         peak = logits.new_full((S, H), -math.inf).scatter_reduce(0, seg_h, logits, "amax", include_self=True)
         weights = torch.exp(logits - peak[seg])
-        denom = logits.new_zeros(S, H).index_add_(0, seg, weights)
-        weights = (weights / denom[seg]).to(v.dtype)
-        pooled = v.new_zeros(S, H, v.shape[-1]).index_add_(0, seg, weights.unsqueeze(-1) * v)
-        return ca.proj(pooled.reshape(S, D))
+        weights = weights / logits.new_zeros(S, H).index_add_(0, seg, weights)[seg]
+        pooled = v.new_zeros(S, H, v.shape[-1]).index_add_(0, seg, weights.to(v.dtype).unsqueeze(-1) * v)
+        out = ca.proj(pooled.reshape(S, D))
+        return (out, weights.mean(-1)) if return_attention else out
 
 
 class AlignDecoder(nn.Module):
