@@ -370,8 +370,9 @@ def main(argv=None) -> dict:
            "runs": []}
     log("starts: " + ", ".join(f"{x} ({sha256(x)[:12]})" for x in starts))
     test = list(eval_views(data, "test", EVAL_FRAMES, EVAL_RES, 1, 1, args.videos, 50))  # rendered once
-    for si, start in enumerate(starts):
-        for seed in args.seeds:
+    # seed-major order: a run cut short still has every start at its first seeds
+    for seed in args.seeds:
+        for si, start in enumerate(starts):
             log(f"start {si}, finetune seed {seed}: Flux-Multi and Flux-Single side by side, {args.steps} steps")
             t0 = time.perf_counter()
             base = run / f"start{si}_seed{seed}"
