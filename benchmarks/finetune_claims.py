@@ -28,8 +28,8 @@ Two runs on the development machine gave bitwise-equal weights, and the settings
 default kernels (so they take effect); other machines were not available to check, so the sha256 of every start's
 tensors is reported: equal hashes mean the same start, whatever the machine.
 
-    .venv/bin/python -m benchmarks.finetune_claims                       # 2 starts x 3 seeds: ~2 h on 2 cores
-    .venv/bin/python -m benchmarks.finetune_claims --shipped-starts     # the README's starts (benchmarks/starts)
+    .venv/bin/python -m benchmarks.finetune_claims                       # find 2 starts, 3 seeds each: hours
+    .venv/bin/python -m benchmarks.finetune_claims --shipped-starts --seeds 0 1 2 3   # the README's figures, ~1 h
     .venv/bin/python -m benchmarks.finetune_claims --start runs/finetune_claims/start_seed1/model.safetensors
     .venv/bin/python -m benchmarks.finetune_claims --tiny                # the pipeline in about a minute
 """
@@ -277,7 +277,8 @@ def _cell(st: dict) -> str:
 def markdown(res: dict) -> str:
     """The README tables of one run: claims as the paper states them, per budget as Table 5."""
     s = res["summary"]
-    starts = "; ".join(f"`{Path(st['path']).parent.name}` (sha256 {st['sha256'][:12]})" for st in res["starts"])
+    label = lambda p: p.parent.name if p.name == "model.safetensors" else p.name  # noqa: E731
+    starts = "; ".join(f"`{label(Path(st['path']))}` (sha256 {st['sha256'][:12]})" for st in res["starts"])
     tries = "; ".join(f"seed {t['seed']}: val {t['val_top1']:.1f}" for t in res["start_tries"])
     n = len(res["runs"])
     lines = [f"Starts: {starts}" + (f" (tries: {tries})" if tries else "") + f". Finetune seeds "
