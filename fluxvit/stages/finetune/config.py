@@ -175,7 +175,7 @@ def _micro(mode: str, budgets: tuple, grids: list, steps: int, min_lr: float, ru
 def micro_scratch() -> FinetuneConfig:
     """The shared starting point of the stage-3 claims (``benchmarks/finetune_claims.py``): a micro FluxViT trained
     from scratch on the synthetic corpus's motion classes with every token of 8 x 56 clips (no selection), constant
-    lr 1e-3, 6000 steps of 16 clips (about 17 min on one core). Training clips are drawn from the first 100 000
+    lr 1e-3, 6000 steps of 16 clips (about 30 min on one core; the claims script stops at 3000). Training clips are drawn from the first 100 000
     clips of the corpus generator's train split (rendered in memory; the written corpus holds the first 1000).
     Whether it leaves the initial loss plateau depends on the seed (README, stage 3)."""
     return _micro("single", (0,), [[8, 56]], 6000, 1e-3, "runs/micro_scratch")
@@ -185,7 +185,7 @@ def micro_scratch() -> FinetuneConfig:
 def micro_multi() -> FinetuneConfig:
     """Flux-Multi finetuning of the micro FluxViT (set ``train.init_from``, e.g. ``micro_scratch``'s export):
     budgets 96 / 64 / 32 with heads 0 / 1 / 2 on Flux grids of 6-8 frames x 56-70 px (96-200 tokens), cosine lr
-    1e-3 -> 1e-5, 1500 steps. ``--set loss.mode=single`` is the Flux-Single baseline (budget 96, head 0)."""
+    1e-3 -> 1e-5, 1500 steps. ``--set loss.mode=single`` is the Flux-Single baseline (budget 64, head 1)."""
     return _micro("multi", MICRO_BUDGETS, [[6, 56], [8, 56], [6, 70], [8, 70]], 1500, 1e-5, "runs/micro_multi")
 
 
