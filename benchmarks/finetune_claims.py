@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -240,11 +241,18 @@ def _stats(xs: list) -> dict:
             "min": r(min(xs)), "max": r(max(xs)), "n": len(xs)}
 
 
+def _level(diffs: list) -> bool:
+    """Whether a mean difference is within 2 standard errors of 0 (needs two runs or more; False for one run)."""
+    return len(diffs) > 1 and abs(statistics.mean(diffs)) <= 2 * statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+
 def summarize(runs: list) -> dict:
     """Per-budget statistics over every (start, finetune seed) run and each claim's verdict, as the paper reads it.
 
     (b) holds at budget K when Flux-Multi's mean top-1 is at least Flux-Single's; ``ahead`` counts the runs where
-    Multi is strictly better. (a) / (c) compare means. ``robust`` says whether every run agrees with the verdict.
+    Multi is strictly better. (a) / (c) compare means. ``robust`` says whether every run agrees with the verdict;
+    ``level`` whether the mean difference is within 2 standard errors of 0 over the runs (then the runs cannot
+    order the two, whichever way the mean leans).
     """
     ladder = {}
     for k in (str(k) for k in LADDER):
@@ -253,21 +261,32 @@ def summarize(runs: list) -> dict:
         diff = [m - s for m, s in zip(multi, single)]
         ladder[k] = {"multi": _stats(multi), "single": _stats(single), "diff": _stats(diff),
                      "ahead": sum(d > 0 for d in diff), "holds": statistics.mean(diff) >= 0,
-                     "robust": all(d >= 0 for d in diff)}
+                     "robust": all(d >= 0 for d in diff), "level": _level(diff)}
     a_diff = [r["a"]["dynamic"] - r["a"]["random"] for r in runs]
     c = {}
     for K in runs[0]["c"]:
         gains = [r["c"][K]["gain"] for r in runs]
         c[K] = {"plain": _stats([r["c"][K]["plain"][2] for r in runs]), "to": _stats([r["c"][K]["to"][2] for r in runs]),
-                "gain": _stats(gains), "holds": statistics.mean(gains) > 0, "robust": all(g > 0 for g in gains)}
+                "gain": _stats(gains), "holds": statistics.mean(gains) > 0, "robust": all(g > 0 for g in gains),
+                "level": _level(gains)}
     trained = [str(k) for k in BUDGETS]
     return {"ladder": ladder,
             "a": {"dynamic": _stats([r["a"]["dynamic"] for r in runs]), "random": _stats([r["a"]["random"] for r in runs]),
-                  "diff": _stats(a_diff), "holds": statistics.mean(a_diff) > 0, "robust": all(d > 0 for d in a_diff)},
+                  "diff": _stats(a_diff), "holds": statistics.mean(a_diff) > 0, "robust": all(d > 0 for d in a_diff),
+                  "level": _level(a_diff)},
             "b": {"trained_budgets_held": [k for k in trained if ladder[k]["holds"]],
                   "ladder_held": [k for k in ladder if ladder[k]["holds"]],
                   "holds": all(ladder[k]["holds"] for k in trained)},
             "c": c}
+
+
+def _verdict(entry: dict) -> str:
+    """A summary entry's verdict: level within 2 standard errors, else holds / does not hold (and whether every run
+    agrees)."""
+    if entry.get("level"):
+        return "level (within 2 SE)"
+    return ("holds" if entry["holds"] else "does not hold") + ("" if entry["robust"] == entry["holds"] else
+                                                                 " (not in every run)")
 
 
 def _cell(st: dict) -> str:
@@ -288,21 +307,18 @@ def markdown(res: dict) -> str:
              "(b) top-1 per budget (as Table 5); trained budgets 96 / 64 / 32, 0 = all 128 tokens:", "",
              "| tokens | Flux-Multi | Flux-Single | Multi - Single | Multi ahead | claim |", "|---|---|---|---|---|---|"]
     for k, row in s["ladder"].items():
-        verdict = ("holds" if row["holds"] else "does not hold") + ("" if row["robust"] == row["holds"] else
-                                                                    " (not in every run)")
         lines.append(f"| {k if k != '0' else '128 (all)'} | {_cell(row['multi'])} | {_cell(row['single'])} | "
-                     f"{_cell(row['diff'])} | {row['ahead']}/{n} | {verdict} |")
+                     f"{_cell(row['diff'])} | {row['ahead']}/{n} | {_verdict(row)} |")
     a = s["a"]
     lines += ["", f"(a) at 32 of 128 tokens, group-dynamic {_cell(a['dynamic'])} vs random {_cell(a['random'])} "
-              f"(3 draws per run): {'holds' if a['holds'] else 'does not hold'}"
-              f"{'' if a['robust'] == a['holds'] else ' (not in every run)'}.", "",
+              f"(3 draws per run): {_verdict(a)}.", "",
               "(c) Token Optimization on the Multi model (searched on val, reported on test):", "",
               "| budget | plain | TO | gain | claim |", "|---|---|---|---|---|"]
     for K, v in s["c"].items():
         lines.append(f"| {K} | {_cell(v['plain'])} | {_cell(v['to'])} | {_cell(v['gain'])} | "
-                     f"{'holds' if v['holds'] else 'does not hold'}{'' if v['robust'] == v['holds'] else ' (not in every run)'} |")
-    lines += ["", f"(b) holds at the trained budgets: {', '.join(s['b']['trained_budgets_held']) or 'none'} "
-              f"of {', '.join(str(k) for k in BUDGETS)}; along the ladder at: {', '.join(s['b']['ladder_held']) or 'none'}."]
+                     f"{_verdict(v)} |")
+    lines += ["", "(b) at the trained budgets: " + "; ".join(f"{k}: {_verdict(s['ladder'][str(k)])}" for k in BUDGETS)
+              + f". Mean of Multi at least Single's along the ladder at: {', '.join(s['b']['ladder_held']) or 'none'}."]
     return "\n".join(lines) + "\n"
 
 

@@ -36,9 +36,14 @@ def test_per_budget_verdicts_and_spread():
            "start_tries": [{"seed": 0, "val_top1": 11.5}, {"seed": 1, "val_top1": 45.0}], "seeds": [0, 1],
            "steps": 1500, "single": [64, 1], "videos": 400}
     md = markdown(res)
-    assert "| 96 | 83.0 ± 4.2 [80.0, 86.0] |" in md and "| 1/2 | holds (not in every run) |" in md
+    # 96: diffs +5 / -4, mean 0.5 within 2 SE (6.4 / sqrt 2 x 2 = 9.0): level; 32: +1 / +1, no spread: holds
+    assert "| 96 | 83.0 ± 4.2 [80.0, 86.0] |" in md and "| 1/2 | level (within 2 SE) |" in md
+    assert "| 32 | " in md and "| 2/2 | holds |" in md and b96["level"] and not b32["level"]
     assert "start_seed1` (sha256 abababababab)" in md and "Flux-Single at 64 tokens, head 1" in md
-    assert "(b) holds at the trained budgets: 96, 64, 32" in md
+    assert "(b) at the trained budgets: 96: level (within 2 SE); 64: holds; 32: holds." in md
+    # one run has no spread: the sign decides, as before
+    one = summarize([_run({64: 70.0}, {64: 75.0}, 40.0, 45.0, (0.5, 0.5))])
+    assert not one["ladder"]["64"]["level"] and one["ladder"]["64"]["holds"] is False
 
 
 def test_ship_and_check_starts_round_trip(tmp_path):
