@@ -380,12 +380,13 @@ def main(argv=None) -> dict:
         starts, tries = find_starts(args, data, run)
         if args.ship_starts:
             ship_starts(starts, tries)
-    res = {"starts": [{"path": str(x), "sha256": sha256(x)} for x in starts], "start_tries": tries,
+    hashes = {x: sha256(x) for x in starts}
+    res = {"starts": [{"path": str(x), "sha256": hashes[x]} for x in starts], "start_tries": tries,
            "start_steps": args.start_steps if tries else None, "seeds": args.seeds, "steps": args.steps,
            "budgets": list(BUDGETS), "single": [args.single_budget, args.single_head], "videos": args.videos,
            "eval_input": [EVAL_FRAMES, EVAL_RES], "deterministic_env": DETERMINISTIC_ENV, "tiny": args.tiny,
            "runs": []}
-    log("starts: " + ", ".join(f"{x} ({sha256(x)[:12]})" for x in starts))
+    log("starts: " + ", ".join(f"{x} ({hashes[x][:12]})" for x in starts))
     test = list(eval_views(data, "test", EVAL_FRAMES, EVAL_RES, 1, 1, args.videos, 50))  # rendered once
     # seed-major order: a run cut short still has every start at its first seeds
     for seed in args.seeds:
