@@ -24,12 +24,12 @@ from .grid import FluxGrid
 from .loader import (DataStats, VideoLoader, build_video_loader, collate_videos, loader_state, process_sample,
                      stats)
 from .sampling import multi_clip_indices, sample_middle_indices, sample_tsn_indices
-from .shards import ShardReader, ShardWriter, parse_shard_spec
+from .shards import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VIDEO_KEYS, ShardReader, ShardWriter, parse_shard_spec
 from .transforms import (EvalTransform, MultiScaleCrop, RandomResizedCrop, VideoTransform, center_crop_box,
                          three_crop_boxes)
 
 __all__ = [
-    "BACKENDS", "DataConfig", "DataStats", "DecodeError", "EvalTransform", "FluxGrid", "LoaderOptions", "MultiScaleCrop",
+    "BACKENDS", "DataConfig", "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "VIDEO_KEYS", "DataStats", "DecodeError", "EvalTransform", "FluxGrid", "LoaderOptions", "MultiScaleCrop",
     "RandomResizedCrop", "ShardReader", "ShardWriter", "VideoLoader", "VideoTransform", "available_backends", "build_video_loader",
     "center_crop_box", "collate_videos", "decode_clips", "loader_state", "multi_clip_indices", "open_video",
     "parse_shard_spec", "process_sample", "sample_middle_indices", "sample_tsn_indices", "stats",

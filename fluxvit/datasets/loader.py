@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig
 from .decoders import DecodeError, clean_reason, decode_clips, resolve_backend
-from .shards import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ShardReader, parse_shard_spec, shard_sizes
+from .shards import IMAGE_EXTENSIONS, VIDEO_KEYS, ShardReader, parse_shard_spec, shard_sizes
 from .augment import flatten_repeats, train_views
 from .transforms import EvalTransform
 
@@ -170,7 +170,7 @@ def process_sample(sample: dict, cfg: DataConfig, *, num_frames: int, size: int,
     Raises:
         SampleError: no video or image member, empty or undecodable video.
     """
-    ext = next((e for e in VIDEO_EXTENSIONS if e in sample), None)
+    ext = next((e for e in VIDEO_KEYS if e in sample), None)
     if ext is None:
         image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if image_ext is None:

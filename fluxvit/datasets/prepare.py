@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .decoders import DecodeError, clean_reason, decode_clips
+from .shards import VIDEO_KEYS
 
 __all__ = ["Encoding", "LabelMap", "encode_video", "make_shards", "prepare_sample", "read_classes"]
 
@@ -172,6 +173,11 @@ def prepare_sample(job: tuple) -> tuple[int, dict | None, str]:
     ``(index, sample or None, failure reason)``. Runs in the worker processes."""
     index, item, root, enc, label = job
     path = Path(root, item["video"]) if root and not Path(item["video"]).is_absolute() else Path(item["video"])
+    ext = "mp4" if not enc.copy else path.suffix.lower().lstrip(".")
+    if ext not in VIDEO_KEYS:  # the loader would skip the stored sample: refuse it here, by name
+        return index, None, (f"{path}: --copy keeps the file's extension as the sample key, and "
+                             f"{ext or '(none)'!r} is not one the loader reads ({', '.join(VIDEO_KEYS)}); "
+                             "re-encode it (drop --copy)")
     try:
         data = path.read_bytes()
         if not data:
@@ -182,7 +188,6 @@ def prepare_sample(job: tuple) -> tuple[int, dict | None, str]:
     except (OSError, DecodeError) as exc:
         return index, None, f"{path}: {clean_reason(exc)}"
     key = f"{index:09d}"
-    ext = "mp4" if not enc.copy else (path.suffix.lower().lstrip(".") or "mp4")
     caption = item.get("caption")
     meta = {"key": key, "status": "success", "url": str(item["video"])}
     sample = {"__key__": key, ext: data}

@@ -30,12 +30,17 @@ from braceexpand import braceexpand
 
 __all__ = [
     "ShardSource", "ShardReader", "parse_shard_spec", "expand_urls", "shard_sizes", "open_shard", "iter_tar_samples",
-    "IMAGE_EXTENSIONS", "TruncatedShard", "ShardWriter", "VIDEO_EXTENSIONS", "shard_classes", "shard_error_reason",
+    "IMAGE_EXTENSIONS", "TruncatedShard", "ShardWriter", "VIDEO_EXTENSIONS", "VIDEO_KEYS", "shard_classes", "shard_error_reason",
 ]
 
 log = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v", "gif")
+# The one set of video names shared by writer and reader: the file suffixes ``make-shards --folder`` takes (any
+# case) and the tar member keys the loader decodes. ``make-shards`` stores a re-encoded video as ``KEY.mp4`` and,
+# with ``--copy``, under the file's lowercased suffix, which is always one of these.
+VIDEO_EXTENSIONS = ("mp4", "m4v", "mov", "mkv", "webm", "avi", "mpg", "mpeg", "ts", "m2ts", "flv", "3gp", "wmv",
+                    "ogv", "gif")
+VIDEO_KEYS = VIDEO_EXTENSIONS
 # Image-text samples (CC3M/COCO-style shards) train as 1-frame videos.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
