@@ -2,7 +2,7 @@
 
 Data flow per rank and DataLoader worker (one *stream*), webdataset's stages marked (wds)::
 
-    epoch shard list (source weights, (seed, epoch) shuffle) -> rank split -> worker split (wds split_by_worker)
+    epoch shard list (source weights, (seed, epoch) shuffle) -> rank split -> worker split (every W-th shard)
       | or weighted resampling -> tar streaming with a counting handler (wds tarfile_to_samples, ShardReader)
       -> resume skip -> shuffle buffer (wds shuffle) -> decode + frame sampling + crop/resize
       -> batch (one Flux (T, H) per batch)
@@ -25,7 +25,10 @@ rest of a partial shard is read without decoding. Because a stream reads ``shuff
 what it delivers, a restored run repeats at most ``shuffle_buffer`` samples and never sees at most
 ``shuffle_buffer`` samples, per stream (``world_size * num_workers`` streams), plus the samples that failed to
 decode before the save. This holds while no stream runs out of shards before the others (always true in
-resampled mode, and with equal shard counts per worker otherwise).
+resampled mode, and with equal shard counts per worker otherwise). Without a shuffle buffer (and no failed
+sample before the save) the restored batches equal the uninterrupted ones value for value: each batch's random
+draws are seeded by its position in its stream, and DataLoader worker ``i`` plays stream ``(i + n) % W`` after a
+resume at batch ``n``.
 """
 from __future__ import annotations
 
@@ -387,20 +390,14 @@ class VideoShardDataset(IterableDataset):
             source = rng.choices(self.sources, weights)[0]
             yield rng.choice(source.urls)
 
-    def _passes(self, worker: int, num_workers: int, in_worker: bool) -> Iterator[Any]:
+    def _passes(self, worker: int, num_workers: int) -> Iterator[Any]:
         """The URL sequences this stream reads one after the other: one infinite draw when resampled; else its
         shards (pass 0), then in training the same shards reshuffled for as many passes as its quota needs."""
         cfg = self.cfg
         if cfg.resampled:
             yield self.resampled_urls(worker)
             return
-        node = self.rank_urls()
-        if in_worker and len(node) >= num_workers:
-            from webdataset import split_by_worker  # the DataLoader worker split, as webdataset does it
-
-            own = list(split_by_worker(iter(node)))
-        else:
-            own = self.stream_shards(worker, num_workers)
+        own = self.stream_shards(worker, num_workers)
         yield own
         if not cfg.train or not own:
             return
@@ -410,7 +407,7 @@ class VideoShardDataset(IterableDataset):
             yield again
 
     def stream_samples(self, worker: int, num_workers: int, skip: int, report: dict,
-                       progress: dict | None = None, in_worker: bool = False) -> Iterator[dict]:
+                       progress: dict | None = None) -> Iterator[dict]:
         """Raw samples of one stream, skipping the first ``skip`` (whole shards unopened when sizes are known),
         shuffled per pass in training. Each sample carries ``__pass__``. The batch builder steers the passes
         through ``progress``: ``good`` (decoded samples; a pass that added none ends the stream), ``more``
@@ -443,7 +440,7 @@ class VideoShardDataset(IterableDataset):
 
         shuffle_rng = random.Random(f"shuffle:{cfg.seed}:{self.epoch}:{self.rank}:{worker}")
         good_before = 0
-        for p, urls in enumerate(self._passes(worker, num_workers, in_worker)):
+        for p, urls in enumerate(self._passes(worker, num_workers)):
             if p:
                 if progress["good"] == good_before or not progress.get("more", True):
                     return  # a whole pass gave nothing usable, or the epoch needs no more samples
@@ -463,11 +460,14 @@ class VideoShardDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         cfg = self.cfg
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        consumed = self.resume_samples // (cfg.batch_size * self.world_size)  # batches this rank already took
+        # The DataLoader takes batches from its workers round-robin starting at worker 0; after a resume at batch
+        # ``consumed`` the next batch belongs to stream ``consumed % W``, so DataLoader worker i plays stream
+        # (i + consumed) % W and the restored order equals the uninterrupted one.
+        num_workers = info.num_workers if info is not None else 1
+        worker = (info.id + consumed) % num_workers if info is not None else 0
         tag = f"{cfg.seed}:{self.epoch}:{self.rank}:{worker}"
-        sample_rng, grid_rng = random.Random(f"sample:{tag}"), random.Random(f"grid:{tag}")
-        delivered = _worker_batches_delivered(self.resume_samples // (cfg.batch_size * self.world_size), worker,
-                                              num_workers)
+        delivered = _worker_batches_delivered(consumed, worker, num_workers)
         quota = self.batches_per_worker()
         if quota is not None:
             quota = max(0, quota - delivered)
@@ -475,10 +475,13 @@ class VideoShardDataset(IterableDataset):
                 return
         report = _new_report()
         progress = {"good": 0}
-        samples = self.stream_samples(worker, num_workers, delivered * cfg.batch_size, report, progress,
-                                      in_worker=info is not None)
+        samples = self.stream_samples(worker, num_workers, delivered * cfg.batch_size, report, progress)
         made = 0
         while quota is None or made < quota:
+            # Exact resume: the Flux draw, frame offsets, crops and flips of a batch come from generators seeded by
+            # the batch's position in the stream, so a restored stream draws what the uninterrupted one drew.
+            position = f"{tag}:{delivered + made}"
+            sample_rng, grid_rng = random.Random(f"sample:{position}"), random.Random(f"grid:{position}")
             frames, size = cfg.num_frames, cfg.img_size
             if cfg.grid is not None and not cfg.per_sample_grid:
                 frames, size = cfg.grid.sample(grid_rng)
