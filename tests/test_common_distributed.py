@@ -29,9 +29,9 @@ def _launch(run_dir, port, **env):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_runs_on_two_cpu_processes(tmp_path):
+def test_deepspeed_zero2_runs_on_two_cpu_processes(tmp_path, free_port):
     pytest.importorskip("deepspeed")
-    proc = _launch(tmp_path, 29631)
+    proc = _launch(tmp_path, free_port)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = tmp_path / "ckpt-00000002"
     state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -52,9 +52,9 @@ def test_deepspeed_zero2_runs_on_two_cpu_processes(tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspeed_dropped_by_use_cpu_is_refused_in_one_line(tmp_path):
+def test_deepspeed_dropped_by_use_cpu_is_refused_in_one_line(tmp_path, free_port):
     pytest.importorskip("deepspeed")
-    proc = _launch(tmp_path, 29632, ACCELERATE_USE_CPU="1")  # accelerate would silently run plain DDP
+    proc = _launch(tmp_path, free_port, ACCELERATE_USE_CPU="1")  # accelerate would silently run plain DDP
     assert proc.returncode != 0
     lines = [x for x in proc.stderr.splitlines() if "fluxvit.stages.distill: error:" in x]
     assert len(lines) == 1, proc.stderr[-3000:]
@@ -70,8 +70,8 @@ def test_finetune_declares_when_every_parameter_is_used():
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes_without_the_unused_parameters_warning(tmp_path):
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", "launch/cpu_ddp2.yaml", "--main_process_port", "29633",
+def test_ddp_on_two_cpu_processes_without_the_unused_parameters_warning(tmp_path, free_port):
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", "launch/cpu_ddp2.yaml", "--main_process_port", str(free_port),
            "-m", "fluxvit.stages.finetune", "--preset", "smoke", "--set", "train.steps=2",
            "--set", f"train.run_dir={tmp_path}", "--set", "eval.budgets=[]", *QUIET]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(ACCELERATE_USE_CPU="1"), capture_output=True, text=True, timeout=500)

@@ -14,7 +14,7 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.mark.slow
-def test_two_processes_over_5_5_2_samples_batch_4(tmp_path):
+def test_two_processes_over_5_5_2_samples_batch_4(tmp_path, free_port):
     """3 shards of 5 / 5 / 2 samples, batch 4, 2 processes: 2 steps per epoch on both ranks (the rank holding the
     2-sample shard re-reads it), 5 steps = 3 epochs, no "yielded no batch", a warning saying what was done."""
     video = make_video(num_frames=8, width=32, height=24)
@@ -24,7 +24,7 @@ def test_two_processes_over_5_5_2_samples_batch_4(tmp_path):
     write_sizes(tmp_path / "shards", sizes)
     run_dir = tmp_path / "run"
     cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port),
            "-m", "fluxvit.stages.distill", "--preset", "smoke", "--set", "train.steps=5",
            "--set", f"train.run_dir={run_dir}", "--set", "train.eval_every=0", "--set", "train.ckpt_every=0",
            "--set", "train.progress=false", "--set", "train.tensorboard=false", "--set", "data.source=shards",

@@ -93,9 +93,9 @@ def test_smoke_preset_cosine_rises(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_data_parallel_cpu(tmp_path):
+def test_two_process_data_parallel_cpu(tmp_path, free_port):
     cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port),
            "-m", "fluxvit.stages.distill", "--preset", "smoke", "--set", "train.steps=3",
            "--set", f"train.run_dir={tmp_path}", "--set", "train.eval_every=0", *QUIET]
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(_env(), ACCELERATE_USE_CPU="1"), capture_output=True, text=True,
@@ -110,10 +110,10 @@ def test_two_process_data_parallel_cpu(tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero1_cpu(tmp_path):
+def test_deepspeed_zero1_cpu(tmp_path, free_port):
     pytest.importorskip("deepspeed")
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", "launch/deepspeed_zero1_cpu.yaml",
-           "--main_process_port", "29518", "-m", "fluxvit.stages.distill", "--preset", "smoke",
+           "--main_process_port", str(free_port), "-m", "fluxvit.stages.distill", "--preset", "smoke",
            "--set", "train.steps=3", "--set", f"train.run_dir={tmp_path}", "--set", "train.eval_every=0", *QUIET]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]

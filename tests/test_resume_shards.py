@@ -49,3 +49,34 @@ def test_stage3_killed_after_step_4_resumes_to_the_same_weights(shards, tmp_path
     b = read_state_dict(cut / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_killed_after_step_4_resume_to_the_same_weights(shards, tmp_path, free_port):
+    """The same on 2 data-parallel CPU processes (gloo): each rank's loader restarts where it stopped."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root), ACCELERATE_USE_CPU="1")
+
+    def launch(run_dir, *extra):
+        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "launch/cpu_ddp2.yaml",
+               "--main_process_port", str(free_port), "-m", "fluxvit.stages.finetune",
+               *_args(run_dir, shards, 0, *extra)]
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    launch(tmp_path / "full")
+    assert json.loads((tmp_path / "full" / "ckpt-00000004" / "trainer_state.json").read_text())["world_size"] == 2
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copytree(tmp_path / "full" / "ckpt-00000004", cut / "ckpt-00000004")
+    launch(cut, "train.resume=auto")
+    a = read_state_dict(tmp_path / "full" / "model.safetensors")
+    b = read_state_dict(cut / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
