@@ -4,7 +4,9 @@
 torchcodec are imported lazily where used.
 """
 from . import models
-from .models import create_model, list_models, load_model, load_official_checkpoint
+from .models import (create_model, from_pretrained, list_models, load_model, load_official_checkpoint,
+                     save_pretrained)
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "list_models", "load_model", "load_official_checkpoint", "models", "__version__"]
+__all__ = ["create_model", "from_pretrained", "list_models", "load_model", "load_official_checkpoint", "models",
+           "save_pretrained", "__version__"]

@@ -11,6 +11,7 @@ from typing import Union
 
 from torch import nn
 
+from . import hub as _hub  # a module: hub uses this registry too
 from .fluxvit import FluxViT, FluxViTConfig
 from .internvideo2 import InternVideo2, InternVideo2Config
 
@@ -34,7 +35,8 @@ _INTERNVIDEO2_CONFIGS: dict[str, dict] = {
 _FIELDS = {f.name for f in dataclasses.fields(FluxViTConfig)}
 _INTERNVIDEO2_FIELDS = {f.name for f in dataclasses.fields(InternVideo2Config)}
 # Keywords timm's create_model may pass through; they carry no architecture.
-_TIMM_KEYS = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only"}
+_TIMM_KEYS = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only",
+              "pretrained_model_args"}
 
 
 class UnknownOptionError(TypeError, ValueError):
@@ -87,12 +89,17 @@ def register_with_timm() -> None:
             continue
 
         def entry(pretrained: bool = False, _name: str = name, **kwargs) -> nn.Module:
-            if pretrained:
-                raise ValueError(f"{_name}: no weights are downloaded; load the official checkpoint with "
-                                 f"fluxvit.models.load_official_checkpoint(model, path)")
+            pretrained_cfg = kwargs.get("pretrained_cfg")
             for key in _TIMM_KEYS & set(kwargs):
                 kwargs.pop(key)
-            return create_model(_name, **kwargs)
+            model = create_model(_name, **kwargs)
+            if pretrained:
+                # timm's hub path ("hf-hub:ORG/NAME", "local-dir:PATH") names the weights in pretrained_cfg
+                if not isinstance(model, FluxViT) or not _hub.weights_from_pretrained_cfg(model, pretrained_cfg):
+                    raise ValueError(f"{_name}: no weights are downloaded by name; use timm.create_model("
+                                     f"'hf-hub:ORG/NAME', pretrained=True) for a save_pretrained upload, or "
+                                     f"fluxvit.models.load_official_checkpoint(model, path) for a release file")
+            return model
 
         entry.__name__ = name
         entry.__module__ = __name__
