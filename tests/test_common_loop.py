@@ -286,3 +286,73 @@ def test_grad_accum_k_micro_batches_equal_one_step_on_k_times_b(tmp_path, k):
         assert not torch.equal(wa[name], first[name]), name  # training moved the weights
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
     assert [h["loss"] for h in a.history] == pytest.approx([h["loss"] for h in b.history], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ each guard alone
+class _NanGrad(torch.autograd.Function):
+    """Identity forward (a finite loss), NaN gradient backward: only the gradient check can catch it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+class _GradFaultTask(_Task):
+    """A finite loss whose gradient is NaN in micro-batch ``micro`` of the steps in ``bad``."""
+
+    def __init__(self, bad, micro=0):
+        super().__init__()
+        self.bad, self.micro, self.calls = set(bad), micro, {}
+
+    def compute_loss(self, model, batch, step):
+        k = self.calls.get(step, 0)
+        self.calls[step] = k + 1
+        pred = model(batch["x"])
+        if step in self.bad and k == self.micro:
+            pred = _NanGrad.apply(pred)
+        loss = ((pred - batch["y"]) ** 2).mean()
+        return StepOutput(loss, {"loss": loss.detach()}, tokens=8)
+
+
+@pytest.mark.parametrize("clip_grad", [1.0, 0.0])  # 0.0: clipping off, as several shipped presets run
+@pytest.mark.parametrize("grad_accum,micro", [(1, 0), (3, 0), (3, 2)])
+def test_finite_loss_with_a_nan_gradient_skips_the_step(tmp_path, clip_grad, grad_accum, micro):
+    """The loss check cannot see this fault; the gradient check alone must skip the step (whatever micro-batch
+    carries it, clipping on or off), leaving every weight finite and the step counted."""
+    cfg = _cfg(tmp_path, steps=4, grad_accum=grad_accum)
+    cfg.optim.clip_grad = clip_grad
+    res = _run(cfg, _GradFaultTask(bad={1}, micro=micro))
+    assert res.skipped_steps == 1 and [h["skipped_steps"] for h in res.history] == [0, 1, 1, 1]
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res.history)  # the loss never showed it
+    weights = torch.load(res.export_path)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.parametrize("grad_accum,micro", [(1, 0), (3, 1), (3, 2)])
+def test_nan_loss_in_any_micro_batch_skips_the_whole_step_without_clipping(tmp_path, grad_accum, micro):
+    """The loss check alone (clipping off, so no gradient norm is needed to see it) skips the whole step, wherever
+    the NaN micro-batch lands; the weights equal a run that never took that step's update."""
+
+    class _LossFault(_Task):
+        def __init__(self):
+            super().__init__()
+            self.calls = {}
+
+        def compute_loss(self, model, batch, step):
+            k = self.calls.get(step, 0)
+            self.calls[step] = k + 1
+            out = super().compute_loss(model, batch, step)
+            if step == 2 and k == micro:
+                out = StepOutput(out.loss * float("nan"), out.terms, out.tokens)
+            return out
+
+    cfg = _cfg(tmp_path, steps=4, grad_accum=grad_accum)
+    cfg.optim.clip_grad = 0.0
+    res = _run(cfg, _LossFault())
+    assert res.skipped_steps == 1
+    weights = torch.load(res.export_path)
+    assert all(torch.isfinite(w).all() for w in weights.values())

@@ -257,8 +257,10 @@ def _train_step(task: TrainTask, model, optimizer, batches, state: dict, step: i
             v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
             terms[k] = terms.get(k, 0.0) + v / tcfg.grad_accum
     if not deepspeed:
-        # The last micro-batch's backward has synchronised the gradients (acc.sync_gradients is True).
-        norm = acc.clip_grad_norm_(model.parameters(), ocfg.clip_grad) if ocfg.clip_grad > 0 else None
+        # The last micro-batch's backward has synchronised the gradients (acc.sync_gradients is True). The norm is
+        # taken with clipping off too (an infinite bound scales nothing): a finite loss can still have a NaN
+        # gradient, and only the norm shows it.
+        norm = acc.clip_grad_norm_(model.parameters(), ocfg.clip_grad if ocfg.clip_grad > 0 else float("inf"))
         finite = _all_ranks_finite(acc, bad, norm)
         if finite:
             optimizer.step()
