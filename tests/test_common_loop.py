@@ -268,9 +268,13 @@ class _DeterministicTask(_Task):
         self.model[1].p = 0.0  # no dropout: the two runs see the same function
 
 
+# (eps, clip): AdamW as shipped with clipping on, and a scale-sensitive setting (Adam's eps far above the gradient
+# makes the update proportional to it, clipping off): a wrong 1/k or a sum instead of a mean only shows there.
+@pytest.mark.parametrize("eps,clip", [(1e-8, 1.0), (10.0, 0.0)])
 @pytest.mark.parametrize("k", [2, 3])
-def test_grad_accum_k_micro_batches_equal_one_step_on_k_times_b(tmp_path, k):
+def test_grad_accum_k_micro_batches_equal_one_step_on_k_times_b(tmp_path, k, eps, clip):
     cfg_acc = _cfg(tmp_path / "acc", steps=3, grad_accum=k)
+    cfg_acc.optim.eps, cfg_acc.optim.clip_grad = eps, clip
     acc = build_accelerator(cfg_acc.train, 8, cfg_acc.optim.clip_grad)
     a = fit(cfg_acc, _DeterministicTask(), _Source(), acc)
     from accelerate.state import AcceleratorState, GradientState
@@ -278,6 +282,7 @@ def test_grad_accum_k_micro_batches_equal_one_step_on_k_times_b(tmp_path, k):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     cfg_big = _cfg(tmp_path / "big", steps=3)
+    cfg_big.optim.eps, cfg_big.optim.clip_grad = eps, clip
     acc = build_accelerator(cfg_big.train, 8 * k, cfg_big.optim.clip_grad)
     b = fit(cfg_big, _DeterministicTask(), _BigBatches(k), acc)
     wa, wb = torch.load(a.export_path), torch.load(b.export_path)
