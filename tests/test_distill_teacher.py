@@ -122,6 +122,62 @@ def test_decoders_and_position_embedding():
     assert torch.equal(pe.table((2, 5, 4))[0], pe.weight[0])
 
 
+def _umt_sinusoid(n, d):
+    # UMT's get_sinusoid_encoding_table (single_modality/models/modeling_pretrain_umt.py), restated with numpy
+    import numpy as np
+
+    table = np.array([[p / np.power(10000, 2 * (j // 2) / d) for j in range(d)] for p in range(n)])
+    table[:, 0::2] = np.sin(table[:, 0::2])
+    table[:, 1::2] = np.cos(table[:, 1::2])
+    return torch.tensor(table, dtype=torch.float)
+
+
+def test_umt_fixed_decoder_position_table():
+    from fluxvit.stages.distill.decoders import FixedDecoderPosEmbed, sinusoid_table
+
+    torch.testing.assert_close(sinusoid_table(40, 32), _umt_sinusoid(40, 32))
+    pe = FixedDecoderPosEmbed(32)
+    assert not list(pe.parameters())  # fixed, as UMT's clip_pos_embed (a plain tensor, never trained)
+    t = pe.table((2, 5, 4))
+    assert t.shape == (41, 32) and torch.equal(t[0], torch.zeros(32))
+    torch.testing.assert_close(t[1:], _umt_sinusoid(40, 32))
+
+
+def test_umt_decoders_see_the_normed_student_states_plus_the_fixed_table():
+    """UMT's student: final LayerNorm on every returned layer, then the fixed sinusoid table, then the decoder."""
+    from fluxvit.stages.distill import DistillModel
+    from fluxvit.stages.distill.config import LossConfig
+
+    torch.manual_seed(0)
+    student = create_model("fluxvit_tiny_patch14", num_classes=0, depth=2, head_budgets=(32, 16, 8))
+    lc = LossConfig(num_layers=1, decoder="linear", decoder_pos_fixed=True, decoder_norm=True)
+    model = DistillModel(student, [1], 24, 16, lc).eval()
+    assert not any("decoder_pos_embed" in n for n, _ in model.named_parameters())
+    clip = torch.randn(3, 2, 56, 56)
+    keep = torch.tensor([0, 3, 5, 17, 30])
+    preds, _, _, _ = model([clip], [keep], [0])
+    f = student.forward_features([clip], keep=[keep], layers=[1], head=[0])
+    pos = _umt_sinusoid(32, student.config.embed_dim)[keep]
+    x = F.layer_norm(f.layers[1], (student.config.embed_dim,), model.decoder_norm.weight, model.decoder_norm.bias,
+                     1e-6)
+    want = model.decoders["1"](x + torch.cat([torch.zeros(1, student.config.embed_dim), pos]))
+    torch.testing.assert_close(preds[1], want)
+    plain = DistillModel(student, [1], 24, 16, LossConfig(num_layers=1, decoder="linear")).eval()
+    assert plain.decoder_norm is None and isinstance(plain.decoder_pos_embed, DecoderPosEmbed)
+
+
+def test_stage1_lr_is_per_256_and_scaled_by_the_total_batch():
+    """run_distill.py / run_umt_pretraining.py: lr, min_lr, warmup_lr x total batch x num_sample / 256."""
+    from fluxvit.stages.distill import DistillTask
+
+    cfg = build_config("smoke", ["scale_lr=true", "optim.lr=1e-3", "data.batch_size=4", "train.grad_accum=2"])
+    task = DistillTask(cfg, world_size=3)
+    opt = task.build_optimizer(cfg.optim)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3 * 4 * 2 * 3 / 256] * len(opt.param_groups))
+    cfg.scale_lr = False
+    assert {g["lr"] for g in task.build_optimizer(cfg.optim).param_groups} == {1e-3}
+
+
 TINY_IV2 = dict(embed_dim=64, depth=4, num_heads=4, attn_pool_num_heads=4, clip_embed_dim=32, img_size=56,
                 num_frames=4, init_values=0.1)
 
@@ -187,7 +243,8 @@ def test_presets_follow_their_source_recipes():
         assert c.student.name == student and c.teacher.kind == "internvideo2" and c.teacher.budget == 2048
         assert (c.loss.num_layers, c.loss.teacher_interval, c.loss.student_interval) == (6, 3.34, 1.0)
         assert c.loss.sampling == "clip" and c.loss.decoder == "mlp" and c.loss.pooled_weight == c.loss.token_weight
-        assert tuple(c.loss.budgets) == (2048, 1536, 1024) and c.optim.lr == 1e-3
+        assert tuple(c.loss.budgets) == (2048, 1536, 1024) and c.optim.lr == 1e-3 and c.scale_lr
+        assert (c.optim.eps, c.optim.clip_grad, c.optim.min_lr) == (1e-6, 5.0, 1e-5)  # S14_dist_1B_stage2.sh
         assert align_layers(12, 40, 6, c.loss.teacher_interval)[0] == (6, 23)
     for name, tower, student in (("umt_b16", "ViT-B-16", "fluxvit_base_patch14"),
                                  ("umt_l14", "ViT-L-14", "fluxvit_large_patch14")):
@@ -195,6 +252,7 @@ def test_presets_follow_their_source_recipes():
         assert c.teacher.kind == "open_clip" and c.teacher.name == tower and c.student.name == student
         assert c.loss.sampling == "frame" and c.loss.decoder == "linear" and c.loss.teacher_interval == 1.0
         assert c.loss.pooled_weight == 0 and tuple(c.loss.budgets) == (416,) and tuple(c.optim.betas) == (0.9, 0.95)
+        assert c.loss.decoder_pos_fixed and c.loss.decoder_norm and c.scale_lr and c.optim.lr == 1.5e-4
     for name in ("smoke", "smoke_corpus", "demo"):
         assert build_config(name).teacher.kind == "internvideo2"
 

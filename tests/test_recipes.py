@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 
 from fluxvit.stages.common.config import config_to_dict
+from fluxvit.stages.distill.config import presets as distill_presets
 from fluxvit.stages.finetune.config import presets as finetune_presets
 from fluxvit.stages.videotext.config import presets as videotext_presets
 
 CARD = Path(__file__).resolve().parents[1] / "RECIPES.md"
-REGISTRIES = {"Stage 3": finetune_presets, "Stage 2": videotext_presets}
+REGISTRIES = {"Stage 3": finetune_presets, "Stage 2": videotext_presets, "Stage 1": distill_presets}
 # Presets that are not paper / release recipes (CPU-scale demos and experiments).
-NOT_RECIPES = {"smoke", "demo", "micro_scratch", "micro_multi"}
+NOT_RECIPES = {"smoke", "smoke_corpus", "demo", "micro_scratch", "micro_multi"}
 # Run plumbing, not hyperparameters: where and how often to write, where the data lives, how it is decoded.
 PLUMBING = ("train.run_dir", "train.log_every", "train.ckpt_every", "train.keep_last", "train.resume",
             "train.init_from", "train.init_strict", "train.max_bad_steps", "train.eval_every", "train.export_name",

@@ -3,6 +3,7 @@ cosine-with-warmup schedule and an EMA of the weights."""
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from typing import Iterable
 
@@ -11,8 +12,10 @@ from torch import nn
 
 from .config import OptimConfig
 
+log = logging.getLogger("fluxvit.train")
+
 __all__ = ["ModelEMA", "build_optimizer", "cosine_lr", "layer_decay_groups", "param_groups", "release_vit_layer_id",
-           "build_scheduler", "scale_lr", "warmup_steps"]
+           "build_scheduler", "peak_lr", "scale_lr", "warmup_steps"]
 
 
 def _no_decay_names(module: nn.Module) -> set:
@@ -96,12 +99,27 @@ def scale_lr(value: float, batch_per_process: int, grad_accum: int, world_size: 
     return value * batch_per_process * grad_accum * world_size * num_sample / per
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """``torch.optim.AdamW`` over ``param_groups(model, cfg.weight_decay)`` (a torch optimizer, so DeepSpeed
-    needs no compiled fused Adam)."""
+def peak_lr(cfg: OptimConfig, scale: bool, batch_per_process: int, grad_accum: int, world_size: int,
+            num_sample: int = 1, per: int = 256) -> float:
+    """The optimizer's peak lr: ``cfg.lr``, or with ``scale`` the official engines' rule ``scale_lr`` (InternVideo2
+    ``run_distill.py``, UMT ``run_umt_pretraining.py``, FluxViT ``run_flexible_finetune.py``); min and warmup lr
+    follow through the schedule's ratios to ``cfg.lr``. Logs the per-``per`` and the scaled values."""
+    if not scale:
+        return cfg.lr
+    lr = scale_lr(cfg.lr, batch_per_process, grad_accum, world_size, num_sample, per)
+    factor = lr / cfg.lr if cfg.lr else 0.0
+    log.info("lr %.3g / min %.3g / warmup %.3g per %d clips -> %.3g / %.3g / %.3g at total batch %d x %d samples",
+             cfg.lr, cfg.min_lr, cfg.warmup_lr, per, lr, cfg.min_lr * factor, cfg.warmup_lr * factor,
+             batch_per_process * grad_accum * world_size, num_sample)
+    return lr
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float | None = None) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` over ``param_groups(model, cfg.weight_decay)`` at ``lr`` (default ``cfg.lr``; a torch
+    optimizer, so DeepSpeed needs no compiled fused Adam)."""
     groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, cfg.weight_decay)]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr if lr is None else lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:

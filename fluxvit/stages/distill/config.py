@@ -47,8 +47,12 @@ class LossConfig:
         T*H*W tokens jointly, InternVideo2's engine) or "frame" (an equal share per frame, UMT's engine).
     decoder: student-side decoder per aligned layer: "mlp" (Linear, GELU, Linear to the teacher width,
         LayerNorm, L2: InternVideo2's ``MLP_Decoder``) or "linear" (Linear, LayerNorm, L2: UMT's).
-    decoder_pos_embed: add a learnable student-side position embedding (InternVideo2's ``clip_pos_embed``,
-        3-D sin-cos init, resized to each clip's grid) to the student states before the decoders.
+    decoder_pos_embed: add a student-side position embedding to the student states before the decoders:
+        learnable (InternVideo2's ``clip_pos_embed``, 3-D sin-cos init, resized to each clip's grid) or, with
+        ``decoder_pos_fixed``, UMT's fixed 1-D sinusoid table over the flattened patch index.
+    decoder_norm: apply a LayerNorm (eps 1e-6) to the returned student states before the position embedding
+        and the decoders (UMT: the student encoder's final ``norm`` on every returned layer); InternVideo2's
+        distillation student feeds the raw block outputs.
     pool_heads: the student pooling head whose output carries the final-feature term at each budget (one per
         entry of ``budgets``); empty: by rank, the largest budget on head 0, the next on head 1, ... (see the
         README: the paper does not say; this trains every head, in the order stage 3 uses them).
@@ -65,12 +69,18 @@ class LossConfig:
     sampling: str = "clip"
     decoder: str = "mlp"
     decoder_pos_embed: bool = True
+    decoder_pos_fixed: bool = False
+    decoder_norm: bool = False
     pool_heads: tuple = ()
 
 
 @dataclass
 class DistillConfig:
-    """Everything a stage-1 run needs; saved as ``config.json``/``config.yaml`` in the run directory."""
+    """Everything a stage-1 run needs; saved as ``config.json``/``config.yaml`` in the run directory.
+
+    ``scale_lr``: the official engines' rule (InternVideo2 ``run_distill.py``, UMT ``run_umt_pretraining.py``):
+    ``optim.lr``, ``optim.min_lr`` and ``optim.warmup_lr`` are per ``lr_batch`` (256) clips and are multiplied by
+    ``total batch * num_sample / lr_batch`` at start, with the real number of processes."""
 
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -79,6 +89,8 @@ class DistillConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_grid: list = field(default_factory=list)  # (frames, resolution) pairs of held-out clips
+    scale_lr: bool = False
+    lr_batch: int = 256
 
 
 presets = PresetRegistry("distill")
@@ -146,7 +158,9 @@ def _paper(student: str) -> DistillConfig:
     # student 2048 / 1536 / 1024. What InternVideo2's distillation engine does
     # (OpenGVLab/InternVideo, InternVideo2/single_modality engines/engine_for_distill.py, run_distill.py): K = 6, teacher
     # interval 3.34 (blocks 23, 26, 29, 33, 36, 39), student interval 1, one joint multinomial draw on the
-    # projector attention, MLP decoders after a student position embedding, final 768 -> 768 decoder, 1 : 1.
+    # projector attention, MLP decoders after a student position embedding, final 768 -> 768 decoder, 1 : 1;
+    # eps 1e-6 and clip_grad 5.0 (scripts/distillation/S14_dist_1B_stage2.sh); lr, min lr (1e-5) per 256 clips,
+    # scaled by the total batch (run_distill.py): Table 14's lr is that per-256 flag, as Table 15's is (RECIPES.md).
     return DistillConfig(
         student=StudentConfig(name=student, drop_path_rate=0.05),
         teacher=TeacherConfig(kind="internvideo2", name="internvideo2_1b_patch14", pretrained="", budget=2048),
@@ -154,10 +168,12 @@ def _paper(student: str) -> DistillConfig:
                         sampling="clip", decoder="mlp", decoder_pos_embed=True, pooled_weight=1.0),
         data=DataConfig(source="shards", batch_size=32, num_workers=8, flux_preset="distill", num_frames=8,
                         img_size=224, normalize="imagenet"),
-        optim=OptimConfig(lr=1e-3, min_lr=1e-6, weight_decay=0.05, betas=(0.9, 0.98), warmup_fraction=0.2,
-                          clip_grad=3.0),
+        optim=OptimConfig(lr=1e-3, min_lr=1e-5, weight_decay=0.05, betas=(0.9, 0.98), eps=1e-6,
+                          warmup_fraction=0.2, warmup_lr=0.0, clip_grad=5.0),
         train=TrainConfig(run_dir=f"runs/distill_{student}", steps=53_700, grad_accum=1, log_every=50,
                           ckpt_every=1000, keep_last=3, eval_every=0),
+        scale_lr=True,
+        lr_batch=256,
     )
 
 
@@ -177,22 +193,28 @@ def paper_b() -> DistillConfig:
 def _umt(student: str, teacher: str, drop_path: float) -> DistillConfig:
     # UMT's stage 1 (unmasked_teacher single_modality/exp/pretraining/{b16,l16}_ptk710_f8_res224.sh): CLIP teacher
     # per frame, last 6 blocks after ln_post + proj (interval 1), mask ratio 0.8 drawn per frame on the last
-    # block's cls attention, linear decoders, token loss only; AdamW (0.9, 0.95), wd 0.05, lr 1.5e-4 per 256
-    # (1.2e-3 at batch 2048), 201 epochs with 40 warmup over K710 (~0.66 M clips: ~64.6 k steps).
+    # block's cls attention, linear decoders after the student's final norm and a fixed sinusoid position table
+    # (models/modeling_pretrain_umt.py), token loss only; AdamW (0.9, 0.95), wd 0.05, lr 1.5e-4 and min lr 1e-5
+    # per 256 clips scaled by the total batch (run_umt_pretraining.py; 1.2e-3 / 8e-5 at batch 2048), 201 epochs
+    # with 40 warmup over K710 (~0.66 M clips: ~64.6 k steps).
     # At 8 x 224 with a /14 student: 256 tokens per frame, 52 visible (256 - int(0.8 * 256)), 416 per clip.
     # ViT-L/14 ran at 196 px for UMT's /16 student; image_size 0 gives it the /14 student's grid instead.
+    # UMT's student has no LayerScale (init_values 0); the FluxViT student always has one: it starts at 1.0 here.
     return DistillConfig(
-        student=StudentConfig(name=student, drop_path_rate=drop_path),
+        student=StudentConfig(name=student, drop_path_rate=drop_path, overrides={"init_values": 1.0}),
         teacher=TeacherConfig(kind="open_clip", name=teacher, pretrained="openai", budget=0,
                               embed_dim=512 if teacher == "ViT-B-16" else 768),
         loss=LossConfig(num_layers=6, teacher_interval=1.0, student_interval=1.0, budgets=(416,), sampling="frame",
-                        decoder="linear", decoder_pos_embed=True, pooled_weight=0.0),
+                        decoder="linear", decoder_pos_embed=True, decoder_pos_fixed=True, decoder_norm=True,
+                        pooled_weight=0.0),
         data=DataConfig(source="shards", batch_size=64, num_workers=8, flux_preset="distill", num_frames=8,
                         img_size=224, normalize="imagenet", grids=[[8, 224]]),
-        optim=OptimConfig(lr=1.2e-3, min_lr=1e-6, weight_decay=0.05, betas=(0.9, 0.95), warmup_fraction=40 / 201,
-                          clip_grad=0.0),
+        optim=OptimConfig(lr=1.5e-4, min_lr=1e-5, weight_decay=0.05, betas=(0.9, 0.95), eps=1e-8,
+                          warmup_fraction=40 / 201, warmup_lr=0.0, clip_grad=0.0),
         train=TrainConfig(run_dir=f"runs/distill_umt_{student}", steps=64_600, log_every=50, ckpt_every=1000,
                           keep_last=3, eval_every=0),
+        scale_lr=True,
+        lr_batch=256,
     )
 
 

@@ -1,5 +1,6 @@
 """Student-side heads of stage 1: decoders from student features to teacher features, and the student-side
-position embedding added before them (InternVideo2's distillation student; UMT's linear variant)."""
+position embedding added before them (InternVideo2's distillation student: learnable 3-D table; UMT's: a fixed
+1-D sinusoid table and linear decoders)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,7 @@ from torch import nn
 
 from fluxvit.models.pos_embed import resize_pos_grid, sincos_3d
 
-__all__ = ["DecoderPosEmbed", "FeatureDecoder"]
+__all__ = ["DecoderPosEmbed", "FeatureDecoder", "FixedDecoderPosEmbed", "sinusoid_table"]
 
 
 class FeatureDecoder(nn.Module):
@@ -60,3 +61,31 @@ class DecoderPosEmbed(nn.Module):
         D = self.weight.shape[-1]
         resized = resize_pos_grid(self.weight[1:].reshape(*self.grid, D), *grid).reshape(-1, D)
         return torch.cat([self.weight[:1], resized], dim=0)
+
+
+def sinusoid_table(n: int, dim: int) -> torch.Tensor:
+    """UMT's ``get_sinusoid_encoding_table(n, dim)``: (n, dim) float32, position p and channel j at angle
+    ``p / 10000 ** (2 * (j // 2) / dim)``, sine on even channels and cosine on odd ones."""
+    pos = torch.arange(n, dtype=torch.float64)[:, None]
+    j = torch.arange(dim, dtype=torch.float64)[None, :]
+    angle = pos / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode="floor") / dim)
+    table = torch.where(j.long() % 2 == 0, torch.sin(angle), torch.cos(angle))
+    return table.float()
+
+
+class FixedDecoderPosEmbed(nn.Module):
+    """UMT's student-side decoder position table (``clip_pos_embed`` of ``modeling_pretrain_umt.py``): a fixed,
+    not learnable, 1-D sinusoid over a clip's flattened (t, y, x) patch index, computed for each clip's grid.
+    ``table(grid)`` -> (1 + T*h*w, dim), cls row first and zero (UMT's student has no cls token). No parameters."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self._tables: dict = {}  # per grid, on the CPU
+
+    def table(self, grid: tuple) -> torch.Tensor:
+        grid = tuple(grid)
+        if grid not in self._tables:
+            rows = sinusoid_table(math.prod(grid), self.dim)
+            self._tables[grid] = torch.cat([rows.new_zeros(1, self.dim), rows], dim=0)
+        return self._tables[grid]

@@ -24,10 +24,12 @@ from torch import nn
 
 from fluxvit.models import FluxViT, create_model, load_official_checkpoint, save_model
 
+from ..common.config import OptimConfig
 from ..common.loop import StepOutput
+from ..common.optim import build_optimizer, peak_lr
 from ..common.teacher import TeacherOutput, build_teacher
 from .config import DistillConfig, LossConfig
-from .decoders import DecoderPosEmbed, FeatureDecoder
+from .decoders import DecoderPosEmbed, FeatureDecoder, FixedDecoderPosEmbed
 
 __all__ = ["DistillModel", "DistillTask", "align_layers", "pool_heads", "return_index", "sample_visible"]
 
@@ -121,8 +123,9 @@ class DistillModel(nn.Module):
     """The trainable part: the FluxViT student plus the student-side heads of stage 1.
 
     Per aligned student layer a ``FeatureDecoder`` to the teacher width, applied after adding the student-side
-    ``DecoderPosEmbed`` (when enabled); a final ``FeatureDecoder`` from the student's pooled feature to the
-    teacher's pooled width. ``forward(clips, keep, heads)`` -> (student layer -> (N, C) decoded rows of every
+    position table (when enabled: learnable ``DecoderPosEmbed`` or UMT's ``FixedDecoderPosEmbed``), and, with
+    ``loss.decoder_norm``, after one shared LayerNorm (UMT: the student's final norm); a final ``FeatureDecoder``
+    from the student's pooled feature to the teacher's pooled width. ``forward(clips, keep, heads)`` -> (student layer -> (N, C) decoded rows of every
     view, cls first per view, packed; (V, C_pool) decoded pooled features; ``cu_seqlens``; student token count).
     """
 
@@ -132,7 +135,11 @@ class DistillModel(nn.Module):
         self.layers = list(layers)
         D, P = student.config.embed_dim, student.config.clip_embed_dim
         self.decoders = nn.ModuleDict({str(s): FeatureDecoder(D, token_dim, loss.decoder) for s in layers})
-        self.decoder_pos_embed = DecoderPosEmbed(D, student.pos_grid) if loss.decoder_pos_embed else None
+        self.decoder_pos_embed = None
+        if loss.decoder_pos_embed:
+            self.decoder_pos_embed = FixedDecoderPosEmbed(D) if loss.decoder_pos_fixed else \
+                DecoderPosEmbed(D, student.pos_grid)
+        self.decoder_norm = nn.LayerNorm(D, eps=1e-6) if loss.decoder_norm else None
         self.final_decoder = FeatureDecoder(P, pooled_dim, loss.decoder)
 
     def forward(self, clips: list, keep: list, heads: list):
@@ -144,18 +151,19 @@ class DistillModel(nn.Module):
             rows = []
             for grid, k in zip(f.grids, f.keep):
                 if grid not in tables:
-                    tables[grid] = self.decoder_pos_embed.table(grid)
+                    tables[grid] = self.decoder_pos_embed.table(grid).to(f.last.device)
                 rows.append(torch.cat([tables[grid][:1], tables[grid][1 + k]]))
             pos = torch.cat(rows)
-        preds = {s: self.decoders[str(s)](f.layers[s] if pos is None else f.layers[s] + pos) for s in self.layers}
+        states = {s: f.layers[s] if self.decoder_norm is None else self.decoder_norm(f.layers[s]) for s in self.layers}
+        preds = {s: self.decoders[str(s)](x if pos is None else x + pos.to(x.dtype)) for s, x in states.items()}
         return preds, self.final_decoder(f.pooled), f.cu_seqlens, f.last.shape[0]
 
 
 class DistillTask:
     """Student, frozen teacher and the Flux-UMT loss (the ``TrainTask`` of stage 1)."""
 
-    def __init__(self, cfg: DistillConfig, rank: int = 0):
-        self.cfg, self.rank = cfg, rank
+    def __init__(self, cfg: DistillConfig, rank: int = 0, world_size: int = 1):
+        self.cfg, self.rank, self.world = cfg, rank, world_size
         s, lc = cfg.student, cfg.loss
         student = create_model(s.name, num_classes=0, drop_path_rate=s.drop_path_rate, **s.overrides)
         self.teacher = build_teacher(cfg.teacher, input_norm=cfg.data.normalize)
@@ -180,6 +188,13 @@ class DistillTask:
         ``train.init_strict=false`` (a classifier head in the file is ignored)."""
         load_official_checkpoint(self.model.student, path, strict=self.cfg.train.init_strict,
                                  classifier_may_differ=True)
+
+    def build_optimizer(self, ocfg: OptimConfig) -> torch.optim.Optimizer:
+        """AdamW at ``optim.lr``, per ``lr_batch`` clips and scaled by the total batch when ``scale_lr`` (the
+        official engines' rule; min / warmup lr follow through the schedule's ratios)."""
+        d, t = self.cfg.data, self.cfg.train
+        lr = peak_lr(ocfg, self.cfg.scale_lr, d.batch_size, t.grad_accum, self.world, d.num_sample, self.cfg.lr_batch)
+        return build_optimizer(self.model, ocfg, lr)
 
     def export(self, model: DistillModel, path: Path) -> Path:
         """The student alone, as a safetensors file that ``fluxvit.models.load_model`` rebuilds."""

@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult | None:
     if args.print_config:
         return print_config(cfg)
     acc = start_run(cfg, "distill", args.preset)
-    task = DistillTask(cfg, rank=acc.process_index)
+    task = DistillTask(cfg, rank=acc.process_index, world_size=acc.num_processes)
     # Rank 0 generates the synthetic corpus (when asked for) before the other ranks read it.
     with acc.main_process_first():
         source = build_source(cfg.data, cfg.train.seed, acc.process_index, acc.num_processes)

@@ -26,7 +26,7 @@ from fluxvit.models import create_model, load_official_checkpoint, read_state_di
 
 from ..common.config import ConfigError, OptimConfig
 from ..common.loop import StepOutput
-from ..common.optim import layer_decay_groups, scale_lr
+from ..common.optim import layer_decay_groups, peak_lr
 from .config import FinetuneConfig
 from .loss import build_mixup, flux_multi_loss, smooth_targets
 from .model import FinetuneModel, random_keep
@@ -131,15 +131,9 @@ class FinetuneTask:
     def peak_lr(self, ocfg: OptimConfig) -> float:
         """``optim.lr``, scaled as the release does with ``scale_lr``: x total batch x num_sample / lr_batch
         (min / warmup lr follow through the schedule's ratios)."""
-        if not self.cfg.scale_lr:
-            return ocfg.lr
         d, t = self.cfg.data, self.cfg.train
-        lr = scale_lr(ocfg.lr, d.batch_size, t.grad_accum, self.world, d.num_sample, self.cfg.lr_batch)
-        factor = lr / ocfg.lr if ocfg.lr else 0.0
-        log.info("lr %.3g / min %.3g / warmup %.3g per %d clips -> %.3g / %.3g / %.3g at total batch %d x %d "
-                 "samples", ocfg.lr, ocfg.min_lr, ocfg.warmup_lr, self.cfg.lr_batch, lr, ocfg.min_lr * factor,
-                 ocfg.warmup_lr * factor, d.batch_size * t.grad_accum * self.world, d.num_sample)
-        return lr
+        return peak_lr(ocfg, self.cfg.scale_lr, d.batch_size, t.grad_accum, self.world, d.num_sample,
+                       self.cfg.lr_batch)
 
     def build_optimizer(self, ocfg: OptimConfig) -> torch.optim.AdamW:
         """AdamW over timm's layer-decay groups (the release's layer ids, ``layer_decay``) at ``peak_lr``."""
