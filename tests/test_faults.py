@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,7 +189,32 @@ def test_full_disk_during_checkpoint_save(tmp_path, reference):
     _assert_nothing_lost(tmp_path, reference, resumed)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def test_read_only_run_directory_as_a_user():
+    """Root writes into read-only directories, so as root the next test runs in a child pytest as the
+    unprivileged user ``nobody`` (uid 65534) and must pass there; as any other user it runs directly."""
+    if os.geteuid() != 0:
+        pytest.skip("not root: test_read_only_run_directory runs directly")
+    probe = subprocess.run([*NOBODY, sys.executable, "-c", "import fluxvit, torch"], cwd=ROOT, capture_output=True,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    if probe.returncode != 0:
+        pytest.skip(f"root, and user nobody cannot run this interpreter: {probe.stderr.decode()[-200:]}")
+    base = Path(tempfile.mkdtemp(prefix="fluxvit-nobody-"))  # pytest's own tmp root is private to root
+    try:
+        os.chown(base, 65534, 65534)
+        cmd = [*NOBODY, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={base / 't'}",
+               f"{Path(__file__).resolve()}::test_read_only_run_directory"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1"))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories: run as nobody by the test "
+                                              "above")
 def test_read_only_run_directory(tmp_path, reference):
     def read_only():
         os.chmod(tmp_path, 0o555)
