@@ -125,7 +125,7 @@ def cpu_rates(fns: dict, draws: list, seconds: float) -> dict[str, float]:
 
 
 def bench_row(video: bytes, backend: str, grid: FluxGrid, seconds: float) -> dict:
-    cfg = DataConfig(decoder=backend, decoder_threads=1, train=True)
+    cfg = DataConfig(decoder=backend, decoder_threads=1)
     sample = {"__key__": "k", "mp4": video}
     rng_a, rng_b = random.Random(0), random.Random(0)
     rates = cpu_rates({
@@ -144,8 +144,8 @@ def bench_loader(video: bytes, backend: str, grid: FluxGrid, epochs: int, tmp: P
             for i in range(16):
                 writer.write({"__key__": f"{i:04d}", "mp4": video, "txt": "a clip"})
     cfg = DataConfig(shards=str(folder / "{00000..00001}.tar"), batch_size=4, num_workers=0, decoder=backend,
-                     grid=grid, shuffle_buffer=4, seed=0)
-    loader = build_video_loader(cfg, rank=0, world_size=1)
+                     grid=grid, shuffle_buffer=4)
+    loader = build_video_loader(cfg, seed=0, rank=0, world_size=1)
     cpu_loader = cpu_bare = 0.0
     clips = 0
     for epoch in range(epochs):

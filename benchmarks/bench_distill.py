@@ -89,7 +89,7 @@ def _config(case: str, teacher_depth: int, student_depth: int, full: bool):
         f"student.name={name}", f"student.overrides={{\"depth\": {s_depth}}}",
         f"teacher.overrides={{\"depth\": {t_depth}}}", "teacher.budget=2048",
         f"loss.num_layers={aligned}", f"loss.teacher_interval={interval}", "loss.budgets=[2048,1536,1024]",
-        "data.source=synthetic", "data.batch_size=1", "data.grids=[[8,224]]", "data.num_workers=0",
+        "data.source=synthetic", "data.batch_size=1", "data.grid=[[8,224]]", "data.num_workers=0",
     ])
     return cfg, (t_depth, s_depth, aligned)
 

@@ -17,12 +17,12 @@ class _Cfg:
 
 def test_overrides_are_typed():
     cfg = apply_overrides(_Cfg(), ["optim.lr=3e-4", "train.steps=7", "train.tensorboard=false",
-                                   "optim.betas=0.9,0.95", "data.grids=[[4,112],[8,84]]", "train.resume=auto"])
+                                   "optim.betas=0.9,0.95", "data.grid=[[4,112],[8,84]]", "train.resume=auto"])
     assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
     assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
     assert cfg.train.tensorboard is False  # the string "false" must not be truthy
     assert cfg.optim.betas == (0.9, 0.95)
-    assert cfg.data.grids == [[4, 112], [8, 84]]
+    assert cfg.data.grid == [[4, 112], [8, 84]]
     assert cfg.train.resume == "auto"
 
 

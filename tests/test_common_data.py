@@ -3,7 +3,7 @@ import pytest
 
 from fluxvit.datasets import loader as loader_mod
 from fluxvit.datasets.synth import make_synthetic_corpus
-from fluxvit.stages.common.config import DataConfig
+from fluxvit.datasets import DataConfig
 from fluxvit.stages.common.data import LoaderSource
 
 
@@ -15,7 +15,7 @@ def corpus(tmp_path_factory):
 
 
 def test_seek_to_epoch_boundary_is_exact_and_decodes_little(corpus, monkeypatch):
-    cfg = DataConfig(source="shards", shards=corpus["splits"]["train"]["shards"], batch_size=4, grids=[[2, 28]],
+    cfg = DataConfig(source="shards", shards=corpus["splits"]["train"]["shards"], batch_size=4, grid=[[2, 28]],
                      num_workers=0, flip=False, decoder="pyav")
     stream = LoaderSource(cfg, seed=3).batches(0)
     uninterrupted = [next(stream)["key"] for _ in range(14)]  # 6 batches per epoch: into epoch 2
@@ -38,12 +38,12 @@ def test_set_overrides_reach_the_loader_and_the_saved_config(corpus, tmp_path):
     cfg = apply_overrides(smoke(), [
         "data.source=shards", f"data.shards={corpus['splits']['train']['shards']}", "data.resampled=true",
         "data.epoch_size=12", "data.shuffle_buffer=5", "data.crop=rrc", "data.decoder=pyav", "data.num_workers=0",
-        "data.grids=[[2,28]]"])
+        "data.grid=[[2,28]]"])
     source = LoaderSource(cfg.data, seed=1)
     got = source.loader.cfg
     assert (got.resampled, got.epoch_size, got.shuffle_buffer, got.crop, got.decoder, got.num_workers) == \
         (True, 12, 5, "rrc", "pyav", 0)
-    assert got.grid.valid_pairs() == [(2, 28)] and len(source.loader) == 12 // cfg.data.batch_size
+    assert got.grid_pairs() == [(2, 28)] and len(source.loader) == 12 // cfg.data.batch_size
     saved = json.loads(save_config(cfg, tmp_path).read_text())["data"]
     for key, value in {"resampled": True, "epoch_size": 12, "shuffle_buffer": 5, "crop": "rrc", "decoder": "pyav",
                        "num_workers": 0}.items():
@@ -55,7 +55,7 @@ def test_set_overrides_reach_the_loader_and_the_saved_config(corpus, tmp_path):
 def test_no_val_shards_skips_held_out_once_and_never_reads_training_shards(corpus, caplog, monkeypatch):
     from fluxvit.stages.common import data as common_data
 
-    cfg = DataConfig(source="shards", shards=corpus["splits"]["train"]["shards"], batch_size=4, grids=[[2, 28]],
+    cfg = DataConfig(source="shards", shards=corpus["splits"]["train"]["shards"], batch_size=4, grid=[[2, 28]],
                      num_workers=0, decoder="pyav")
     before = dict(vars(cfg))
     source = LoaderSource(cfg)
@@ -70,10 +70,10 @@ def test_no_val_shards_skips_held_out_once_and_never_reads_training_shards(corpu
 
     built = []
     real = fd.build_video_loader
-    monkeypatch.setattr(fd, "build_video_loader", lambda c, **kw: built.append(c) or real(c, **kw))
+    monkeypatch.setattr(fd, "build_video_loader", lambda c, **kw: built.append((c, kw)) or real(c, **kw))
     clips = with_val.held_out([(2, 28)])
     assert len(clips) == 3 and clips[0].shape == (1, 3, 2, 28, 28)
-    assert built[0].decoder == "torchcodec" and not built[0].train  # the data section's decoder reaches evaluation
+    assert built[0][0].decoder == "torchcodec" and not built[0][1]["train"]  # the section's decoder reaches evaluation
 
 
 def test_eval_skips_are_not_training_skipped_samples(corpus, tmp_path):
@@ -84,7 +84,7 @@ def test_eval_skips_are_not_training_skipped_samples(corpus, tmp_path):
     video = make_video(num_frames=4, width=32, height=24)
     write_tar(tmp_path / "val.tar", [video_sample("v0", video), video_sample("bad", b"junk" * 64)])
     cfg = DataConfig(source="shards", shards=corpus["splits"]["train"]["shards"], val_shards=str(tmp_path / "val.tar"),
-                     batch_size=4, grids=[[2, 28]], num_workers=0, decoder="pyav", num_val_clips=4)
+                     batch_size=4, grid=[[2, 28]], num_workers=0, decoder="pyav", num_val_clips=4)
     source = LoaderSource(cfg)
     next(source.batches(0))
     before = stats().skipped

@@ -18,9 +18,9 @@ def test_images_and_videos_in_one_batch(tmp_path):
     shard = write_tar(tmp_path / "mixed.tar", [video_sample("v0", make_video(12)), _image_sample("i0"),
                                                _image_sample("i1", "png"), video_sample("v1", make_video(12))])
     for train in (True, False):
-        cfg = DataConfig(shards=str(shard), num_frames=4, img_size=56, batch_size=4, num_workers=0, train=train,
+        cfg = DataConfig(shards=str(shard), num_frames=4, img_size=56, batch_size=4, num_workers=0,
                          shuffle_buffer=0, decoder="pyav")
-        batches = list(build_video_loader(cfg, rank=0, world_size=1))
+        batches = list(build_video_loader(cfg, train=train, rank=0, world_size=1))
         assert len(batches) == 1
         batch = batches[0]
         shapes = {k: tuple(v.shape) for k, v in zip(batch["key"], batch["video"])}

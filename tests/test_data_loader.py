@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from data_fixtures import make_video, truncate_inside, video_sample, write_sizes, write_tar
-from fluxvit.datasets import DataConfig, FluxGrid, build_video_loader, loader_state, stats
+from fluxvit.datasets import DataConfig, FluxGrid, loader_state, stats
+from fluxvit.datasets import build_video_loader as _build_video_loader
 from fluxvit.datasets import loader as loader_mod
 
 SHARDS, PER_SHARD = 6, 4
@@ -23,11 +24,21 @@ def corpus(tmp_path_factory):
     return str(d / f"{{00000..{SHARDS - 1:05d}}}.tar")
 
 
+MODE = ("train", "seed", "eval_clips", "eval_crops")  # what a loader is given beside its data section
+
+
 def cfg(shards, **kw):
+    """(data section, loader mode) of a small test loader."""
     base = dict(shards=shards, num_frames=2, img_size=16, batch_size=2, num_workers=0, decoder="pyav",
                 shuffle_buffer=3)
     base.update(kw)
-    return DataConfig(**base)
+    mode = {k: base.pop(k) for k in MODE if k in base}
+    return DataConfig(**base), mode
+
+
+def build_video_loader(made, **kw):
+    config, mode = made
+    return _build_video_loader(config, **mode, **kw)
 
 
 def keys_of(loader):
@@ -65,7 +76,10 @@ def test_flux_grid_per_batch_and_per_sample(corpus):
     batch = next(iter(packed))
     assert isinstance(batch["video"], list) and len(batch["video"]) == 8
     assert all((v.shape[1], v.shape[2]) in grid.valid_pairs() for v in batch["video"])
-    assert DataConfig(shards=corpus, grid="finetune").grid == FluxGrid.preset("finetune")
+    assert DataConfig(shards=corpus, grid="finetune").flux_grid() == FluxGrid.preset("finetune")
+    assert DataConfig(grid=[[2, 14], [4, 28]]).grid_pairs() == [(2, 14), (4, 28)]
+    with pytest.raises(ValueError, match="data.grid"):
+        DataConfig(grid="nope")
 
 
 def test_node_then_worker_split_has_no_duplicates(corpus):

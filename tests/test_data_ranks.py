@@ -29,7 +29,7 @@ def test_two_processes_over_5_5_2_samples_batch_4(tmp_path, free_port):
            "--set", f"train.run_dir={run_dir}", "--set", "train.eval_every=0", "--set", "train.ckpt_every=0",
            "--set", "train.progress=false", "--set", "train.tensorboard=false", "--set", "data.source=shards",
            "--set", f"data.shards={tmp_path / 'shards'}/{{00000..00002}}.tar", "--set", "data.batch_size=4",
-           "--set", "data.decoder=pyav", "--set", "data.grids=[[4,112]]", "--set", "data.num_workers=0"]
+           "--set", "data.decoder=pyav", "--set", "data.grid=[[4,112]]", "--set", "data.num_workers=0"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false",
                ACCELERATE_USE_CPU="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)

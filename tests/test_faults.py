@@ -276,13 +276,13 @@ def test_shard_turning_corrupt_mid_epoch(tmp_path, corpus):
     """A shard is overwritten with garbage while the first epoch runs: the next pass over it skips its samples and
     counts the skip, the run finishes every step, and a rerun with resume=auto of the finished run changes nothing.
     (The pipeline counts one skip per pass over a torn shard: the samples after the tear are not enumerable.)"""
-    from fluxvit.stages.common.config import DataConfig
+    from fluxvit.datasets import DataConfig
     from fluxvit.stages.common.data import LoaderSource
 
     pattern = corpus["splits"]["train"]["shards"]
     shards = sorted(Path(pattern).parent.glob("*.tar"))
     assert len(shards) == 4
-    dcfg = DataConfig(source="shards", shards=pattern, batch_size=4, grids=[[2, 28]], num_workers=0, flip=False,
+    dcfg = DataConfig(source="shards", shards=pattern, batch_size=4, grid=[[2, 28]], num_workers=0, flip=False,
                       decoder="pyav")
     victim = shards[-1]
     original = victim.read_bytes()

@@ -174,7 +174,7 @@ def test_budget_zero_keeps_every_token_and_micro_presets_resolve():
     start, multi = build_config("micro_scratch"), build_config("micro_multi")
     assert start.loss.budgets == (0,) and start.optim.min_lr == start.optim.lr  # constant lr from scratch
     assert multi.loss.budgets == (96, 64, 32) and multi.model.overrides["head_budgets"] == (96, 64, 32)
-    assert all(f * (r // 14) ** 2 >= 96 for f, r in multi.data.grids)  # every Flux grid holds the largest budget
+    assert all(f * (r // 14) ** 2 >= 96 for f, r in multi.data.grid)  # every Flux grid holds the largest budget
 
 
 def test_eval_head_ties_go_to_the_earlier_head(net):

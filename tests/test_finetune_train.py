@@ -15,7 +15,7 @@ MICRO = '{"head_budgets": [192, 128, 64], "depth": 2, "embed_dim": 64, "num_head
 
 def _args(run_dir, *extra):
     sets = [f"train.run_dir={run_dir}", "train.steps=4", "train.ckpt_every=2", "train.tensorboard=false",
-            "train.progress=false", f"model.overrides={MICRO}", "data.batch_size=2", "data.grids=[[4,56],[6,56]]",
+            "train.progress=false", f"model.overrides={MICRO}", "data.batch_size=2", "data.grid=[[4,56],[6,56]]",
             "eval.budgets=[]", *extra]
     return ["--preset", "smoke", *[a for s in sets for a in ("--set", s)]]
 
@@ -86,10 +86,10 @@ def test_release_schedule_resolves_from_epochs():
 
 
 def test_per_sample_grid_batches_are_packed_lists(tmp_path):
-    from fluxvit.stages.common.config import DataConfig
+    from fluxvit.datasets import DataConfig
     from fluxvit.stages.finetune.data import MotionClips
 
-    cfg = DataConfig(source="synthetic-motion", batch_size=4, grids=[[4, 56], [6, 70]], per_sample_grid=True,
+    cfg = DataConfig(source="synthetic-motion", batch_size=4, grid=[[4, 56], [6, 70]], per_sample_grid=True,
                      flip=False, num_clips=50)
     batches = [MotionClips(cfg, seed=0).batch(n) for n in range(3)]
     shapes = {tuple(v.shape) for b in batches for v in b["video"]}

@@ -4,7 +4,7 @@ Typical use (the training stages)::
 
     from fluxvit.datasets import DataConfig, FluxGrid, build_video_loader, stats
 
-    cfg = DataConfig(shards="data/synth/train/{00000..00007}.tar", grid=FluxGrid.preset("distill"))
+    cfg = DataConfig(shards="data/synth/train/{00000..00007}.tar", grid="distill", num_workers=2)
     loader = build_video_loader(cfg)
     for epoch in range(epochs):
         loader.set_epoch(epoch)
@@ -18,7 +18,7 @@ augmentation from timm's pieces: RandAugment, RandomResizedCrop, RandomErasing, 
 (Flux), :mod:`.loader` (streaming, resume), :mod:`.synth` (synthetic corpus), :mod:`.cli` (``fluxvit-data``).
 decord, torchcodec and PyAV are imported only when a video is decoded.
 """
-from .config import DataConfig, LoaderOptions
+from .config import DataConfig, resolve_grid
 from .decoders import BACKENDS, DecodeError, available_backends, decode_clips, open_video
 from .grid import FluxGrid
 from .loader import (DataStats, VideoLoader, build_video_loader, collate_videos, loader_state, process_sample,
@@ -29,9 +29,9 @@ from .transforms import (EvalTransform, MultiScaleCrop, RandomResizedCrop, Video
                          three_crop_boxes)
 
 __all__ = [
-    "BACKENDS", "DataConfig", "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "VIDEO_KEYS", "DataStats", "DecodeError", "EvalTransform", "FluxGrid", "LoaderOptions", "MultiScaleCrop",
+    "BACKENDS", "DataConfig", "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "VIDEO_KEYS", "DataStats", "DecodeError", "EvalTransform", "FluxGrid", "MultiScaleCrop",
     "RandomResizedCrop", "ShardReader", "ShardWriter", "VideoLoader", "VideoTransform", "available_backends", "build_video_loader",
     "center_crop_box", "collate_videos", "decode_clips", "loader_state", "multi_clip_indices", "open_video",
-    "parse_shard_spec", "process_sample", "sample_middle_indices", "sample_tsn_indices", "stats",
+    "parse_shard_spec", "process_sample", "resolve_grid", "sample_middle_indices", "sample_tsn_indices", "stats",
     "three_crop_boxes",
 ]

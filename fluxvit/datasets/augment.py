@@ -177,7 +177,7 @@ _TRANSFORMS: dict = {}
 
 
 def build_train_transform(opts) -> VideoTransform | ReleaseTrainTransform:
-    """The training transform of a loader config (``LoaderOptions``): the plain crop / flip / normalise
+    """The training transform of a data section (:class:`~fluxvit.datasets.DataConfig`): the plain crop / flip / normalise
     ``VideoTransform`` unless RandAugment, random erasing or a non-default crop scale is asked for, then
     ``ReleaseTrainTransform`` with those settings. One instance per setting (RandAugment's op tables are reused)."""
     scale = tuple(float(v) for v in opts.crop_scale)

@@ -70,7 +70,7 @@ def check_shards(spec: str, num_frames: int = 8, decoder: str = "decord", img_si
     """Decode every sample of ``spec`` as training would; returns ``{"total", "ok", "skipped", "skipped_keys",
     "reasons": {key: reason}, "shard_errors": [{"shard", "reason"}]}``. A truncated or missing shard counts as one
     skipped entry keyed by its URL."""
-    cfg = DataConfig(shards=spec, num_frames=num_frames, img_size=img_size, decoder=decoder, train=True,
+    cfg = DataConfig(shards=spec, num_frames=num_frames, img_size=img_size, decoder=decoder,
                      num_workers=0)
     rng = random.Random(0)
     report = {"total": 0, "ok": 0, "skipped": 0, "skipped_keys": [], "reasons": {}, "shard_errors": []}

@@ -1,13 +1,12 @@
-"""The data pipeline's typed config: :class:`LoaderOptions` (every loader knob) and :class:`DataConfig` (those
-knobs plus what one loader reads: shards, grid, mode, seed, evaluation views).
+"""The data section: one typed :class:`DataConfig` for the loader, the synthetic sources and every stage.
 
-The training stages subclass :class:`LoaderOptions` for their ``data`` section (adding source, root, validation
-shards and grids), so every knob here is settable with ``--set data.NAME=VALUE`` and recorded in the saved config,
-and :meth:`LoaderOptions.loader_options` hands all of them to a :class:`DataConfig` without a hand-kept subset.
+A training stage's ``data`` section *is* this class (``--set data.NAME=VALUE`` sets any field, and the saved
+config records all of them); :func:`~fluxvit.datasets.build_video_loader` reads the same object. What differs
+between two loaders of one run (training or evaluation mode, seed, evaluation views) is passed to the loader, not
+stored here.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,26 +14,69 @@ from .decoders import BACKENDS
 from .grid import FluxGrid
 from .transforms import NORMALIZE
 
-__all__ = ["DataConfig", "LoaderOptions"]
+__all__ = ["DataConfig", "resolve_grid"]
 
 CROPS = ("multiscale", "rrc")
 
 
-@dataclass
-class LoaderOptions:
-    """The loader knobs a training stage sets (``--set data.NAME=VALUE``).
+def resolve_grid(grid: Any, patch_size: int = 14) -> FluxGrid | None:
+    """The one grid resolver: ``None`` / ``""`` / ``[]`` (no Flux grid), a :class:`FluxGrid`, a preset name
+    (``"distill"``, ``"videotext"``, ``"finetune"``) or a list of ``[frames, resolution]`` pairs.
 
-    Attributes:
+    Raises:
+        ValueError: one line for anything else (or an unknown preset name).
+    """
+    if grid is None or (isinstance(grid, (str, list, tuple)) and not grid):
+        return None
+    if isinstance(grid, FluxGrid):
+        return grid
+    if isinstance(grid, str) and grid.lstrip().startswith("["):  # pairs given as JSON text (``--set``)
+        import json
+
+        try:
+            grid = json.loads(grid)
+        except ValueError:
+            raise ValueError(f"data.grid: cannot read {grid!r} as [[frames, resolution], ...]") from None
+    if isinstance(grid, str):
+        try:
+            return FluxGrid.preset(grid)
+        except KeyError as err:
+            raise ValueError(f"data.grid: {err.args[0]}") from None
+    if isinstance(grid, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in grid):
+        return FluxGrid.from_pairs(grid, patch_size=patch_size)
+    raise ValueError(f"data.grid must be a FluxGrid preset name or [[frames, resolution], ...], got {grid!r}")
+
+
+@dataclass
+class DataConfig:
+    """Where the clips come from and how they are decoded, sampled, augmented and batched.
+
+    Source and splits:
+        source: the batch source (``fluxvit.stages.common.sources``): ``"shards"`` (WebDataset shards),
+            ``"synthetic-corpus"`` (the synthetic mp4 corpus, generated into ``root`` on first use; its train / val
+            splits unless ``shards`` / ``val_shards`` are set), ``"synthetic"`` (the corpus's clips rendered in
+            memory, no labels) or ``"synthetic-motion"`` (the same with the eight motion labels, for stage 3).
+        shards: training shard spec ``SOURCE[::WEIGHT][::noflip];...`` with brace ranges
+            (:mod:`fluxvit.datasets.shards`).
+        val_shards: held-out shard spec; empty: held-out evaluation is skipped (never the training shards).
+        root: folder of the synthetic corpus.
+        num_clips: clips of the in-memory synthetic sources' training split.
+        num_val_clips: held-out clips evaluated during training.
+
+    Clip shape:
+        grid: the Flux grid drawn per batch (:func:`resolve_grid`: a preset name or ``[[frames, resolution],
+            ...]``); ``None`` or empty: every clip is ``num_frames`` x ``img_size``.
+        per_sample_grid: draw ``(T, H)`` per clip instead of per batch (the batch's ``video`` is then a list of
+            ``(3, T_i, H_i, W_i)``, the packed input FluxViT takes).
+        num_frames, img_size: frames ``T`` and square side ``H = W`` without a grid (and of evaluation views).
+
+    Loader knobs:
         batch_size: clips per batch per rank ``B``.
-        num_workers: DataLoader worker processes per rank (0 = decode in the main process); training and
-            evaluation loaders both use it.
-        num_frames: frames per clip ``T`` when no grid is used.
-        img_size: square output side ``H = W`` when no grid is used.
-        decoder: ``"decord"`` (default), ``"pyav"`` or ``"torchcodec"``, for training and evaluation; a missing
-            one falls back to PyAV with a warning.
-        decoder_threads: threads per decode (1 keeps one worker on one core).
+        num_workers: DataLoader worker processes per rank (0 = decode in the main process).
+        decoder: ``"decord"`` (default), ``"pyav"`` or ``"torchcodec"``; a missing one falls back to PyAV with a
+            warning. decoder_threads: threads per decode (1 keeps one worker on one core).
         normalize: ``"imagenet"`` or ``"clip"`` mean/std.
-        flip: random horizontal flip in training (per source ``noflip`` turns it off).
+        flip: random horizontal flip in training (per shard source ``noflip`` turns it off).
         crop: training crop, ``"multiscale"`` (TSN scales 1, .875, .75, .66) or ``"rrc"`` (RandomResizedCrop).
         crop_scale: area range of the ``"rrc"`` crop (stage-3 release: (0.08, 1); stage 2: (0.5, 1)).
         randaug: timm RandAugment config (e.g. ``"rand-m7-n4-mstd0.5-inc1"``) applied to the full decoded frames
@@ -43,18 +85,24 @@ class LoaderOptions:
         num_sample: repeated augmentation, differently augmented clips per decoded video (release: 2); the
             training batch then holds ``batch_size * num_sample`` clips, copies of one video adjacent.
         resampled: draw shards with replacement (weighted by source); an epoch is ``epoch_size`` samples.
-        per_sample_grid: draw ``(T, H)`` per sample instead of per batch (the batch is then a list).
         epoch_size: samples per epoch over all ranks; ``None`` reads ``sizes.json``.
         shuffle_buffer: samples held per stream for shuffling (memory: this many encoded videos per worker).
-        antialias: antialiased resize (slower).
-        pin_memory: pin batches for faster host-to-GPU copies.
+        antialias: antialiased resize (slower). pin_memory: pin batches for host-to-GPU copies.
         prefetch_factor: batches prefetched per worker.
     """
 
-    batch_size: int = 8
-    num_workers: int = 2
+    source: str = "synthetic"
+    shards: str = ""
+    val_shards: str = ""
+    root: str = ""
+    num_clips: int = 256
+    num_val_clips: int = 16
+    grid: Any = None
+    per_sample_grid: bool = False
     num_frames: int = 8
     img_size: int = 224
+    batch_size: int = 8
+    num_workers: int = 0
     decoder: str = "decord"
     decoder_threads: int = 1
     normalize: str = "imagenet"
@@ -65,7 +113,6 @@ class LoaderOptions:
     reprob: float = 0.0
     num_sample: int = 1
     resampled: bool = False
-    per_sample_grid: bool = False
     epoch_size: int | None = None
     shuffle_buffer: int = 256
     antialias: bool = False
@@ -75,9 +122,19 @@ class LoaderOptions:
     def __post_init__(self) -> None:
         self.validate()
 
+    def flux_grid(self) -> FluxGrid | None:
+        """The resolved Flux grid of ``grid`` (``None``: every clip is ``num_frames`` x ``img_size``)."""
+        return resolve_grid(self.grid)
+
+    def grid_pairs(self) -> list[tuple[int, int]]:
+        """The ``(frames, resolution)`` pairs a batch is drawn from: the grid's valid pairs, or the one pair
+        ``(num_frames, img_size)`` without a grid."""
+        grid = self.flux_grid()
+        return grid.valid_pairs() if grid is not None else [(self.num_frames, self.img_size)]
+
     def validate(self) -> None:
-        """Raise ``ValueError`` with a one-line message for a bad knob (also called when a loader is built, so
-        ``--set`` values are checked too)."""
+        """Raise ``ValueError`` with a one-line message for a bad field (also called when a loader or a source is
+        built, so ``--set`` values are checked too)."""
         if self.decoder not in BACKENDS:
             raise ValueError(f"data.decoder must be one of {BACKENDS}, got {self.decoder!r}")
         if self.normalize not in NORMALIZE:
@@ -102,45 +159,4 @@ class LoaderOptions:
                              f"{self.randaug!r}")
         if self.epoch_size is not None and self.epoch_size < 1:
             raise ValueError(f"data.epoch_size must be >= 1 or None, got {self.epoch_size}")
-
-    def loader_options(self) -> dict[str, Any]:
-        """Every :class:`LoaderOptions` field of this config (a stage's data section included) as keywords."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(LoaderOptions)}
-
-
-@dataclass
-class DataConfig(LoaderOptions):
-    """Everything :func:`~fluxvit.datasets.build_video_loader` needs: the :class:`LoaderOptions` plus
-
-    Attributes:
-        shards: shard spec ``SOURCE[::WEIGHT][::noflip];...`` with brace ranges (see :mod:`fluxvit.datasets.shards`).
-        grid: a :class:`FluxGrid`, a preset name or a list of ``[frames, resolution]`` pairs, drawing ``(T, H)``
-            per batch; ``None`` uses ``num_frames`` / ``img_size``.
-        train: training mode (shuffles, TSN sampling, random crops, every stream takes the same number of
-            batches) or evaluation mode (shard order, segment-middle sampling, resize + centre / three crops,
-            keeps every sample once).
-        seed: base seed; shard order, sample shuffle, frame sampling, crops and grid draws derive from
-            ``(seed, epoch, rank, worker)``.
-        eval_clips: temporal clips per video in evaluation (multi-clip offsets).
-        eval_crops: spatial crops per clip in evaluation, 1 (centre) or 3.
-    """
-
-    shards: str = ""
-    grid: Any = None
-    train: bool = True
-    seed: int = 0
-    eval_clips: int = 1
-    eval_crops: int = 1
-
-    def validate(self) -> None:
-        super().validate()
-        if isinstance(self.grid, str):
-            self.grid = FluxGrid.preset(self.grid)
-        elif isinstance(self.grid, (list, tuple)):
-            self.grid = FluxGrid.from_pairs(self.grid) if self.grid else None
-        if self.grid is not None and not isinstance(self.grid, FluxGrid):
-            raise ValueError(f"grid must be a FluxGrid, a preset name or [frames, resolution] pairs, got {self.grid!r}")
-        if self.eval_crops not in (1, 3):
-            raise ValueError(f"eval_crops must be 1 or 3, got {self.eval_crops}")
-        if self.eval_clips < 1:
-            raise ValueError(f"eval_clips must be >= 1, got {self.eval_clips}")
+        self.flux_grid()  # a bad grid fails here, with its one-line message

@@ -151,13 +151,16 @@ def _label(sample: dict, meta: dict) -> int:
 
 
 def process_sample(sample: dict, cfg: DataConfig, *, num_frames: int, size: int, rng: random.Random,
-                   flip_allowed: bool = True, out: torch.Tensor | None = None) -> dict:
+                   train: bool = True, eval_clips: int = 1, eval_crops: int = 1, flip_allowed: bool = True,
+                   out: torch.Tensor | None = None) -> dict:
     """Turn one raw tar sample into a training / evaluation example.
 
     Args:
         sample: ``{"__key__", ext: bytes}`` from :func:`~fluxvit.datasets.shards.iter_tar_samples`.
-        cfg: decoder, mode and augmentation settings.
+        cfg: decoder and augmentation settings.
         num_frames: frames ``T``; size: output side ``S``.
+        train: training (TSN sampling, the training transform) or evaluation (segment-middle sampling,
+            ``eval_clips`` temporal clips x ``eval_crops`` (1 or 3) spatial crops).
         rng: randomness for frame sampling, crops, flips and caption choice.
         flip_allowed: whether this sample's source may be flipped.
         out: optional float32 tensor of the output's shape to write the video into (a slot of a batch buffer,
@@ -178,7 +181,8 @@ def process_sample(sample: dict, cfg: DataConfig, *, num_frames: int, size: int,
         image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if image_ext is None:
             raise SampleError("no video")
-        return _process_image(sample, image_ext, cfg, size=size, rng=rng, flip_allowed=flip_allowed)
+        return _process_image(sample, image_ext, cfg, size=size, rng=rng, train=train, eval_crops=eval_crops,
+                              flip_allowed=flip_allowed)
     data = sample[ext]
     if not data:
         raise SampleError("empty video")
@@ -190,25 +194,25 @@ def process_sample(sample: dict, cfg: DataConfig, *, num_frames: int, size: int,
         except ValueError:
             meta = {}
     try:
-        if cfg.train:
+        if train:
             clips = decode_clips(data, num_frames, backend=cfg.decoder, sampling="tsn", rng=rng,
                                  num_threads=cfg.decoder_threads)
             video = train_views(cfg, clips[0], size, rng, flip_allowed, out=out)
         else:
-            clips = decode_clips(data, num_frames, backend=cfg.decoder, sampling="middle", num_clips=cfg.eval_clips,
+            clips = decode_clips(data, num_frames, backend=cfg.decoder, sampling="middle", num_clips=eval_clips,
                                  num_threads=cfg.decoder_threads)
-            views = EvalTransform(cfg.eval_crops, cfg.normalize)
+            views = EvalTransform(eval_crops, cfg.normalize)
             if out is None:
-                out = torch.empty((len(clips) * cfg.eval_crops, 3, num_frames, size, size))
-            flat = out.view(len(clips) * cfg.eval_crops, 3, num_frames, size, size)
+                out = torch.empty((len(clips) * eval_crops, 3, num_frames, size, size))
+            flat = out.view(len(clips) * eval_crops, 3, num_frames, size, size)
             for k, clip in enumerate(clips):
-                views(clip, size, out=flat[k * cfg.eval_crops:(k + 1) * cfg.eval_crops])
+                views(clip, size, out=flat[k * eval_crops:(k + 1) * eval_crops])
             video = out
     except DecodeError as exc:
         raise SampleError(f"decode error: {exc}") from None
     except (ValueError, RuntimeError) as exc:
         raise SampleError(f"decode error: {clean_reason(exc)}") from None
-    return {"video": video, "caption": _caption(sample, meta, rng, cfg.train), "label": _label(sample, meta),
+    return {"video": video, "caption": _caption(sample, meta, rng, train), "label": _label(sample, meta),
             "key": sample["__key__"]}
 
 
@@ -220,8 +224,8 @@ def _read_meta(sample: dict) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def _process_image(sample: dict, ext: str, cfg: DataConfig, *, size: int, rng: random.Random,
-                   flip_allowed: bool) -> dict:
+def _process_image(sample: dict, ext: str, cfg: DataConfig, *, size: int, rng: random.Random, train: bool,
+                   eval_crops: int, flip_allowed: bool) -> dict:
     """An image-text sample as a 1-frame video: (3, 1, S, S) (or (V, 3, 1, S, S) with several eval crops)."""
     from torchvision.io import ImageReadMode, decode_image
 
@@ -233,13 +237,13 @@ def _process_image(sample: dict, ext: str, cfg: DataConfig, *, size: int, rng: r
     except (RuntimeError, ValueError) as exc:
         raise SampleError(f"decode error: {clean_reason(exc)}") from None
     clip = image.permute(1, 2, 0).unsqueeze(0).contiguous()  # (1, H, W, 3) uint8
-    if cfg.train:
+    if train:
         video = train_views(cfg, clip, size, rng, flip_allowed)
     else:
-        views = EvalTransform(cfg.eval_crops, cfg.normalize)(clip, size)
+        views = EvalTransform(eval_crops, cfg.normalize)(clip, size)
         video = views[0] if len(views) == 1 else torch.stack(views)
     meta = _read_meta(sample)
-    return {"video": video, "caption": _caption(sample, meta, rng, cfg.train), "label": _label(sample, meta),
+    return {"video": video, "caption": _caption(sample, meta, rng, train), "label": _label(sample, meta),
             "key": sample["__key__"]}
 
 
@@ -304,16 +308,23 @@ class VideoShardDataset(IterableDataset):
     Set :attr:`epoch` and :attr:`resume_samples` before each iteration (the :class:`VideoLoader` does it).
     """
 
-    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, *, train: bool = True, seed: int = 0,
+                 eval_clips: int = 1, eval_crops: int = 1) -> None:
         super().__init__()
+        cfg.validate()
+        if eval_crops not in (1, 3) or eval_clips < 1:
+            raise ValueError(f"evaluation views need eval_clips >= 1 and eval_crops 1 or 3, got {eval_clips} and "
+                             f"{eval_crops}")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.train, self.seed, self.eval_clips, self.eval_crops = train, seed, eval_clips, eval_crops
+        self.grid = cfg.flux_grid()
         self.sources = parse_shard_spec(cfg.shards)
         self.urls = [u for s in self.sources for u in s.urls]
         self._flip_of = {u: s.flip for s in self.sources for u in s.urls}
         self.sizes = shard_sizes(self.urls) or {}
         self.epoch_size = cfg.epoch_size
         if self.epoch_size is None and self.sizes and all(u in self.sizes for u in self.urls):
-            self.epoch_size = self._weighted_size() if cfg.train else sum(self.sizes[u] for u in self.urls)
+            self.epoch_size = self._weighted_size() if self.train else sum(self.sizes[u] for u in self.urls)
         if cfg.resampled and self.epoch_size is None:
             raise ValueError("resampled mode needs epoch_size (no sizes.json beside the shards)")
         self.epoch = 0
@@ -338,7 +349,7 @@ class VideoShardDataset(IterableDataset):
         """Batch quota of every stream in training (``ceil(epoch_size / (B * world)) / workers``), else ``None``.
 
         It is the same on every rank and worker: a stream whose shards hold fewer samples re-reads them."""
-        if not self.cfg.train or self.epoch_size is None:
+        if not self.train or self.epoch_size is None:
             return None
         per_rank = math.ceil(self.epoch_size / (self.cfg.batch_size * self.world_size))
         return math.ceil(per_rank / self.num_workers())
@@ -350,8 +361,7 @@ class VideoShardDataset(IterableDataset):
         Training: each source's shards ``weight`` times (``shard_reads``: whole repeats plus a seeded draw of the
         fraction), shuffled with ``(seed, epoch)`` (the same list on every rank). Evaluation: every shard once, in
         spec order."""
-        cfg = self.cfg
-        if not cfg.train:
+        if not self.train:
             return list(self.urls)
         urls: list[str] = []
         for i, source in enumerate(self.sources):
@@ -359,8 +369,8 @@ class VideoShardDataset(IterableDataset):
             k = self.shard_reads(source.weight, n)
             urls += list(source.urls) * (k // n)
             if k % n:
-                urls += random.Random(f"weight:{cfg.seed}:{self.epoch}:{i}").sample(list(source.urls), k % n)
-        random.Random(f"order:{cfg.seed}:{self.epoch}").shuffle(urls)
+                urls += random.Random(f"weight:{self.seed}:{self.epoch}:{i}").sample(list(source.urls), k % n)
+        random.Random(f"order:{self.seed}:{self.epoch}").shuffle(urls)
         return urls
 
     def rank_urls(self) -> list[str]:
@@ -369,7 +379,7 @@ class VideoShardDataset(IterableDataset):
         ``rank % n``."""
         urls = self.epoch_urls()
         node = urls[self.rank::self.world_size]
-        if not node and urls and self.cfg.train:
+        if not node and urls and self.train:
             node = [urls[self.rank % len(urls)]]
         return node
 
@@ -378,13 +388,13 @@ class VideoShardDataset(IterableDataset):
         ``num_workers``-th shard of the rank's share from ``worker`` (as webdataset's ``split_by_worker``); in
         training a worker left without a shard reads shard ``worker % n`` of its rank."""
         node = self.rank_urls()
-        if self.cfg.train and node and len(node) < num_workers:
+        if self.train and node and len(node) < num_workers:
             return [node[worker % len(node)]]
         return node[worker::num_workers]
 
     def resampled_urls(self, worker: int) -> Iterator[str]:
         # webdataset's ResampledShards draws uniformly over URLs; per-source weights need a two-level draw.
-        rng = random.Random(f"shards:{self.cfg.seed}:{self.epoch}:{self.rank}:{worker}")
+        rng = random.Random(f"shards:{self.seed}:{self.epoch}:{self.rank}:{worker}")
         weights = [s.weight for s in self.sources]
         while True:
             source = rng.choices(self.sources, weights)[0]
@@ -399,11 +409,11 @@ class VideoShardDataset(IterableDataset):
             return
         own = self.stream_shards(worker, num_workers)
         yield own
-        if not cfg.train or not own:
+        if not self.train or not own:
             return
         for p in itertools.count(1):
             again = list(own)
-            random.Random(f"pass:{cfg.seed}:{self.epoch}:{self.rank}:{worker}:{p}").shuffle(again)
+            random.Random(f"pass:{self.seed}:{self.epoch}:{self.rank}:{worker}:{p}").shuffle(again)
             yield again
 
     def stream_samples(self, worker: int, num_workers: int, skip: int, report: dict,
@@ -438,7 +448,7 @@ class VideoShardDataset(IterableDataset):
                     continue
                 yield sample
 
-        shuffle_rng = random.Random(f"shuffle:{cfg.seed}:{self.epoch}:{self.rank}:{worker}")
+        shuffle_rng = random.Random(f"shuffle:{self.seed}:{self.epoch}:{self.rank}:{worker}")
         good_before = 0
         for p, urls in enumerate(self._passes(worker, num_workers)):
             if p:
@@ -448,7 +458,7 @@ class VideoShardDataset(IterableDataset):
                     report["passes"] = p
             good_before = progress["good"]
             samples = skipping(reader(urls_of(urls)))
-            if cfg.train and cfg.shuffle_buffer > 1:
+            if self.train and cfg.shuffle_buffer > 1:
                 from webdataset import shuffle
 
                 samples = shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=shuffle_rng)(samples)
@@ -466,7 +476,7 @@ class VideoShardDataset(IterableDataset):
         # (i + consumed) % W and the restored order equals the uninterrupted one.
         num_workers = info.num_workers if info is not None else 1
         worker = (info.id + consumed) % num_workers if info is not None else 0
-        tag = f"{cfg.seed}:{self.epoch}:{self.rank}:{worker}"
+        tag = f"{self.seed}:{self.epoch}:{self.rank}:{worker}"
         delivered = _worker_batches_delivered(consumed, worker, num_workers)
         quota = self.batches_per_worker()
         if quota is not None:
@@ -483,25 +493,26 @@ class VideoShardDataset(IterableDataset):
             position = f"{tag}:{delivered + made}"
             sample_rng, grid_rng = random.Random(f"sample:{position}"), random.Random(f"grid:{position}")
             frames, size = cfg.num_frames, cfg.img_size
-            if cfg.grid is not None and not cfg.per_sample_grid:
-                frames, size = cfg.grid.sample(grid_rng)
+            if self.grid is not None and not cfg.per_sample_grid:
+                frames, size = self.grid.sample(grid_rng)
             batch: list[dict] = []
             buf = None
-            if cfg.grid is None or not cfg.per_sample_grid:
+            if self.grid is None or not cfg.per_sample_grid:
                 # one (T, S) for the whole batch: decode straight into the batch tensor (no stacking copy)
                 # repeated augmentation (training) and multi-view evaluation write (B, V, 3, T, S, S)
-                n_views = cfg.num_sample if cfg.train else cfg.eval_clips * cfg.eval_crops
+                n_views = cfg.num_sample if self.train else self.eval_clips * self.eval_crops
                 views = (n_views,) if n_views > 1 else ()
                 buf = _batch_buffer((cfg.batch_size, *views, 3, frames, size, size), in_worker=info is not None)
             # Unknown epoch length: an epoch is one pass, its last partial batch completed from the next pass.
             progress["more"] = quota is not None or made == 0
             progress["short"] = quota is not None or made == 0
             for sample in samples:
-                if cfg.grid is not None and cfg.per_sample_grid:
-                    frames, size = cfg.grid.sample(grid_rng)
+                if self.grid is not None and cfg.per_sample_grid:
+                    frames, size = self.grid.sample(grid_rng)
                 try:
                     batch.append(process_sample(sample, cfg, num_frames=frames, size=size, rng=sample_rng,
-                                                flip_allowed=sample["__flip__"],
+                                                train=self.train, eval_clips=self.eval_clips,
+                                                eval_crops=self.eval_crops, flip_allowed=sample["__flip__"],
                                                 out=None if buf is None else buf[len(batch)]))
                     progress["good"] += 1
                     progress["more"] = True
@@ -513,12 +524,12 @@ class VideoShardDataset(IterableDataset):
                     continue
                 if len(batch) == cfg.batch_size:
                     break
-            if not batch or (len(batch) < cfg.batch_size and cfg.train):
+            if not batch or (len(batch) < cfg.batch_size and self.train):
                 break  # stream exhausted; training drops the last partial batch
             # image samples (1 frame) are not in the batch buffer: then the batch is stacked or listed
             in_buf = buf is not None and all(e["video"].data_ptr() == buf[i].data_ptr() for i, e in enumerate(batch))
             out = collate_videos(batch, buf[:len(batch)] if in_buf else None)
-            if cfg.train and cfg.num_sample > 1:
+            if self.train and cfg.num_sample > 1:
                 out = flatten_repeats(out, cfg.num_sample)
             report["samples"] = len(batch)
             out["_report"] = _flush(report)
@@ -547,9 +558,10 @@ class VideoLoader:
     * ``stats`` (this loader) and :func:`stats` (process-wide): delivered / skipped samples and skip reasons.
     """
 
-    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, **mode: Any) -> None:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.dataset = VideoShardDataset(cfg, rank, world_size)
+        self.dataset = VideoShardDataset(cfg, rank, world_size, **mode)
+        self.train = self.dataset.train
         if cfg.num_workers > 0:
             resolve_backend(cfg.decoder)  # import the decoder once here: forked workers inherit it every epoch
         self.stats = DataStats()
@@ -564,7 +576,7 @@ class VideoLoader:
 
         In evaluation it counts the batches of this rank's shards, assuming every sample decodes."""
         ds = self.dataset
-        if self.cfg.train:
+        if self.train:
             per_worker = ds.batches_per_worker()
             return None if per_worker is None else per_worker * ds.num_workers()
         if len(ds.sizes) != len(ds.urls):
@@ -644,7 +656,7 @@ class VideoLoader:
         missing = int(report.get("events", len(keys))) - len(keys)
         if missing > 0:
             _SKIP_LOG.suppress(missing)
-        if report.get("passes") and self.cfg.train:
+        if report.get("passes") and self.train:
             self._warn_once("short", "rank %d: a data stream ran out of samples and re-read its shards (pass %d) to "
                             "fill its share of the epoch (shards smaller than the epoch share, or skipped samples)",
                             self.rank, report["passes"])
@@ -652,7 +664,7 @@ class VideoLoader:
     def __iter__(self) -> Iterator[dict]:
         if self._completed:  # iterating again without set_epoch repeats the same epoch from its start
             self.samples_seen, self._completed = 0, False
-        if self.cfg.train:
+        if self.train:
             self._check_balance()
         for batch in self._dataloader():
             report = batch.pop("_report", None)
@@ -665,10 +677,22 @@ class VideoLoader:
         self._completed = True
 
 
-def build_video_loader(cfg: DataConfig, *, rank: int | None = None, world_size: int | None = None) -> VideoLoader:
-    """Build the loader of one rank. ``rank`` / ``world_size`` default to torch.distributed, then the
-    ``RANK`` / ``WORLD_SIZE`` environment variables, then 0 / 1. See :class:`VideoLoader`."""
+def build_video_loader(cfg: DataConfig, *, train: bool = True, seed: int = 0, eval_clips: int = 1,
+                       eval_crops: int = 1, rank: int | None = None, world_size: int | None = None) -> VideoLoader:
+    """Build the loader of one rank over ``cfg.shards``. See :class:`VideoLoader`.
+
+    Args:
+        cfg: the data section (shards, grid, decoder, augmentation, batch size, workers, ...).
+        train: training mode (shuffles, TSN sampling, random crops, every stream takes the same number of
+            batches) or evaluation mode (shard order, segment-middle sampling, resize + centre / three crops,
+            keeps every sample once).
+        seed: base seed; shard order, sample shuffle, frame sampling, crops and grid draws derive from
+            ``(seed, epoch, rank, worker)``.
+        eval_clips, eval_crops: evaluation views per video (temporal clips, and 1 or 3 spatial crops).
+        rank, world_size: default to torch.distributed, then the ``RANK`` / ``WORLD_SIZE`` environment
+            variables, then 0 / 1.
+    """
     rank, world_size = _dist_info(rank, world_size)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
-    return VideoLoader(cfg, rank, world_size)
+    return VideoLoader(cfg, rank, world_size, train=train, seed=seed, eval_clips=eval_clips, eval_crops=eval_crops)

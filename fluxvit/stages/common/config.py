@@ -11,11 +11,11 @@ import dataclasses
 import json
 import logging
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from fluxvit.datasets.config import LoaderOptions
+from fluxvit.datasets import DataConfig  # the stages' data section (one class for the loader and the stages)
 
 __all__ = [
     "ConfigError", "DataConfig", "OptimConfig", "PresetRegistry", "RESUME_MAY_CHANGE", "TrainConfig", "apply_overrides",
@@ -42,42 +42,6 @@ class OptimConfig:
     # lr at the first warmup step (the release: 1e-6 per 256, scaled like lr); 0: warmup starts at lr / warmup.
     warmup_lr: float = 0.0
     clip_grad: float = 1.0  # max global grad norm; 0 disables clipping
-
-
-SOURCES = ("synthetic", "synthetic-motion", "synthetic-corpus", "shards")
-
-
-@dataclass
-class DataConfig(LoaderOptions):
-    """A stage's ``data`` section: every loader knob of ``fluxvit.datasets.LoaderOptions`` (batch size, workers,
-    decoder for training and evaluation, crop, resampled mode, shuffle buffer, epoch size, ...) plus the
-    stage-only fields below. ``fluxvit.stages.common.data.build_loader`` turns it into a loader.
-
-    Attributes:
-        source: "synthetic" (in-memory generated clips, no files), "synthetic-motion" (stage 3: the synthetic
-            corpus's clips with motion labels, rendered in memory), "shards" (WebDataset shards) or
-            "synthetic-corpus" (the synthetic mp4 corpus, generated into ``root`` on first use; its train / val
-            splits are used unless ``shards`` / ``val_shards`` are set).
-        shards: training shard spec (``fluxvit.datasets.shards``).
-        val_shards: held-out shard spec; empty: held-out evaluation is skipped (never the training shards).
-        root: folder of the synthetic corpus.
-        grids: the Flux ``[frames, resolution]`` pairs one batch is drawn from (empty: the valid pairs of
-            ``FluxGrid.preset(flux_preset)``); ``per_sample_grid`` draws one pair per clip instead, and the
-            batch's ``video`` is then a list of clips ``(3, T_i, R_i, R_i)`` (the packed input FluxViT takes).
-        flux_preset: ``FluxGrid`` preset used when ``grids`` is empty.
-        num_clips: size of the in-memory synthetic training set.
-        num_val_clips: held-out clips evaluated during training.
-    """
-
-    num_workers: int = 0
-    source: str = "synthetic"
-    shards: str = ""
-    val_shards: str = ""
-    root: str = ""
-    grids: list = field(default_factory=list)
-    flux_preset: str = "distill"
-    num_clips: int = 256
-    num_val_clips: int = 16
 
 
 @dataclass

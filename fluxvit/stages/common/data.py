@@ -1,53 +1,66 @@
-"""Batch sources for the loop: resumable streams of this rank's micro-batches.
+"""Batch sources: the one registry that turns a data section (``fluxvit.datasets.DataConfig``) into batches.
 
-* ``SyntheticClips``: clips rendered in memory (moving blobs over drifting gratings), deterministic in
-  (seed, micro-batch index, rank), so a resumed run sees exactly the batches the uninterrupted run saw. Used by
-  the smoke presets, tests and benchmarks; needs no files or decoder.
-* ``LoaderSource``: WebDataset shards through ``build_loader`` (the one function turning a data section into a
-  ``fluxvit.datasets`` loader); resuming skips the micro-batches already consumed. ``resolve_shards`` is the one
-  place the synthetic mp4 corpus is resolved.
+``data.source`` names an entry of :data:`SOURCES`; every source gives the same three things, so no stage compares
+the source's name:
 
-Both yield the data contract's dicts: ``video`` (B, 3, T, H, W) normalised float, ``caption``, ``label``, ``key``.
+* ``batches(start)``: this rank's training micro-batches from micro-batch ``start`` on (resumable), as the data
+  contract's dicts ``{"video": (B, 3, T, H, W) | list, "caption", "label", "key"}``;
+* ``held_out(grids)``: a few held-out clips ``(1, 3, F, R, R)`` (stage 1's validation cosine);
+* ``eval_views(split, ...)``: labelled multi-view evaluation batches (stage 3, Token Optimization) and
+  ``val_shards`` (stage 2's retrieval during training; empty when the source has none).
+
+Registered sources:
+
+* ``"synthetic"`` / ``"synthetic-motion"``: :class:`SyntheticClips`, the synthetic corpus's clips
+  (``fluxvit.datasets.synth``) rendered in memory, deterministic in (seed, micro-batch, rank), so a resumed run
+  sees exactly the batches the uninterrupted run saw; "synthetic-motion" carries the eight motion labels.
+* ``"shards"``: :class:`LoaderSource`, WebDataset shards through :func:`build_loader`.
+* ``"synthetic-corpus"``: the same over the synthetic mp4 corpus, generated into ``data.root`` when absent.
+
+``register_source`` adds another (``@register_source("name")`` on a class taking ``(cfg, seed, rank,
+world_size)``).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
-import math
 import random
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from fluxvit import datasets as fd
-from fluxvit.datasets import FluxGrid
-from fluxvit.datasets.synth import ensure_synthetic_corpus
+from fluxvit.datasets import DataConfig, EvalTransform, multi_clip_indices, sample_tsn_indices
+from fluxvit.datasets.augment import build_train_transform, repeated_views
+from fluxvit.datasets.shards import shard_classes
+from fluxvit.datasets.synth import CLASSES, SPLITS, draw_clip_spec, ensure_synthetic_corpus, render_clip
 from fluxvit.datasets.transforms import NORMALIZE
 
-from .config import DataConfig
+from .config import ConfigError
 
 __all__ = [
-    "LoaderSource", "SyntheticClips", "build_loader", "build_source", "draw_grids", "flux_grids", "loader_grid",
-    "log_once", "normalize_video", "resolve_shards",
+    "LoaderSource", "NUM_MOTION_CLASSES", "SOURCES", "SyntheticClips", "as_clips", "build_loader", "build_source",
+    "corpus_clip", "draw_grids", "log_once", "normalize_video", "register_source",
 ]
 
 log = logging.getLogger("fluxvit.train")
 
-_MEANS = NORMALIZE  # timm's ImageNet / OpenAI-CLIP constants (fluxvit.datasets.transforms)
+NUM_MOTION_CLASSES = len(CLASSES)  # 8: four directions x two speeds
+CLIP_FRAMES = 32  # frames per clip of the synthetic corpus (SynthConfig.num_frames)
 
 
 def normalize_video(video: torch.Tensor, kind: str = "imagenet") -> torch.Tensor:
     """(B, 3, T, H, W) in [0, 1] -> mean/std normalised (``kind``: "imagenet" or "clip")."""
-    mean, std = _MEANS[kind]
+    mean, std = NORMALIZE[kind]
     shape = (1, 3, 1, 1, 1)
     return (video - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
 
 
-def flux_grids(cfg: DataConfig) -> list[tuple[int, int]]:
-    """The (frames, resolution) pairs of ``cfg``: ``cfg.grids`` if given, else the valid pairs of
-    ``FluxGrid.preset(cfg.flux_preset)``."""
-    if cfg.grids:
-        return [(int(f), int(r)) for f, r in cfg.grids]
-    return FluxGrid.preset(cfg.flux_preset).valid_pairs()
+def as_clips(video) -> list[torch.Tensor]:
+    """A batch's ``video`` (a ``(B, ...)`` tensor or a list of B clips) as a list of B clips."""
+    return list(video) if isinstance(video, (list, tuple)) else list(video.unbind(0))
 
 
 def draw_grids(rng: random.Random, grids: Sequence[tuple[int, int]], batch_size: int,
@@ -57,74 +70,6 @@ def draw_grids(rng: random.Random, grids: Sequence[tuple[int, int]], batch_size:
     if per_sample:
         return [rng.choice(grids) for _ in range(batch_size)]
     return [rng.choice(grids)] * batch_size
-
-
-class SyntheticClips:
-    """In-memory synthetic video clips for smoke runs and tests.
-
-    Clip ``i`` is a fixed random scene (3 coloured blobs moving linearly over a drifting sinusoidal grating),
-    rendered at any (frames, resolution), so Flux grids cost nothing. Micro-batch ``n`` of rank ``r`` draws
-    one (F, R) from ``grids`` (one per clip with ``per_sample_grid``: ``video`` is then a list) and
-    ``batch_size`` clip ids, both from a generator seeded by (seed, n, r).
-
-    Args:
-        cfg: data config (``batch_size``, ``grids`` or ``flux_preset``, ``num_clips``, ``normalize``).
-        seed: base seed.
-        rank, world_size: this process and the number of processes.
-    """
-
-    def __init__(self, cfg: DataConfig, seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.cfg, self.seed, self.rank, self.world = cfg, seed, rank, world_size
-        self.grids = flux_grids(cfg)
-        self.skipped = 0
-
-    @staticmethod
-    def render(index: int, frames: int, size: int, seed: int = 0) -> torch.Tensor:
-        """Clip ``index`` as (3, frames, size, size) in [0, 1]."""
-        g = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        rnd = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
-        t = torch.linspace(0, 1, frames).view(frames, 1, 1)
-        y = torch.linspace(0, 1, size).view(1, size, 1)
-        x = torch.linspace(0, 1, size).view(1, 1, size)
-        freq, angle, speed = 2 + 6 * rnd(1), math.pi * rnd(1), 2 * rnd(1) - 1
-        phase = (x * torch.cos(angle) + y * torch.sin(angle)) * freq * 2 * math.pi + speed * 4 * t
-        base = rnd(3, 1, 1, 1) * 0.5 + 0.25
-        video = base * (0.75 + 0.25 * torch.sin(phase)).unsqueeze(0)
-        for _ in range(3):
-            c0, v, r, col = rnd(2), (rnd(2) - 0.5) * 0.8, 0.08 + 0.15 * rnd(1), rnd(3)
-            cy, cx = c0[0] + v[0] * t, c0[1] + v[1] * t
-            mask = torch.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * r ** 2)).unsqueeze(0)
-            video = video * (1 - mask) + col.view(3, 1, 1, 1) * mask
-        return video.clamp(0, 1)
-
-    def batch(self, n: int) -> dict:
-        """Micro-batch ``n`` of this rank."""
-        rng = random.Random(f"{self.seed}-{n}-{self.rank}")
-        grids = draw_grids(rng, self.grids, self.cfg.batch_size, self.cfg.per_sample_grid)
-        ids = [rng.randrange(self.cfg.num_clips) for _ in range(self.cfg.batch_size)]
-        clips = [self.render(i, f, r, self.seed) for i, (f, r) in zip(ids, grids)]
-        flip = self.cfg.flip and rng.random() < 0.5
-        clips = [normalize_video((c.flip(-1) if flip else c)[None], self.cfg.normalize)[0] for c in clips]
-        video = clips if self.cfg.per_sample_grid else torch.stack(clips)
-        return {"video": video, "caption": [""] * len(ids),
-                "label": torch.full((len(ids),), -1, dtype=torch.long), "key": [f"synth{i:06d}" for i in ids]}
-
-    def batches(self, start: int = 0) -> Iterator[dict]:
-        """Micro-batches ``start, start + 1, ...`` (endless)."""
-        n = start
-        while True:
-            yield self.batch(n)
-            n += 1
-
-    def held_out(self, grids: Sequence[tuple[int, int]] | None = None) -> list[torch.Tensor]:
-        """Validation clips (ids disjoint from training), each (1, 3, F, R, R) at the given or first grid."""
-        grids = list(grids or self.grids[:1])
-        out = []
-        for j in range(self.cfg.num_val_clips):
-            frames, size = grids[j % len(grids)]
-            v = self.render(10_000_000 + j, frames, size, self.seed)[None]
-            out.append(normalize_video(v, self.cfg.normalize))
-        return out
 
 
 _ONCE: set[str] = set()
@@ -138,72 +83,218 @@ def log_once(message: str, *args) -> None:
         log.warning(text)
 
 
-def resolve_shards(cfg: DataConfig) -> tuple[str, str]:
-    """``(training shards, held-out shards)`` of a data section; the one place the synthetic corpus is resolved.
+# ------------------------------------------------------------------------------------------------ registry
+SOURCES: dict[str, Callable] = {}
 
-    ``source="synthetic-corpus"`` generates the corpus into ``cfg.root`` when absent (call it on the main process
-    first in multi-process runs) and fills what ``shards`` / ``val_shards`` leave empty with its train / val
-    splits. ``cfg`` is never modified. The held-out spec is empty when there is none (no ``val_shards``).
+
+def register_source(name: str, **defaults) -> Callable:
+    """Class decorator: register a batch source under ``data.source=name`` (``defaults``: constructor keywords)."""
+    def wrap(cls):
+        if name in SOURCES:
+            raise ValueError(f"batch source {name!r} registered twice")
+        SOURCES[name] = functools.partial(cls, **defaults) if defaults else cls
+        return cls
+    return wrap
+
+
+def build_source(cfg: DataConfig, seed: int = 0, rank: int = 0, world_size: int = 1, *, labels: bool = False):
+    """The batch source named by ``cfg.source`` (``cfg`` is not modified).
+
+    Args:
+        labels: the caller trains on labels (stage 3): a source without them is refused with a one-line error.
+
+    Raises:
+        ConfigError: an unknown source name, or an unlabelled source where labels are needed.
     """
-    if cfg.source == "synthetic-corpus":
-        if not cfg.root:
-            raise ValueError("data.source=synthetic-corpus needs data.root (where the corpus is generated)")
-        # An existing corpus is used as it is; a missing one is generated with the default parameters
-        # (``fluxvit-data synth --out ROOT`` makes other sizes).
-        splits = ensure_synthetic_corpus(cfg.root)["splits"]
-        val = splits.get("val", {})
-        return (cfg.shards or splits["train"]["shards"],
-                cfg.val_shards or (val.get("shards", "") if val.get("num_samples") else ""))
-    if cfg.source == "shards":
-        if not cfg.shards:
-            raise ValueError("data.source=shards needs data.shards (a brace pattern of .tar files)")
-        return cfg.shards, cfg.val_shards
-    raise ValueError(f"data.source={cfg.source!r} reads no shards; use shards or synthetic-corpus")
+    if cfg.source not in SOURCES:
+        raise ConfigError(f"data.source={cfg.source!r} is not a batch source; choose from {', '.join(SOURCES)}")
+    source = SOURCES[cfg.source](cfg, seed, rank, world_size)
+    if labels and not source.labelled:
+        raise ConfigError(f"data.source={cfg.source} has no labels; use "
+                          f"{', '.join(n for n, s in SOURCES.items() if _labelled(s))} for stage 3")
+    return source
 
 
-def loader_grid(cfg: DataConfig):
-    """The ``FluxGrid`` of a data section: exactly ``cfg.grids`` when given, else ``FluxGrid.preset(flux_preset)``."""
-    return FluxGrid.from_pairs(cfg.grids) if cfg.grids else FluxGrid.preset(cfg.flux_preset)
+def _labelled(entry) -> bool:
+    return getattr(entry, "keywords", {}).get("labels", getattr(entry, "labelled", True))
 
 
+# ----------------------------------------------------------------------------------- the synthetic corpus
+def corpus_clip(split: str, index: int, num_frames: int = CLIP_FRAMES, size: int = 128, corpus_seed: int = 0,
+                indices=None) -> tuple[torch.Tensor, int, str]:
+    """Clip ``index`` of ``split`` of the synthetic corpus, as the corpus generator draws it (the one renderer of
+    every synthetic source). ``indices`` renders only those frames of the ``num_frames``-frame clip.
+
+    Returns:
+        (uint8 (num_frames or len(indices), size, size, 3) frames, motion label in [0, 8), caption).
+    """
+    rng = np.random.default_rng([corpus_seed, SPLITS.index(split), index])
+    spec = draw_clip_spec(rng, label=index % len(CLASSES), size=size)
+    return torch.from_numpy(render_clip(spec, num_frames, size, indices)), spec.label, spec.caption()
+
+
+@functools.lru_cache(maxsize=160)
+def _eval_clip(split: str, index: int) -> tuple[torch.Tensor, int, str]:
+    # Evaluation renders the same few videos at many settings (Token Optimization): keep them (1.5 MB each).
+    return corpus_clip(split, index)
+
+
+@register_source("synthetic", labels=False)
+@register_source("synthetic-motion", labels=True)
+class SyntheticClips:
+    """The synthetic corpus's clips rendered in memory (no files, no decoder): a resumable batch source.
+
+    Micro-batch ``n`` of rank ``r`` draws one Flux (F, R) from ``cfg.grid_pairs()`` (one per clip with
+    ``per_sample_grid``) and ``batch_size`` clip ids below ``num_clips`` from a generator seeded by (seed, n, r),
+    renders the TSN-sampled F of the clip's 32 frames and applies the data section's training transform
+    (``fluxvit.datasets.augment``: crop, flip, RandAugment, erasing, ``num_sample`` repeated views).
+
+    Args:
+        cfg: the data section; seed: base seed; rank, world_size: this process and the number of processes.
+        labels: yield the motion labels (``"synthetic-motion"``; keep ``data.flip`` off: a mirrored clip moves
+            the other way) or -1 (``"synthetic"``).
+
+    ``batch(n)`` -> ``{"video": (B * N, 3, F, R, R) float (per-sample grids: a list), "caption": list[str],
+    "label": (B * N,) int64, "key": list[str]}`` with N = ``num_sample`` (the N clips of a video adjacent).
+    """
+
+    val_shards = ""
+
+    def __init__(self, cfg: DataConfig, seed: int = 0, rank: int = 0, world_size: int = 1, *, labels: bool = True):
+        cfg.validate()
+        self.cfg, self.seed, self.rank, self.world = cfg, seed, rank, world_size
+        self.labelled = labels
+        self.grids = cfg.grid_pairs()
+        self.transform = build_train_transform(cfg)
+        self.skipped = 0
+
+    def batch(self, n: int) -> dict:
+        """Micro-batch ``n`` of this rank: ``batch_size`` videos x ``num_sample`` clips each."""
+        rng = random.Random(f"{self.seed}-{n}-{self.rank}")
+        grids = draw_grids(rng, self.grids, self.cfg.batch_size, self.cfg.per_sample_grid)
+        ids = [rng.randrange(self.cfg.num_clips) for _ in range(self.cfg.batch_size)]
+        clips, labels, captions, keys = [], [], [], []
+        n_rep = self.cfg.num_sample
+        for i, (frames, size) in zip(ids, grids):
+            # Only the TSN-sampled frames of the 32-frame clip are rendered (4x cheaper at 8 frames).
+            video, label, caption = corpus_clip("train", i, indices=sample_tsn_indices(CLIP_FRAMES, frames, rng))
+            # repeated augmentation: num_sample differently augmented clips of the video, at its one Flux grid
+            clips.extend(repeated_views(self.transform, video, size, rng, n_rep, flip_allowed=True))
+            labels.extend([label if self.labelled else -1] * n_rep)
+            captions.extend([caption] * n_rep)
+            keys.extend([f"train{i:06d}"] * n_rep)
+        return {"video": clips if self.cfg.per_sample_grid else torch.stack(clips), "caption": captions,
+                "label": torch.tensor(labels, dtype=torch.long), "key": keys}
+
+    def batches(self, start: int = 0) -> Iterator[dict]:
+        """Micro-batches ``start, start + 1, ...`` (endless)."""
+        n = start
+        while True:
+            yield self.batch(n)
+            n += 1
+
+    def held_out(self, grids: Sequence[tuple[int, int]] | None = None) -> list[torch.Tensor]:
+        """``num_val_clips`` clips of the corpus's val split, each (1, 3, F, R, R) (centre crop) at the given
+        grids in turn (default: the first training pair)."""
+        grids = list(grids or self.grids[:1])
+        tf = EvalTransform(1, self.cfg.normalize)
+        out = []
+        for j in range(self.cfg.num_val_clips):
+            frames, size = grids[j % len(grids)]
+            video = _eval_clip("val", j)[0]
+            out.append(tf(video[multi_clip_indices(video.shape[0], frames, 1)[0]], size)[0][None])
+        return out
+
+    def has_held_out(self, split: str) -> bool:
+        """Every split of the synthetic corpus can be rendered."""
+        return True
+
+    def num_classes(self) -> int | None:
+        """Classes of the training labels (None: unlabelled)."""
+        return NUM_MOTION_CLASSES if self.labelled else None
+
+    def eval_views(self, split: str, frames: int, resolution: int, num_clips: int = 1, num_crops: int = 1,
+                   max_videos: int = 0, batch_size: int = 8) -> Iterator[dict]:
+        """Multi-view evaluation batches of ``split``'s first ``max_videos`` (or ``num_val_clips``) videos; see
+        :func:`fluxvit.stages.finetune.data.eval_views`."""
+        if not self.labelled:
+            raise ConfigError(f"data.source={self.cfg.source} has no labels to evaluate; use synthetic-motion")
+        num_videos = max_videos or self.cfg.num_val_clips
+        tf = EvalTransform(num_crops=num_crops, normalize=self.cfg.normalize)
+        for start in range(0, num_videos, batch_size):
+            views, index, labels = [], [], []
+            for j, vid in enumerate(range(start, min(num_videos, start + batch_size))):
+                video, label, _ = _eval_clip(split, vid)
+                for idx in multi_clip_indices(video.shape[0], frames, num_clips):
+                    for crop in tf(video[idx], resolution):
+                        views.append(crop)
+                        index.append(j)
+                labels.append(label)
+            yield {"video": torch.stack(views), "video_index": torch.tensor(index),
+                   "label": torch.tensor(labels, dtype=torch.long)}
+
+
+# ------------------------------------------------------------------------------------------------- shards
 def build_loader(cfg: DataConfig, shards: str, *, train: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 **view):
-    """The one way a stage builds a ``fluxvit.datasets`` loader from its data section.
+                 num_frames: int | None = None, img_size: int | None = None, batch_size: int | None = None,
+                 eval_clips: int = 1, eval_crops: int = 1):
+    """The one way a stage builds a ``fluxvit.datasets`` loader over ``shards`` from its data section.
 
-    Every loader knob of ``cfg`` (``LoaderOptions``: workers, decoder, crop, resampled, shuffle buffer, epoch
-    size, ...) is passed on. Training loaders draw ``loader_grid(cfg)``; evaluation loaders read ``shards`` once in
-    order at ``num_frames`` x ``img_size`` (or the ``view`` overrides: ``num_frames``, ``img_size``, ``eval_clips``,
-    ``eval_crops``, ``batch_size``) without flips.
+    Training loaders draw the data section's grid; evaluation loaders read ``shards`` once in order at
+    ``num_frames`` x ``img_size`` (default: the section's) without flips, grid or resampling, with ``eval_clips``
+    x ``eval_crops`` views per video.
 
     Returns:
         a ``fluxvit.datasets.VideoLoader`` yielding ``{"video": (B, 3, T, H, W) | list, "caption", "label", "key"}``.
     """
-    opts = cfg.loader_options()
-    opts.update({k: v for k, v in view.items() if k in opts})
-    extra = {k: v for k, v in view.items() if k not in opts}
+    view = {k: v for k, v in dict(num_frames=num_frames, img_size=img_size, batch_size=batch_size).items()
+            if v is not None}
     if not train:
-        opts.update(flip=False, per_sample_grid=False, resampled=False)
-    dc = fd.DataConfig(**opts, shards=shards, train=train, seed=seed, grid=loader_grid(cfg) if train else None,
-                       **extra)
-    return fd.build_video_loader(dc, rank=rank, world_size=world_size)
+        view.update(flip=False, per_sample_grid=False, resampled=False, grid=None)
+    loader_cfg = dataclasses.replace(cfg, shards=shards, **view)
+    return fd.build_video_loader(loader_cfg, train=train, seed=seed, eval_clips=eval_clips, eval_crops=eval_crops,
+                                 rank=rank, world_size=world_size)
 
 
+@register_source("shards")
 class LoaderSource:
     """Micro-batches of ``fluxvit.datasets`` loaders over the data section's shards, epochs chained with
-    ``set_epoch``.
+    ``set_epoch``; ``source="synthetic-corpus"`` reads the synthetic mp4 corpus's splits (generated under
+    ``data.root`` when absent; call it on the main process first in multi-process runs).
 
     ``batches(start)`` restores a checkpoint's data position by seeking (see ``batches``). ``skipped`` counts the
-    bad samples of the training loader only (held-out evaluation keeps its own counts).
+    bad samples of the training loader only (held-out evaluation keeps its own counts). ``cfg`` is never modified.
     """
 
+    labelled = True  # labels come from each sample's ``cls`` / json ``label`` (-1 when absent)
+
     def __init__(self, cfg: DataConfig, seed: int = 0, rank: int = 0, world_size: int = 1):
+        cfg.validate()
         self.cfg, self.seed, self.rank, self.world = cfg, seed, rank, world_size
-        self.shards, self.val_shards = resolve_shards(cfg)
-        self.loader = build_loader(cfg, self.shards, train=True, seed=seed, rank=rank, world_size=world_size)
+        self.shards, self.val_shards = self.resolve_shards()
+        self._loader = None
+
+    @property
+    def loader(self):
+        """The training loader (built on first use: an evaluation-only source never opens the training shards)."""
+        if self._loader is None:
+            self._loader = build_loader(self.cfg, self.shards, train=True, seed=self.seed, rank=self.rank,
+                                        world_size=self.world)
+        return self._loader
+
+    def resolve_shards(self) -> tuple[str, str]:
+        """``(training shards, held-out shards)``; the held-out spec is empty when there is none."""
+        if not self.cfg.shards:
+            raise ConfigError("data.source=shards needs data.shards (a brace pattern of .tar files)")
+        return self.cfg.shards, self.cfg.val_shards
+
+    def split_shards(self, split: str) -> str:
+        """The shard spec of ``split``: the training shards for "train", else ``data.val_shards`` ("": none)."""
+        return self.shards if split == "train" else self.val_shards
 
     @property
     def skipped(self) -> int:
-        return int(self.loader.stats.skipped)
+        return 0 if self._loader is None else int(self._loader.stats.skipped)
 
     def batches(self, start: int = 0) -> Iterator[dict]:
         """Endless batches from micro-batch ``start`` on.
@@ -247,20 +338,68 @@ class LoaderSource:
                               img_size=size)
         out = []
         for batch in loader:
-            video = batch["video"]
-            clips = list(video) if isinstance(video, (list, tuple)) else list(video.unbind(0))
-            out.extend(c[None] for c in clips)
+            out.extend(c[None] for c in as_clips(batch["video"]))
             if len(out) >= self.cfg.num_val_clips:
                 break
         return out[: self.cfg.num_val_clips]
 
+    def has_held_out(self, split: str) -> bool:
+        """Whether ``split`` has shards to evaluate; logs once when it has none."""
+        if self.split_shards(split):
+            return True
+        log_once(f"no held-out shards for split {split!r} (data.val_shards is empty): held-out evaluation is "
+                 "skipped; the training shards are never used for it")
+        return False
 
-def build_source(cfg: DataConfig, seed: int, rank: int, world_size: int):
-    """The batch source named by ``cfg.source``: "synthetic" (``SyntheticClips``), or "shards" /
-    "synthetic-corpus" (``LoaderSource``; the corpus is generated under ``cfg.root`` when absent). ``cfg`` is not
-    modified."""
-    if cfg.source == "synthetic":
-        return SyntheticClips(cfg, seed, rank, world_size)
-    if cfg.source in ("shards", "synthetic-corpus"):
-        return LoaderSource(cfg, seed, rank, world_size)
-    raise ValueError(f"unknown data.source {cfg.source!r}; use synthetic, shards or synthetic-corpus")
+    def num_classes(self) -> int | None:
+        """Classes the training shards carry (``classes.json`` of ``fluxvit-data make-shards``); None without."""
+        names = shard_classes(self.shards)
+        return None if names is None else len(names)
+
+    def eval_views(self, split: str, frames: int, resolution: int, num_clips: int = 1, num_crops: int = 1,
+                   max_videos: int = 0, batch_size: int = 8) -> Iterator[dict]:
+        """Multi-view evaluation batches of ``split``'s shards (nothing when it has none), with the data section's
+        decoder and workers; see :func:`fluxvit.stages.finetune.data.eval_views`."""
+        if not self.has_held_out(split):
+            return
+        loader = build_loader(self.cfg, self.split_shards(split), train=False, num_frames=frames,
+                              img_size=resolution, batch_size=batch_size, eval_clips=num_clips, eval_crops=num_crops)
+        seen = 0
+        for batch in loader:
+            clips = as_clips(batch["video"])
+            views, index = [], []
+            for j, c in enumerate(clips):
+                c = c if c.dim() == 5 else c[None]  # (V_i, 3, T, H, W)
+                views.extend(c.unbind(0))
+                index.extend([j] * c.shape[0])
+            labels = batch["label"]
+            if max_videos:
+                keep = min(len(clips), max_videos - seen)
+                if keep < len(clips):
+                    sel = [k for k, j in enumerate(index) if j < keep]
+                    views, index, labels = [views[k] for k in sel], [index[k] for k in sel], labels[:keep]
+            yield {"video": torch.stack(views), "video_index": torch.tensor(index), "label": labels}
+            seen += len(labels)
+            if max_videos and seen >= max_videos:
+                return
+
+
+@register_source("synthetic-corpus")
+class CorpusSource(LoaderSource):
+    """:class:`LoaderSource` over the synthetic mp4 corpus in ``data.root`` (generated with the default
+    parameters when absent; ``fluxvit-data synth --out ROOT`` makes other sizes): its train / val / test splits
+    fill what ``data.shards`` / ``data.val_shards`` leave empty."""
+
+    def resolve_shards(self) -> tuple[str, str]:
+        if not self.cfg.root:
+            raise ConfigError("data.source=synthetic-corpus needs data.root (where the corpus is generated)")
+        self.splits = ensure_synthetic_corpus(self.cfg.root)["splits"]
+        val = self.splits.get("val", {})
+        return (self.cfg.shards or self.splits["train"]["shards"],
+                self.cfg.val_shards or (val.get("shards", "") if val.get("num_samples") else ""))
+
+    def split_shards(self, split: str) -> str:
+        if split not in ("train", "val") and not self.cfg.val_shards:
+            info = self.splits.get(split, {})
+            return info.get("shards", "") if info.get("num_samples") else ""
+        return super().split_shards(split)

@@ -42,7 +42,7 @@ from torch import nn
 from fluxvit.models import (FluxViT, InternVideo2, create_model, load_model, load_official_checkpoint, read_state_dict,
                             select_tokens)
 
-from .data import _MEANS
+from fluxvit.datasets.transforms import NORMALIZE as _MEANS
 
 __all__ = ["FluxViTTeacher", "InternVideo2Teacher", "OpenCLIPTeacher", "TeacherConfig", "TeacherOutput",
            "build_teacher", "grid_index_map", "map_to_student_grid"]

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..common.config import DataConfig, OptimConfig, PresetRegistry, TrainConfig
+from fluxvit.datasets import DataConfig
+
+from ..common.config import OptimConfig, PresetRegistry, TrainConfig
 from ..common.teacher import TeacherConfig
 
 __all__ = ["DistillConfig", "LossConfig", "StudentConfig", "TeacherConfig", "presets"]
@@ -85,7 +87,7 @@ class DistillConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(grid="distill"))
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_grid: list = field(default_factory=list)  # (frames, resolution) pairs of held-out clips
@@ -110,7 +112,7 @@ def smoke() -> DistillConfig:
                               overrides=dict(TINY_INTERNVIDEO2)),
         loss=LossConfig(num_layers=2, teacher_interval=2.0, student_interval=1.0, budgets=(192, 128),
                         sampling="clip"),
-        data=DataConfig(source="synthetic", batch_size=4, grids=[[4, 112], [6, 98], [8, 84]], num_clips=64,
+        data=DataConfig(source="synthetic", batch_size=4, grid=[[4, 112], [6, 98], [8, 84]], num_clips=64,
                         num_val_clips=8),
         optim=OptimConfig(lr=1e-3, min_lr=1e-5, weight_decay=0.05, betas=(0.9, 0.98), warmup_steps=6,
                           clip_grad=1.0),
@@ -143,7 +145,7 @@ def demo() -> DistillConfig:
     cfg.teacher.budget = 128
     cfg.loss = LossConfig(num_layers=2, teacher_interval=2.0, budgets=(128, 96, 64), sampling="clip")
     cfg.data = DataConfig(source="synthetic-corpus", root="data/synthetic", batch_size=16, num_workers=1,
-                          grids=[[8, 56], [4, 84], [6, 70]], num_frames=8, img_size=56, num_val_clips=16)
+                          grid=[[8, 56], [4, 84], [6, 70]], num_frames=8, img_size=56, num_val_clips=16)
     cfg.optim = OptimConfig(lr=1e-3, min_lr=1e-5, weight_decay=0.05, betas=(0.9, 0.98), warmup_steps=5,
                             clip_grad=1.0)
     cfg.train = TrainConfig(run_dir="runs/pretrain/distill", steps=40, log_every=5, keep_last=1, eval_every=40,
@@ -166,7 +168,7 @@ def _paper(student: str) -> DistillConfig:
         teacher=TeacherConfig(kind="internvideo2", name="internvideo2_1b_patch14", pretrained="", budget=2048),
         loss=LossConfig(num_layers=6, teacher_interval=3.34, student_interval=1.0, budgets=(2048, 1536, 1024),
                         sampling="clip", decoder="mlp", decoder_pos_embed=True, pooled_weight=1.0),
-        data=DataConfig(source="shards", batch_size=32, num_workers=8, flux_preset="distill", num_frames=8,
+        data=DataConfig(source="shards", batch_size=32, num_workers=8, grid="distill", num_frames=8,
                         img_size=224, normalize="imagenet"),
         optim=OptimConfig(lr=1e-3, min_lr=1e-5, weight_decay=0.05, betas=(0.9, 0.98), eps=1e-6,
                           warmup_fraction=0.2, warmup_lr=0.0, clip_grad=5.0),
@@ -207,8 +209,8 @@ def _umt(student: str, teacher: str, drop_path: float) -> DistillConfig:
         loss=LossConfig(num_layers=6, teacher_interval=1.0, student_interval=1.0, budgets=(416,), sampling="frame",
                         decoder="linear", decoder_pos_embed=True, decoder_pos_fixed=True, decoder_norm=True,
                         pooled_weight=0.0),
-        data=DataConfig(source="shards", batch_size=64, num_workers=8, flux_preset="distill", num_frames=8,
-                        img_size=224, normalize="imagenet", grids=[[8, 224]]),
+        data=DataConfig(source="shards", batch_size=64, num_workers=8, grid=[[8, 224]], num_frames=8,
+                        img_size=224, normalize="imagenet"),
         optim=OptimConfig(lr=1.5e-4, min_lr=1e-5, weight_decay=0.05, betas=(0.9, 0.95), eps=1e-8,
                           warmup_fraction=40 / 201, warmup_lr=0.0, clip_grad=0.0),
         train=TrainConfig(run_dir=f"runs/distill_umt_{student}", steps=64_600, log_every=50, ckpt_every=1000,

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..common.config import DataConfig, OptimConfig, PresetRegistry, TrainConfig
+from fluxvit.datasets import DataConfig
+
+from ..common.config import OptimConfig, PresetRegistry, TrainConfig
 
 __all__ = ["AugConfig", "EvalConfig", "FinetuneConfig", "FluxLossConfig", "ModelConfig", "presets"]
 
@@ -103,7 +105,7 @@ class FinetuneConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: FluxLossConfig = field(default_factory=FluxLossConfig)
     aug: AugConfig = field(default_factory=AugConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(grid="distill"))
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -130,7 +132,7 @@ def smoke() -> FinetuneConfig:
                           overrides={"head_budgets": _TINY_BUDGETS}),
         loss=FluxLossConfig(mode="multi", budgets=_TINY_BUDGETS, heads=(0, 1, 2)),
         aug=AugConfig(mixup=0.0, cutmix=0.0, label_smoothing=0.1),
-        data=DataConfig(source="synthetic-motion", batch_size=4, grids=[[4, 84], [8, 56], [6, 70], [8, 70]],
+        data=DataConfig(source="synthetic-motion", batch_size=4, grid=[[4, 84], [8, 56], [6, 70], [8, 70]],
                         flip=False, num_clips=400, num_val_clips=16),
         optim=OptimConfig(lr=1e-3, min_lr=1e-5, weight_decay=0.05, betas=(0.9, 0.999), warmup_steps=5,
                           clip_grad=1.0),
@@ -158,7 +160,7 @@ def _micro(mode: str, budgets: tuple, grids: list, steps: int, min_lr: float, ru
         loss=FluxLossConfig(mode=mode, budgets=budgets, heads=tuple(range(len(budgets))),
                             single_budget=budgets[len(budgets) // 2], single_head=len(budgets) // 2),
         aug=AugConfig(mixup=0.0, cutmix=0.0, label_smoothing=0.1),
-        data=DataConfig(source="synthetic-motion", batch_size=16, grids=grids, flip=False, num_clips=100_000,
+        data=DataConfig(source="synthetic-motion", batch_size=16, grid=grids, flip=False, num_clips=100_000,
                         num_val_clips=200),
         optim=OptimConfig(lr=1e-3, min_lr=min_lr, weight_decay=0.05, betas=(0.9, 0.999), warmup_steps=100,
                           clip_grad=1.0),
@@ -214,7 +216,7 @@ def _release(dataset: str, size: str) -> FinetuneConfig:
                             single_head=1),
         aug=AugConfig(mixup=0.8, cutmix=1.0, mix_prob=1.0, switch_prob=0.5, label_smoothing=0.1),
         data=DataConfig(source="shards", batch_size=total_batch // RELEASE_PROCESSES, num_workers=12,
-                        flux_preset="finetune", num_frames=8, img_size=224, normalize="imagenet",
+                        grid="finetune", num_frames=8, img_size=224, normalize="imagenet",
                         crop="rrc", crop_scale=(0.08, 1.0), randaug="rand-m7-n4-mstd0.5-inc1", reprob=0.25,
                         num_sample=2, flip=dataset != "ssv2"),
         optim=OptimConfig(lr=lr, min_lr=1e-6, warmup_lr=1e-6, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8,

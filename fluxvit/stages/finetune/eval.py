@@ -23,7 +23,7 @@ from fluxvit.models import FluxViT, load_model
 from fluxvit.models.checkpoint import read_metadata
 
 from ..common.cli import OneLineParser, fail, token_budget_or_all
-from ..common.config import DataConfig
+from fluxvit.datasets import DataConfig
 from .data import eval_views, has_held_out
 
 __all__ = ["eval_head", "evaluate", "load_classifier", "main", "view_tokens"]

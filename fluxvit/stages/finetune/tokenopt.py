@@ -23,7 +23,7 @@ from typing import Sequence
 from fluxvit.models import FluxViT
 
 from ..common.cli import OneLineParser, fail, token_budget
-from ..common.config import DataConfig
+from fluxvit.datasets import DataConfig
 from .eval import add_data_args, data_config, evaluate, load_classifier
 
 __all__ = ["candidate_pairs", "main", "plain_pair", "plot_tokenopt", "token_optimize", "write_table"]

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..common.config import DataConfig, OptimConfig, PresetRegistry, TrainConfig
+from fluxvit.datasets import DataConfig
+
+from ..common.config import OptimConfig, PresetRegistry, TrainConfig
 from ..common.teacher import TeacherConfig
 
 __all__ = ["ContrastConfig", "RetrievalEvalConfig", "TeacherAlignConfig", "TextConfig", "VideoConfig", "VideoTextConfig", "presets"]
@@ -85,7 +87,7 @@ class VideoTextConfig:
     contrast: ContrastConfig = field(default_factory=ContrastConfig)
     align: TeacherAlignConfig = field(default_factory=TeacherAlignConfig)
     retrieval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(source="shards", flux_preset="videotext",
+    data: DataConfig = field(default_factory=lambda: DataConfig(source="shards", grid="videotext",
                                                                 normalize="imagenet"))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-4, weight_decay=0.02, betas=(0.9, 0.98),
                                                                    warmup_fraction=0.2))
@@ -105,7 +107,7 @@ def smoke() -> VideoTextConfig:
                             budgets=(64, 32))
     cfg.contrast.embed_dim = 64
     cfg.data = DataConfig(source="synthetic-corpus", root="data/synthetic", batch_size=8,
-                          grids=[[4, 56], [2, 84]], normalize="imagenet", num_val_clips=16)
+                          grid=[[4, 56], [2, 84]], normalize="imagenet", num_val_clips=16)
     cfg.retrieval = RetrievalEvalConfig(budgets=(64,), settings=[[4, 56]], max_videos=32)
     cfg.optim = OptimConfig(lr=1e-3, weight_decay=0.02, warmup_steps=2, clip_grad=1.0)
     cfg.train = TrainConfig(run_dir="runs/smoke/videotext", steps=4, log_every=1, keep_last=1,
@@ -121,7 +123,7 @@ def demo() -> VideoTextConfig:
                             budgets=(128, 96, 64), budget_mode="sample")
     cfg.contrast = ContrastConfig(embed_dim=256, temperature=0.07, learnable_temperature=True)
     cfg.data = DataConfig(source="synthetic-corpus", root="data/synthetic", batch_size=32,
-                          grids=[[8, 56], [4, 84], [6, 70]], normalize="imagenet", num_workers=1)
+                          grid=[[8, 56], [4, 84], [6, 70]], normalize="imagenet", num_workers=1)
     cfg.retrieval = RetrievalEvalConfig(budgets=(128, 64), settings=[[8, 56], [4, 84]])
     cfg.optim = OptimConfig(lr=2e-3, weight_decay=0.02, warmup_steps=20, min_lr=1e-5, clip_grad=1.0)
     cfg.train = TrainConfig(run_dir="runs/pretrain/videotext", steps=160, log_every=10, keep_last=1,
@@ -154,7 +156,7 @@ def _flux_clip(model: str, phase: str) -> VideoTextConfig:
     else:  # the 2.5 M post-pretraining phase, initialised from the 25 M phase's export
         global_batch, lr, epochs, warmup, corpus = (2048 if base else 4096), 2e-5, 1, 0.0, CORPUS_2M5
     # Table 16's "MultiScaleCrop [0.5, 1]" is InternVideo2's RandomResizedCrop with area scale (0.5, 1) + flip.
-    cfg.data = DataConfig(source="shards", batch_size=global_batch // PAPER_PROCESSES, flux_preset="videotext",
+    cfg.data = DataConfig(source="shards", batch_size=global_batch // PAPER_PROCESSES, grid="videotext",
                           num_workers=8, normalize="imagenet", crop="rrc", crop_scale=(0.5, 1.0), flip=True)
     cfg.optim = OptimConfig(lr=lr, min_lr=lr * 0.01, weight_decay=0.02, betas=(0.9, 0.98),
                             warmup_fraction=warmup / epochs, clip_grad=0.0)

@@ -34,7 +34,7 @@ from fluxvit.datasets.synth import ensure_synthetic_corpus
 from fluxvit.metrics import chance_recall, retrieval_metrics, retrieval_protocol
 
 from ..common.cli import OneLineParser, token_budget
-from ..common.config import DataConfig
+from fluxvit.datasets import DataConfig
 from ..common.data import build_loader
 from .task import load_videotext
 
