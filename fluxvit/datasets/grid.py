@@ -70,7 +70,7 @@ class FluxGrid:
 
     @classmethod
     def from_pairs(cls, pairs, patch_size: int = 14) -> "FluxGrid":
-        """A grid of exactly the given ``[(F, R), ...]`` pairs (a stage's ``data.grids``), drawn uniformly."""
+        """A grid of exactly the given ``[(F, R), ...]`` pairs (a stage's ``data.grid``), drawn uniformly."""
         pairs = [(int(f), int(r)) for f, r in pairs]
         if not pairs:
             raise ValueError("FluxGrid.from_pairs needs at least one (frames, resolution) pair")
