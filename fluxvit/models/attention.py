@@ -48,6 +48,7 @@ __all__ = [
     "available_backends",
     "force_backend",
     "has_flash_attn",
+    "record_backends",
     "resolve_backend",
     "varlen_attention",
 ]
@@ -56,6 +57,7 @@ ENV_VAR = "FLUXVIT_ATTN_BACKEND"
 BACKENDS = ("flash", "torch_varlen", "flex", "nested", "segments", "block_mask", "math")
 FLEX_BLOCK = 128  # FlexAttention's default sparse block size (tokens per q / kv tile)
 _forced: list[str] = []
+_recorders: list[dict] = []
 
 
 class PackedSeqs:
@@ -216,8 +218,13 @@ def _needs_grad(q: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and q.requires_grad
 
 
-def _supports(name: str, q: torch.Tensor) -> bool:
-    half = q.dtype in (torch.float16, torch.bfloat16)
+def _one_half_dtype(*tensors: torch.Tensor) -> bool:
+    """True when every tensor is fp16, or every one is bf16 (what the fused kernels take)."""
+    return tensors[0].dtype in (torch.float16, torch.bfloat16) and all(t.dtype == tensors[0].dtype for t in tensors)
+
+
+def _supports(name: str, q: torch.Tensor, *kv: torch.Tensor) -> bool:
+    half = _one_half_dtype(q, *kv)  # q, k and v are all checked
     if name == "flash":
         return q.is_cuda and half and has_flash_attn()
     if name == "torch_varlen":
@@ -247,33 +254,58 @@ def force_backend(name: str) -> Iterator[None]:
         _forced.pop()
 
 
-def resolve_backend(q: torch.Tensor, requested: str | None = None) -> str:
-    """Pick the backend for ``q``: forced > ``requested`` (config) > ``$FLUXVIT_ATTN_BACKEND`` > auto.
+def resolve_backend(q: torch.Tensor, requested: str | None = None, k: torch.Tensor | None = None,
+                    v: torch.Tensor | None = None) -> str:
+    """Pick the backend for ``q`` (and ``k``, ``v`` when given: the half-precision kernels need all three in
+    one dtype): forced > ``requested`` (config) > ``$FLUXVIT_ATTN_BACKEND`` > auto.
 
     Auto: flash, torch_varlen (CUDA half precision); flex on CUDA (fp32, or no flash-attn / varlen);
     else ``segments`` (on CPU as fast as compiled flex, without its compile; see the module docstring).
     """
     name = _forced[-1] if _forced else (requested or os.environ.get(ENV_VAR) or "auto")
+    kv = tuple(t for t in (k, v) if t is not None)
     if name == "auto":
         for candidate in ("flash", "torch_varlen"):
-            if _supports(candidate, q):
-                return candidate
-        if q.is_cuda and _supports("flex", q):
-            return "flex"
-        return "segments"
+            if _supports(candidate, q, *kv):
+                return _note(candidate)
+        if q.is_cuda and _supports("flex", q, *kv):
+            return _note("flex")
+        return _note("segments")
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS + ('auto',)}")
-    if not _supports(name, q):
+    if not _supports(name, q, *kv):
         hint = ""
         if name == "flash":
             hint = " (pip install 'fluxvit[gpu]' on a CUDA machine)"
         elif name == "flex" and q.device.type == "cpu":
             hint = " (PyTorch's FlexAttention has no CPU backward; use segments to train on CPU)"
         raise RuntimeError(
-            f"attention backend {name!r} cannot run on {q.device.type} {q.dtype} tensors{hint}; "
+            f"attention backend {name!r} cannot run on {q.device.type} "
+            f"{'/'.join(str(t.dtype) for t in (q, *kv))} tensors{hint}; "
             f"available here: {available_backends(q.device, q.dtype, _needs_grad(q))}"
         )
+    return _note(name)
+
+
+def _note(name: str) -> str:
+    if torch.compiler.is_compiling():  # traced code must not guard on (or mutate) the recorders
+        return name
+    for sink in _recorders:
+        sink[name] = sink.get(name, 0) + 1
     return name
+
+
+@contextlib.contextmanager
+def record_backends() -> Iterator[dict]:
+    """Count the backends ``varlen_attention`` resolves inside the block: yields a dict name -> calls
+    (benchmarks report which kernel really ran). Calls inside compiled regions are not counted: there the backend
+    is resolved once, when the region is traced, from the same inputs an eager call would see."""
+    sink: dict = {}
+    _recorders.append(sink)
+    try:
+        yield sink
+    finally:
+        _recorders.remove(sink)
 
 
 def _math(q, k, v, pack: PackedSeqs, scale):
@@ -380,4 +412,4 @@ def varlen_attention(
         raise ValueError(f"q, k, v must share one (N, heads, head_dim) shape, got {q.shape}, {k.shape}, {v.shape}")
     pack = cu_seqlens if isinstance(cu_seqlens, PackedSeqs) else PackedSeqs.from_cu_seqlens(cu_seqlens, q.shape[0])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _KERNELS[resolve_backend(q, backend)](q, k, v, pack, scale)
+    return _KERNELS[resolve_backend(q, backend, k, v)](q, k, v, pack, scale)

@@ -112,7 +112,7 @@ class InternVideo2Attention(nn.Module):
     def forward(self, x: torch.Tensor, pack: PackedSeqs) -> torch.Tensor:
         N, D = x.shape
         q, k, v = self.qkv(x).view(N, 3, D).unbind(1)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)  # one dtype for the kernels (see layers)
         heads = (N, self.num_heads, self.head_dim)
         out = varlen_attention(q.reshape(heads), k.reshape(heads), v.reshape(heads), pack,
                                backend=self.attn_backend)

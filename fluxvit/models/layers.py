@@ -158,7 +158,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, pack: PackedSeqs) -> torch.Tensor:
         N, D = x.shape
         q, k, v = self.qkv(x).view(N, 3, D).unbind(1)
-        q, k = self.q_norm(q), self.k_norm(k)
+        # The norms' fp32 weights would lift q and k to fp32 under autocast while v stays in the autocast dtype;
+        # the kernels (flash-attn, varlen) take one dtype, so q and k follow v.
+        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         heads = (N, self.num_heads, self.head_dim)
         out = varlen_attention(q.reshape(heads), k.reshape(heads), v.reshape(heads), pack,
                                backend=self.attn_backend)
@@ -299,8 +301,11 @@ class AttentionPoolingHead(nn.Module):
         ca = self.cross_attn
         S, (N, D) = len(cu_seqlens) - 1, x.shape
         H = ca.num_heads
-        counts = torch.diff(cu_seqlens).to(x.dtype).unsqueeze(-1)
-        mean = x.new_zeros(S, D).index_add_(0, seg, x) / counts
+        # Every segment sum (token mean, softmax denominators, weighted values) accumulates in fp32 and is cast
+        # once: CUDA's index_add_ adds atomically and rounds to the destination dtype after every addition, so
+        # a bf16 accumulator over thousands of tokens loses most of its precision.
+        counts = torch.diff(cu_seqlens).to(torch.float32).unsqueeze(-1)
+        mean = (x.new_zeros(S, D, dtype=torch.float32).index_add_(0, seg, x.float()) / counts).to(x.dtype)
         q = F.linear(self.norm1_q(mean), ca.q.weight, ca.q_bias).view(S, H, -1)
         k = F.linear(self.norm1_k(x), ca.k.weight, ca.k_bias).view(N, H, -1)
         v = F.linear(self.norm1_v(x), ca.v.weight, ca.v_bias).view(N, H, -1)
@@ -309,8 +314,9 @@ class AttentionPoolingHead(nn.Module):
         peak = logits.new_full((S, H), -math.inf).scatter_reduce(0, seg_h, logits, "amax", include_self=True)
         weights = torch.exp(logits - peak[seg])
         weights = weights / logits.new_zeros(S, H).index_add_(0, seg, weights)[seg]
-        pooled = v.new_zeros(S, H, v.shape[-1]).index_add_(0, seg, weights.to(v.dtype).unsqueeze(-1) * v)
-        out = ca.proj(pooled.reshape(S, D))
+        pooled = v.new_zeros(S, H, v.shape[-1], dtype=torch.float32)
+        pooled.index_add_(0, seg, weights.unsqueeze(-1) * v.float())
+        out = ca.proj(pooled.reshape(S, D).to(v.dtype))
         return (out, weights.mean(-1)) if return_attention else out
 
 
