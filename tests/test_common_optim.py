@@ -47,3 +47,19 @@ def test_ema_tracks_weights():
     ema.update(lin)
     assert torch.allclose(ema.module.weight, before + 1.0)
     assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_ema_of_a_bf16_model_is_fp32_and_keeps_small_updates():
+    """Under DeepSpeed bf16 the unwrapped model is bf16. The average is kept in fp32: 100 updates at decay
+    0.999 towards a weight one bf16 step (2**-7) above it move it by ~7e-4, which a bf16 average rounds away."""
+    lin = torch.nn.Linear(4, 4, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    ema = ModelEMA(lin, 0.999)
+    assert ema.module.weight.dtype == torch.float32
+    with torch.no_grad():
+        lin.weight.fill_(1.0 + 2 ** -7)
+    for _ in range(100):
+        ema.update(lin)
+    expected = 1.0 + 2 ** -7 * (1 - 0.999 ** 100)
+    torch.testing.assert_close(ema.module.weight, torch.full((4, 4), expected), rtol=0, atol=1e-6)

@@ -130,3 +130,84 @@ def test_deepspeed_with_accumulation_is_refused(tmp_path):
     fake = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)
     with pytest.raises(ValueError, match="grad_accum=2 under DeepSpeed is refused"):
         fit(_cfg(tmp_path, steps=2, grad_accum=2), _Task(), _Source(2), fake)
+
+
+@pytest.mark.parametrize("sampling, reads", [("clip", 0), ("frame", 2)])
+def test_stage1_step_reads_nothing_back(sampling, reads):
+    """A stage-1 loss (tiny student and InternVideo2 teacher) on two clip shapes: with clip sampling nothing is
+    read back from the device (the teacher reports its visible-token counts as host ints); frame sampling
+    reads the per-frame counts once per teacher call (here two shapes: two calls)."""
+    from fluxvit.stages.distill import build_config
+    from fluxvit.stages.distill.task import DistillTask
+
+    task = DistillTask(build_config("smoke", [f"loss.sampling={sampling}"]))
+    task.to_device(torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    video = [torch.randn(3, 8, 70, 70, generator=g), torch.randn(3, 8, 70, 70, generator=g),
+             torch.randn(3, 4, 84, 84, generator=g)]
+    counter = SyncCounter()
+    with counter:
+        out = task.compute_loss(task.model, {"video": video}, step=0)
+        out.loss.backward()
+    assert counter.count == reads
+    assert torch.isfinite(out.loss.detach())
+
+
+def test_stage3_step_reads_only_the_host_labels():
+    """A stage-3 Flux-Multi loss reads back one thing: the batch's labels, checked on the host before they go
+    to the device (the model and loss read nothing)."""
+    from fluxvit.stages.finetune import build_config
+    from fluxvit.stages.finetune.task import FinetuneTask
+
+    task = FinetuneTask(build_config("smoke"))
+    task.to_device(torch.device("cpu"))
+    video = torch.randn(2, 3, 8, 56, 56, generator=torch.Generator().manual_seed(0))
+    counter = SyncCounter()
+    with counter:
+        out = task.compute_loss(task.model, {"video": video, "label": torch.tensor([1, 2])}, step=0)
+        out.loss.backward()
+    assert counter.count == 1
+    assert isinstance(out.tokens, int) and out.tokens > 0
+
+
+def _fp16_accelerator():
+    """accelerate gives no GradScaler on CPU; this one is what ``mixed_precision=fp16`` builds on CUDA (native
+    amp, a GradScaler that ``backward``, ``clip_grad_norm_`` and the prepared optimizer drive)."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(mixed_precision="no", cpu=True)
+    acc.state._mixed_precision = "fp16"
+    acc.native_amp = True
+    acc.scaler = torch.amp.GradScaler("cpu")
+    return acc
+
+
+def test_fp16_scaler_survives_a_skipped_step(tmp_path):
+    """fp16: a non-finite step is skipped and the run goes on (the scaler is closed for that step and backs its
+    scale off), instead of failing at the next step's unscale_."""
+    acc = _fp16_accelerator()
+    task = _Task(nan_calls={1})
+    res = fit(_cfg(tmp_path, steps=4, grad_accum=1), task, _Source(1), acc)
+    assert res.steps == 4 and res.skipped_steps == 1
+    assert acc.scaler.get_scale() == 2.0 ** 16 * 0.5  # backed off once
+    assert not torch.equal(task.params_at[2][1][0], next(task.model.parameters()))  # steps after the skip train
+
+
+class _EvalTask(_Task):
+    def evaluate(self, model, step):
+        inner = getattr(model, "module", model)
+        # A submodule, as stage 3 evaluates ``model.net`` (accelerate casts the prepared model's outputs to fp32).
+        self.eval_dtypes.append(inner[0](torch.randn(2, 4)).dtype)
+        return {"val": 0.0}
+
+
+def test_evaluation_runs_under_the_runs_mixed_precision(tmp_path):
+    """A task evaluates through the unwrapped module (outside accelerate's forward wrapper): the loop puts the
+    run's autocast around it, so a bf16 run evaluates in bf16 as it trains."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(mixed_precision="bf16", cpu=True)
+    task = _EvalTask()
+    task.eval_dtypes = []
+    fit(_cfg(tmp_path, steps=2, eval_every=1), task, _Source(1), acc)
+    assert task.eval_dtypes and all(d == torch.bfloat16 for d in task.eval_dtypes), task.eval_dtypes

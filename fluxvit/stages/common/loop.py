@@ -13,6 +13,7 @@ metrics, periodic atomic checkpoints, exact resume, and the final export.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -145,7 +146,7 @@ def fit(config: Any, task: TrainTask, source: BatchSource, accelerator) -> Train
                           tcfg.log_every)
     result = TrainResult(run_dir, start, state["skipped_steps"], None)
     if tcfg.eval_every and start == 0:
-        _evaluate(task, model, 0, logger, result)
+        _evaluate(task, model, 0, logger, result, acc)
 
     batches = source.batches(state["data_position"])
     model.train()
@@ -181,13 +182,13 @@ def fit(config: Any, task: TrainTask, source: BatchSource, accelerator) -> Train
             if step % logger.log_every == 0 or step == 1 or step == tcfg.steps or evaluate or save:
                 _flush_logs(acc, pending, logger, result)
             if evaluate:
-                _evaluate(task, model, step, logger, result)
+                _evaluate(task, model, step, logger, result, acc)
             if save:
                 ckpt.save(step, _public(state), resolved)
         # The final evaluation precedes the final checkpoint, as periodic ones do: metrics.jsonl up to a
         # checkpoint's step is complete, so a resume never records a step or an evaluation twice.
         if tcfg.eval_every and step > start:
-            _evaluate(task, model, step, logger, result)
+            _evaluate(task, model, step, logger, result, acc)
         ckpt.save(step, _public(state), resolved)
         export_model = ema.module if ema is not None else acc.unwrap_model(model)
         if acc.is_main_process:
@@ -264,8 +265,19 @@ def _train_step(task: TrainTask, model, optimizer, batches, state: dict, step: i
         finite = _all_ranks_finite(acc, bad, norm)
         if finite:
             optimizer.step()
+        else:
+            _skip_scaled_step(acc)
     optimizer.zero_grad(set_to_none=True)
     return terms, tokens, finite
+
+
+def _skip_scaled_step(acc) -> None:
+    """fp16 (a ``GradScaler``): a skipped step runs neither the scaler's ``step`` nor its ``update``, so its
+    per-step state (gradients already unscaled by clipping) would make the next step's ``unscale_`` fail.
+    Close the step as an overflow does: back the scale off and reset that state."""
+    scaler = getattr(acc, "scaler", None)
+    if scaler is not None and scaler.is_enabled():
+        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
 
 
 def _all_ranks_finite(acc, bad: torch.Tensor, norm: torch.Tensor | None = None) -> bool:
@@ -313,12 +325,16 @@ def _flush_logs(acc, pending: list, logger: MetricLogger, result: TrainResult) -
     pending.clear()
 
 
-def _evaluate(task: TrainTask, model: nn.Module, step: int, logger: MetricLogger, result: TrainResult) -> None:
+def _evaluate(task: TrainTask, model: nn.Module, step: int, logger: MetricLogger, result: TrainResult,
+              acc=None) -> None:
     fn = getattr(task, "evaluate", None)
     if fn is None:
         return
     model.eval()
-    metrics = fn(model, step)
+    # Tasks evaluate through the unwrapped module (no DDP hooks), which bypasses the autocast accelerate wraps
+    # around the prepared model's forward: evaluate under the run's mixed precision explicitly.
+    with acc.autocast() if acc is not None else contextlib.nullcontext():
+        metrics = fn(model, step)
     model.train()
     if metrics:
         logger.log(step, metrics, kind="eval")

@@ -156,13 +156,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
 class ModelEMA:
     """Exponential moving average of a module's floating-point state: ``ema = d * ema + (1 - d) * w``.
 
-    Holds a detached copy (same device); ``state_dict``/``load_state_dict`` make it checkpointable with
-    ``accelerator.register_for_checkpointing``.
+    Holds a detached fp32 copy (same device; fp32 also when the model runs in bf16, as under DeepSpeed bf16,
+    where an update of (1 - d) * w would round away); ``state_dict``/``load_state_dict`` make it checkpointable
+    with ``accelerator.register_for_checkpointing``.
     """
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.module = copy.deepcopy(model).eval()
+        self.module = copy.deepcopy(model).float().eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
 

@@ -11,7 +11,9 @@ runs under ``no_grad`` and (on CUDA) bf16 autocast, and is called as
   * ``cls_attn``: (B, T*h*w) the attention visible tokens are drawn from (zero on tokens the teacher did not see):
     for image towers the last block's cls-to-patch attention per frame (UMT's rule), for InternVideo2 its
     projector's attention from the mean query to the patch tokens (the official engine's rule),
-  * ``valid``: (B, T*h*w) bool, tokens the teacher saw (its Flux budget, group-dynamic selector).
+  * ``valid``: (B, T*h*w) bool, tokens the teacher saw (its Flux budget, group-dynamic selector),
+  * ``visible``: B host ints, the count of ``valid`` per clip, when the teacher knows it without reading the
+    device (its grid is the student's); None otherwise.
 
 Teachers:
   * ``InternVideo2Teacher``: the paper's teacher, InternVideo2-1B (``kind="internvideo2"``, the official
@@ -103,6 +105,7 @@ class TeacherOutput:
     valid: torch.Tensor
     rows: Union[torch.Tensor, None] = None
     cls: Union[dict, None] = None
+    visible: Union[tuple, None] = None
 
     def token_targets(self, layer: int, b: int, idx: torch.Tensor) -> torch.Tensor:
         """(k, C) targets of clip ``b`` at grid indices ``idx`` (k,) for teacher block ``layer``."""
@@ -252,9 +255,10 @@ class OpenCLIPTeacher(_FrozenTeacher):
             L = gh * gw
             emb = emb.flatten(2).transpose(1, 2)  # (BT, L, D)
             valid = torch.ones(B, T * L, dtype=torch.bool, device=video.device)
-            mask = None
+            mask, seen = None, T * L
             if self.budget and self.budget < T * L:
                 keep = select_tokens(emb.detach().float().view(B, T, L, -1), self.budget)
+                seen = keep.shape[1]
                 valid = torch.zeros_like(valid).scatter_(1, keep, True)
                 key = torch.cat([valid.new_ones(B * T, 1), valid.view(B * T, L)], dim=1)
                 mask = key[:, None, None, :]  # (BT, 1, 1, 1 + L): attend to kept keys only
@@ -279,7 +283,8 @@ class OpenCLIPTeacher(_FrozenTeacher):
         attn = attn.float().view(B, T, L) * valid.view(B, T, L)
         attn = attn / attn.sum(-1, keepdim=True).clamp_min(1e-12)
         return TeacherOutput(tokens, pooled, map_to_student_grid(attn, src, dst),
-                             map_to_student_grid(valid.view(B, T, L), src, dst))
+                             map_to_student_grid(valid.view(B, T, L), src, dst),
+                             visible=(seen,) * B if src == dst else None)
 
 
 def _load_visual(visual: nn.Module, path: str) -> None:
@@ -358,7 +363,8 @@ class FluxViTTeacher(_FrozenTeacher):
         src, dst = (gh, gw), (hs, ws)
         tokens = {i: map_to_student_grid(t.view(B, T, L, -1), src, dst) for i, t in tokens.items()}
         return TeacherOutput(tokens, pooled, map_to_student_grid(attn, src, dst),
-                             map_to_student_grid(valid.view(B, T, L), src, dst))
+                             map_to_student_grid(valid.view(B, T, L), src, dst),
+                             visible=tuple(n - 1 for n in f.lengths) if src == dst else None)
 
 
 class InternVideo2Teacher(_FrozenTeacher):
@@ -432,7 +438,7 @@ class InternVideo2Teacher(_FrozenTeacher):
         layers = sorted(set(layers))
         with _autocast(video.device, self.bf16):
             f = self.model.forward_packed(video, layers, num_tokens=self.budget or None)
-        n = int(f.cu_seqlens[1])  # every clip of the call has the same grid and budget: equal lengths
+        n = f.lengths[0]  # every clip of the call has the same grid and budget: equal lengths (host ints)
         tokens, cls = {}, {}
         for layer in layers:
             h = f.hidden[layer].float()
@@ -451,4 +457,4 @@ class InternVideo2Teacher(_FrozenTeacher):
             rows = map_to_student_grid(rows.view(B, T, L), src, dst)
             return TeacherOutput(tokens, pooled, map_to_student_grid(attn.view(B, T, L), src, dst),
                                  map_to_student_grid(valid.view(B, T, L), src, dst), rows, cls)
-        return TeacherOutput(tokens, pooled, attn, valid, rows, cls)
+        return TeacherOutput(tokens, pooled, attn, valid, rows, cls, visible=(n - 1,) * B)

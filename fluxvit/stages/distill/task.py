@@ -82,8 +82,16 @@ def pool_heads(budgets: Sequence[int], num_heads: int, explicit: Sequence[int] =
     return heads
 
 
+def _draw(w: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``torch.multinomial(w, k, replacement=False)`` without its two host reads (its input checks): the same
+    exponential-race draw (top k of w / Exp(1)), the same random stream, so the same indices."""
+    keys = w / torch.empty_like(w).exponential_(1, generator=generator)
+    return keys.argmax(-1, keepdim=True) if k == 1 else keys.topk(k).indices
+
+
 def sample_visible(attn: torch.Tensor, valid: torch.Tensor, budget: int, frames: int, mode: str,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, visible: int | None = None,
+                   frame_counts: Sequence[int] | None = None) -> torch.Tensor:
     """Student-visible token indices of one clip, drawn without replacement from the teacher attention.
 
     Args:
@@ -92,30 +100,30 @@ def sample_visible(attn: torch.Tensor, valid: torch.Tensor, budget: int, frames:
         budget: K, visible tokens wanted (fewer when fewer are valid).
         frames: T (for ``mode="frame"``: K is split evenly over frames, remainder to the first frames).
         mode: "clip" (one draw over all tokens: InternVideo2's engine) or "frame" (per frame: UMT's).
+        visible: the number of valid tokens, as a host int ("clip" then reads nothing back from the device).
+        frame_counts: T host ints, valid tokens per frame (read from ``valid`` in one go when not given).
 
     Returns:
         (k,) int64 ascending indices into T*L.
     """
+    if mode not in ("clip", "frame"):
+        raise ValueError(f"loss.sampling must be 'clip' or 'frame', got {mode!r}")
     # A floor far below any softmax weight keeps every valid token drawable (underflowed weights) without
     # changing the distribution measurably.
     w = attn.float().clamp_min(1e-12) * valid
-    n_valid = int(valid.sum())
-    if budget >= n_valid:
-        return valid.nonzero().squeeze(1)
+    L = w.numel() // frames
+    if frame_counts is None and (mode == "frame" or visible is None):
+        frame_counts = valid.view(frames, L).sum(1).tolist()  # the one read back, when the caller has no counts
+    n_valid = visible if visible is not None else sum(frame_counts)
+    if budget >= n_valid:  # every valid token: the top n_valid of the 0/1 mask
+        return valid.float().topk(n_valid).indices.sort().values if n_valid else valid.new_zeros(0).long()
     if mode == "clip":
-        idx = torch.multinomial(w, budget, replacement=False, generator=generator)
-    elif mode == "frame":
-        L = w.numel() // frames
-        per = [budget // frames + (1 if f < budget % frames else 0) for f in range(frames)]
-        parts = []
-        for f, k in enumerate(per):
-            wf = w[f * L:(f + 1) * L]
-            k = min(k, int((wf > 0).sum()))
-            if k:
-                parts.append(torch.multinomial(wf, k, replacement=False, generator=generator) + f * L)
-        idx = torch.cat(parts)
+        idx = _draw(w, budget, generator)
     else:
-        raise ValueError(f"loss.sampling must be 'clip' or 'frame', got {mode!r}")
+        per = [budget // frames + (1 if f < budget % frames else 0) for f in range(frames)]
+        parts = [_draw(w[f * L:(f + 1) * L], min(k, frame_counts[f]), generator) + f * L
+                 for f, k in enumerate(per) if min(k, frame_counts[f])]
+        idx = torch.cat(parts)
     return idx.sort().values
 
 
@@ -224,17 +232,24 @@ class DistillTask:
         lc = self.cfg.loss
         tgt = self.targets(video)
         views, keeps, rows, heads = [], [], [], []
+        counts: dict = {}  # per teacher call: valid tokens per clip and frame, read back once when needed
         for budget, head in zip(lc.budgets, self.heads):
             for clip, t, r in tgt:
+                visible = t.visible[r] if t.visible is not None else None
+                per_frame = None
+                if lc.sampling == "frame" or visible is None:
+                    if id(t) not in counts:
+                        counts[id(t)] = t.valid.view(t.valid.shape[0], clip.shape[1], -1).sum(-1).tolist()
+                    per_frame = counts[id(t)][r]
                 keeps.append(sample_visible(t.cls_attn[r], t.valid[r], int(budget), clip.shape[1], lc.sampling,
-                                            generator))
+                                            generator, visible, per_frame))
                 views.append(clip)
                 rows.append((t, r))
                 heads.append(head)
         preds, pooled, cu, ntok = model(views, keeps, heads)
         with_cls = tgt[0][1].cls is not None
         if not with_cls:  # teacher without a cls token: patch rows only
-            patch = torch.ones(int(cu[-1]), dtype=torch.bool, device=cu.device)
+            patch = torch.ones(ntok, dtype=torch.bool, device=cu.device)
             patch[cu[:-1]] = False
         terms, token_losses = {}, []
         for s, tl in self.pairs:

@@ -67,4 +67,4 @@ class FinetuneModel(nn.Module):
         logits = net.logits(feats)
         decs = net.final_clip_decoder_for_projs
         decoded = [decs[j - 1](feats.pooled[j * B:(j + 1) * B]) for j in range(1, len(budgets)) if j - 1 < len(decs)]
-        return logits, feats.pooled, decoded, int(feats.cu_seqlens[-1])
+        return logits, feats.pooled, decoded, feats.last.shape[0]

@@ -37,12 +37,16 @@ log = logging.getLogger("fluxvit.train")
 
 
 def check_labels(labels: torch.Tensor, num_classes: int, keys=None) -> None:
-    """Raise ``ConfigError`` naming the first sample whose label (B,) is >= ``num_classes`` (the model's head)."""
-    bad = (labels >= num_classes).nonzero().flatten()
-    if bad.numel():
-        i = int(bad[0])
+    """Raise ``ConfigError`` naming the first sample whose label (B,) is >= ``num_classes`` (the model's head),
+    ``ValueError`` when a label is negative (no label). One read of the (host) labels."""
+    values = labels.tolist()
+    if any(v < 0 for v in values):
+        raise ValueError("stage 3 needs a class label for every clip (got -1: no cls / json label in the data)")
+    bad = [i for i, v in enumerate(values) if v >= num_classes]
+    if bad:
+        i = bad[0]
         key = keys[i] if keys is not None and i < len(keys) else f"#{i} of the batch"
-        raise ConfigError(f"model.num_classes={num_classes}, but sample {key!r} has label {int(labels[i])} "
+        raise ConfigError(f"model.num_classes={num_classes}, but sample {key!r} has label {values[i]} "
                           f"(labels must be in [0, {num_classes - 1}]); raise model.num_classes or fix the data")
 
 
@@ -190,8 +194,6 @@ class FinetuneTask:
         video = video.to(self.device, non_blocking=True) if isinstance(video, torch.Tensor) else \
             [v.to(self.device, non_blocking=True) for v in video]
         labels = torch.as_tensor(batch["label"])  # checked on the host, before the copy to the device
-        if (labels < 0).any():
-            raise ValueError("stage 3 needs a class label for every clip (got -1: no cls / json label in the data)")
         check_labels(labels, self.cfg.model.num_classes, batch.get("key"))
         labels = labels.to(self.device)
         video, target = self.targets(video, labels)
