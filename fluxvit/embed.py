@@ -53,7 +53,7 @@ from .datasets.cli import read_csv_list, read_folder, read_json_list
 from .datasets.config import DataConfig
 from .datasets.decoders import DecodeError, decode_clips
 from .datasets.loader import SampleError, _caption, _label, process_sample
-from .datasets.shards import VIDEO_EXTENSIONS, ShardReader, parse_shard_spec
+from .datasets.shards import VIDEO_EXTENSIONS, VIDEO_KEYS, ShardReader, parse_shard_spec
 from .datasets.transforms import normalize_stats
 from .encoders import load_encoder
 from .stages.common.cli import OneLineParser, fail, token_budget_or_all
@@ -177,13 +177,13 @@ def _aspect_views(clips: list, s: EmbedSettings) -> torch.Tensor:
 def _decode(sample: dict, s: EmbedSettings) -> tuple[list, str, str]:
     """(views, caption, label) of one raw sample ``{"__key__", ext: bytes, ...}``; raises SampleError."""
     if not s.keep_aspect:  # the evaluation protocol, exactly: segment-middle clips, resize + centre crop(s)
-        cfg = DataConfig(train=False, eval_clips=s.clips, eval_crops=s.crops, decoder=s.decoder,
-                         normalize=s.normalize, decoder_threads=1, num_workers=0)
-        out = process_sample(sample, cfg, num_frames=s.frames, size=s.resolution, rng=random.Random(0))
+        cfg = DataConfig(decoder=s.decoder, normalize=s.normalize, decoder_threads=1, num_workers=0)
+        out = process_sample(sample, cfg, num_frames=s.frames, size=s.resolution, rng=random.Random(0), train=False,
+                             eval_clips=s.clips, eval_crops=s.crops)
         video, caption, label = out["video"], out["caption"], out["label"]
         views = list(video.unbind(0)) if video.dim() == 5 else [video]
     else:
-        ext = next((e for e in VIDEO_EXTENSIONS if e in sample), None)
+        ext = next((e for e in VIDEO_KEYS if e in sample), None)
         if ext is None or not sample[ext]:
             raise SampleError("no video" if ext is None else "empty video")
         try:
@@ -225,7 +225,7 @@ class _PartStream(torch.utils.data.IterableDataset):
                 try:
                     data = Path(it["path"]).read_bytes()
                     ext = Path(it["path"]).suffix.lower().lstrip(".")
-                    sample = {"__key__": it["key"], ext if ext in VIDEO_EXTENSIONS else "mp4": data}
+                    sample = {"__key__": it["key"], ext if ext in VIDEO_KEYS else "mp4": data}
                     rec["views"], _, _ = _decode(sample, self.s)
                 except OSError as exc:
                     rec["error"] = f"cannot read: {exc.strerror or exc}"
