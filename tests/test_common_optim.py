@@ -38,6 +38,30 @@ def test_cosine_schedule_with_warmup():
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] < 0.2
 
 
+def _official_lambda(step, warmup, total, min_lr_multi):
+    # InternVideo2 / UMT multi_modality utils/scheduler.py get_cosine_schedule_with_warmup, restated
+    import math
+
+    if step < warmup:
+        return max(min_lr_multi, float(step) / float(max(1, warmup)))
+    progress = float(step - warmup) / float(max(1, total - warmup))
+    return max(min_lr_multi, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+
+
+def test_cosine_floor_schedule_is_the_multimodality_scheduler():
+    """Stage 2's schedule: from 0.01 x lr, linear warm-up, cosine to 0 held at 0.01 x lr (min_lr_multi 0.01)."""
+    cfg = OptimConfig(lr=4e-4, min_lr=4e-6, warmup_fraction=0.2, schedule="cosine_floor")
+    opt = build_optimizer(torch.nn.Linear(2, 2), cfg)
+    sched = build_scheduler(opt, cfg, 200)
+    for step in range(200):
+        assert opt.param_groups[0]["lr"] == pytest.approx(4e-4 * _official_lambda(step, 40, 200, 0.01), rel=1e-9)
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(4e-6)  # held at the floor, not ramped down to it
+    with pytest.raises(ValueError, match="optim.schedule"):
+        build_scheduler(opt, OptimConfig(schedule="linear"), 10)
+
+
 def test_ema_tracks_weights():
     lin = torch.nn.Linear(3, 3)
     ema = ModelEMA(lin, 0.5)

@@ -33,6 +33,14 @@ def test_finetune_preset_matches_release():
     assert grid.threshold == (2048, 6144)
 
 
+def test_stage1_and_stage2_read_the_paper_bounds_as_the_release_reads_range():
+    """Table 16's (4, 26, 2) / (168, 280, 28), end excluded as in the release's range(start, end, stride):
+    frames 4..24, resolution 168..252, in stage 1 and stage 2 alike."""
+    for name in ("distill", "videotext"):
+        grid = FluxGrid.preset(name)
+        assert grid.frames == tuple(range(4, 25, 2)) and grid.resolutions == (168, 196, 224, 252)
+
+
 def test_empty_grid_and_unknown_preset_raise():
     with pytest.raises(ValueError):
         FluxGrid(frames=[2], resolutions=[28], threshold=(10_000, 20_000))

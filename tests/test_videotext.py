@@ -241,4 +241,45 @@ def test_paper_projection_layout_and_temperature_clamp():
     assert umt.clamped_scale().item() == pytest.approx(math.log(2.0))  # 0.9 clamped to 0.5
     cfg = build_config("paper_s")
     assert (cfg.text.spec, cfg.contrast.text_proj, cfg.contrast.vision_proj) == \
-        ("open_clip:MobileCLIP-B:datacompdr", "none", "ln_linear")
+        ("open_clip:MobileCLIP-B:datacompdr_lt", "none", "ln_linear")  # the official config loads mobileclip_blt.pt
+    c = cfg.contrast
+    assert c.learnable_temperature and (c.temperature, c.min_temperature, c.max_temperature) == (0.01, 0.01, 0.0)
+
+
+def test_learnable_temperature_is_clamped_in_place_before_every_forward():
+    """InternVideo2's small CLIP: ``temp`` is a parameter from 1/100, ``temp.clamp_(min=1/100)`` before each
+    forward: a step that pushes it below the bound is undone, and at the bound it still gets a gradient."""
+    torch.manual_seed(0)
+    video = create_model("fluxvit_tiny_patch14", num_classes=0, depth=1, img_size=28, num_frames=2)
+    model = VideoTextModel(video, 16, 16, temperature=0.01, learnable_temperature=True, min_temperature=0.01,
+                           vision_proj="ln_linear", text_proj="none")
+    clip, text = torch.randn(4, 3, 2, 28, 28), torch.randn(4, 16)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1 / 0.005))  # an optimizer step below the bound
+    v, t, scale = model(clip, text_features=text)
+    assert model.logit_scale.item() == pytest.approx(math.log(100.0))  # reset to the bound, as temp.clamp_
+    loss = -(scale.exp() * (v @ t.T)).diagonal().mean()
+    loss.backward()
+    assert model.logit_scale.grad is not None and model.logit_scale.grad.abs() > 0
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1 / 0.05))  # above the bound: left alone (no upper clamp)
+    model(clip, text_features=text)
+    assert model.logit_scale.item() == pytest.approx(math.log(20.0))
+
+
+def test_text_tower_keeps_its_first_layers():
+    """UMT's VTC text encoder: BERT in mode "text", the layers below fusion_layer 9; num_layers=k gives the full
+    encoder's k-th hidden state."""
+    full = build_text_tower("minilm", pooling="cls")
+    cut = build_text_tower("minilm", pooling="cls", num_layers=3)
+    assert len(cut.model.encoder.layer) == 3 and len(full.model.encoder.layer) == 6
+    caps = ["a red circle moving left", "a small blue square"]
+    batch = full.tokenizer(caps, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = full.model(**batch, output_hidden_states=True).hidden_states[3][:, 0]
+    torch.testing.assert_close(cut(caps), want)
+    with pytest.raises(ValueError, match="num_layers"):
+        build_text_tower("minilm", num_layers=7)
+    from fluxvit.stages.videotext import build_config
+
+    assert build_config("umt_s").text.num_layers == 9 and build_config("paper_s").text.num_layers == 0

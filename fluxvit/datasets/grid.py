@@ -82,12 +82,14 @@ class FluxGrid:
     def preset(cls, name: str) -> "FluxGrid":
         """The grids of the three stages (FluxViT paper, arXiv 2503.14237): ``distill``, ``videotext``, ``finetune``."""
         presets = {
-            # Stage 1: the paper gives the grid; the threshold is assumed equal to stage 2's.
-            "distill": dict(frames=range(4, 25, 2), resolutions=range(168, 253, 28), threshold=(2048, 4096)),
-            # Stage 2: Table 16 (frames 4..26, resolution 168..280).
-            "videotext": dict(frames=range(4, 27, 2), resolutions=range(168, 281, 28), threshold=(2048, 4096)),
-            # The public finetuning release.
-            "finetune": dict(frames=range(6, 25, 2), resolutions=range(112, 337, 28), threshold=(2048, 6144)),
+            # The paper's (start, end, stride) bounds are read as the release reads its --range_* arguments, with
+            # Python's range() (end excluded; run_flexible_finetune.py:101-106, 339-340), in every stage.
+            # Stage 1: the paper's grid, frames 4..24, resolution 168..252; the threshold assumed equal to stage 2's.
+            "distill": dict(frames=range(4, 26, 2), resolutions=range(168, 280, 28), threshold=(2048, 4096)),
+            # Stage 2: Table 16's (4, 26, 2) / (168, 280, 28): frames 4..24, resolution 168..252.
+            "videotext": dict(frames=range(4, 26, 2), resolutions=range(168, 280, 28), threshold=(2048, 4096)),
+            # The public finetuning release: range(6, 26, 2) / range(112, 364, 28) (its argparse defaults).
+            "finetune": dict(frames=range(6, 26, 2), resolutions=range(112, 364, 28), threshold=(2048, 6144)),
         }
         if name not in presets:
             raise KeyError(f"unknown FluxGrid preset {name!r}; choose from {sorted(presets)}")

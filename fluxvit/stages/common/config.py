@@ -42,6 +42,10 @@ class OptimConfig:
     # lr at the first warmup step (the release: 1e-6 per 256, scaled like lr); 0: warmup starts at lr / warmup.
     warmup_lr: float = 0.0
     clip_grad: float = 1.0  # max global grad norm; 0 disables clipping
+    # "cosine": warm-up from warmup_lr, then a half cosine from lr to min_lr. "cosine_floor": the multi-modality
+    # scheduler of InternVideo2 and UMT (utils/scheduler.py): lr x max(min_lr / lr, step / warmup) while warming
+    # up, then lr x max(min_lr / lr, half cosine to 0): it starts at min_lr and ends flat on min_lr.
+    schedule: str = "cosine"
 
 
 @dataclass

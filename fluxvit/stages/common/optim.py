@@ -127,28 +127,42 @@ def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
     return cfg.warmup_steps if cfg.warmup_steps > 0 else int(round(cfg.warmup_fraction * total_steps))
 
 
-def cosine_lr(step: int, total_steps: int, warmup: int, lr: float, min_lr: float, warmup_lr: float = 0.0) -> float:
+def cosine_lr(step: int, total_steps: int, warmup: int, lr: float, min_lr: float, warmup_lr: float = 0.0,
+              floor: bool = False) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warmup over ``warmup`` steps, from ``warmup_lr``
     at step 0 to ``lr`` at step ``warmup - 1`` (the release's ``np.linspace``; ``warmup_lr`` 0: from
-    ``lr / warmup``), then a half cosine from ``lr`` down to ``min_lr`` at ``total_steps``."""
+    ``lr / warmup``), then a half cosine from ``lr`` down to ``min_lr`` at ``total_steps``.
+
+    ``floor``: the multi-modality scheduler of InternVideo2 and UMT (``get_cosine_schedule_with_warmup``) instead:
+    ``lr * max(min_lr / lr, step / warmup)`` during warmup, then ``lr * max(min_lr / lr, 0.5 * (1 + cos(pi * p)))``
+    with p the progress after warmup (a cosine to 0, held at ``min_lr``); ``warmup_lr`` is not used."""
+    span = max(1, total_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    if floor:
+        ratio = step / max(1, warmup) if step < warmup else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(min_lr, lr * ratio)
     if warmup > 0 and step < warmup:
         if warmup_lr > 0:
             return warmup_lr + (lr - warmup_lr) * step / max(1, warmup - 1)
         return lr * (step + 1) / warmup
-    span = max(1, total_steps - warmup)
-    progress = min(1.0, (step - warmup) / span)
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+SCHEDULES = ("cosine", "cosine_floor")
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    """A ``LambdaLR`` following ``cosine_lr``; call ``.step()`` once per optimizer step."""
+    """A ``LambdaLR`` following ``cosine_lr`` (``cfg.schedule``); call ``.step()`` once per optimizer step."""
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
     warm = warmup_steps(cfg, total_steps)
     base = cfg.lr
+    floor = cfg.schedule == "cosine_floor"
 
     def factor(step: int) -> float:
         # A ratio to the peak: groups keep their own (scaled, layer-decayed) peak lr, and min / warmup lr scale
         # with it.
-        return cosine_lr(step, total_steps, warm, base, cfg.min_lr, cfg.warmup_lr) / base if base > 0 else 0.0
+        return cosine_lr(step, total_steps, warm, base, cfg.min_lr, cfg.warmup_lr, floor) / base if base > 0 else 0.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

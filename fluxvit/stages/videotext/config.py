@@ -31,13 +31,16 @@ class VideoConfig:
 @dataclass
 class TextConfig:
     """The text tower: ``spec`` as in ``fluxvit.stages.videotext.text.build_text_tower``; ``weights`` a local
-    weights file for an ``open_clip:`` tower (how the MobileCLIP-B tower of the paper presets runs offline)."""
+    weights file for an ``open_clip:`` tower (how the MobileCLIP-B tower of the paper presets runs offline);
+    ``num_layers`` keeps only the first layers of a transformers encoder (0: all; UMT's VTC text encoder is the
+    first 9 of BERT-base's 12, the layers below its ``fusion_layer``)."""
 
     spec: str = "minilm"
     freeze: bool = True
     pooling: str = "mean"
     max_length: int = 64
     weights: str = ""
+    num_layers: int = 0
 
 
 @dataclass
@@ -148,9 +151,11 @@ def _flux_clip(model: str, phase: str) -> VideoTextConfig:
     base = model.endswith("base_patch14")
     cfg = VideoTextConfig()
     cfg.video = VideoConfig(name=model, drop_path_rate=0.1, budgets=(2048, 1024), budget_mode="sample")
-    cfg.text = TextConfig(spec="open_clip:MobileCLIP-B:datacompdr", freeze=True, max_length=77)
-    cfg.contrast = ContrastConfig(embed_dim=512, temperature=0.01, learnable_temperature=False,
-                                  vision_proj="ln_linear", text_proj="none")
+    cfg.text = TextConfig(spec="open_clip:MobileCLIP-B:datacompdr_lt", freeze=True, max_length=77)
+    # InternVideo2's small CLIP: a learnable temperature starting at 1/100, clamped below at 1/100 before every
+    # forward (models/internvideo2_clip_small.py), so it can only rise.
+    cfg.contrast = ContrastConfig(embed_dim=512, temperature=0.01, learnable_temperature=True, min_temperature=0.01,
+                                  max_temperature=0.0, vision_proj="ln_linear", text_proj="none")
     if phase == "25m":
         global_batch, lr, epochs, warmup, corpus = 4096, 4e-4, 3, 0.6, CORPUS_25M
     else:  # the 2.5 M post-pretraining phase, initialised from the 25 M phase's export
@@ -158,8 +163,9 @@ def _flux_clip(model: str, phase: str) -> VideoTextConfig:
     # Table 16's "MultiScaleCrop [0.5, 1]" is InternVideo2's RandomResizedCrop with area scale (0.5, 1) + flip.
     cfg.data = DataConfig(source="shards", batch_size=global_batch // PAPER_PROCESSES, grid="videotext",
                           num_workers=8, normalize="imagenet", crop="rrc", crop_scale=(0.5, 1.0), flip=True)
+    # InternVideo2's scheduler (multi_modality utils/scheduler.py): warm-up from 0.01 x lr, cosine floored at 0.01 x lr.
     cfg.optim = OptimConfig(lr=lr, min_lr=lr * 0.01, weight_decay=0.02, betas=(0.9, 0.98),
-                            warmup_fraction=warmup / epochs, clip_grad=0.0)
+                            warmup_fraction=warmup / epochs, clip_grad=0.0, schedule="cosine_floor")
     cfg.train = TrainConfig(run_dir=f"runs/flux_clip_{phase}_{model}", steps=_steps(epochs, corpus, global_batch),
                             mixed_precision="bf16", log_every=50, ckpt_every=2000,
                             export_name="videotext.safetensors")
@@ -171,7 +177,7 @@ def _flux_clip(model: str, phase: str) -> VideoTextConfig:
 @presets.register
 def paper_s() -> VideoTextConfig:
     """Flux-CLIP for FluxViT-S, 25 M phase (Table 16): frozen MobileCLIP-B text tower, joint dim 512, VTC only,
-    temperature 1/100, AdamW (0.9, 0.98) wd 0.02, lr 4e-4, 3 epochs, warmup 0.6 epoch. Set ``data.shards``,
+    learnable temperature from 1/100 (clamped below at 1/100), AdamW (0.9, 0.98) wd 0.02, lr 4e-4, 3 epochs, warmup 0.6 epoch. Set ``data.shards``,
     ``train.init_from`` (the stage-1 export) and, offline, ``text.weights``. Then ``paper_s_2m5``."""
     return _flux_clip("fluxvit_small_patch14", "25m")
 
@@ -200,7 +206,8 @@ def _umt(model: str) -> VideoTextConfig:
     # trained projections, plain (no dual softmax) retrieval. Of its losses only VTC is implemented here (VTM,
     # MLM and ITM re-ranking are not); the unmasked-teacher alignment is ``align.weight``.
     cfg = _flux_clip(model, "25m")
-    cfg.text = TextConfig(spec="hf:bert-base-uncased", freeze=False, pooling="cls", max_length=32)
+    # UMT's VTC text encoder runs BERT-base in mode "text": the 9 layers below its fusion_layer 9.
+    cfg.text = TextConfig(spec="hf:bert-base-uncased", freeze=False, pooling="cls", max_length=32, num_layers=9)
     cfg.contrast = ContrastConfig(embed_dim=512, temperature=0.07, learnable_temperature=True,
                                   min_temperature=0.001, max_temperature=0.5, vision_proj="linear",
                                   text_proj="linear")

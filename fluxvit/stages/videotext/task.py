@@ -96,7 +96,9 @@ class VideoTextModel(nn.Module):
 
     ``vision_proj``: "linear" or "ln_linear" (LayerNorm + Linear, InternVideo2's ``vision_align``); ``text_proj``:
     "linear" or "none" (the text tower's output is already the joint space; needs ``text_dim == embed_dim``).
-    The temperature is clamped to [``min_temperature``, ``max_temperature``] (0: no upper clamp).
+    The temperature is clamped to [``min_temperature``, ``max_temperature``] (0: no upper clamp); a learnable one
+    (stored as ``logit_scale`` = log(1 / temperature)) is clamped in place before every forward, as InternVideo2's
+    and UMT's ``clip_contrastive_temperature`` clamp their ``temp``: at the bound it still gets a gradient.
     """
 
     def __init__(self, video: FluxViT, text_dim: int, embed_dim: int, temperature: float = 0.07,
@@ -136,6 +138,12 @@ class VideoTextModel(nn.Module):
         """log(1 / temperature) with the temperature clamped to its range."""
         return self.logit_scale.clamp(min=self.min_logit_scale, max=self.max_logit_scale)
 
+    @torch.no_grad()
+    def clamp_temperature(self) -> None:
+        """Clamp a learnable temperature into its range in place (the official ``temp.clamp_``)."""
+        if isinstance(self.logit_scale, nn.Parameter):
+            self.logit_scale.clamp_(min=self.min_logit_scale, max=self.max_logit_scale)
+
     def encode_video(self, video, num_tokens=None) -> torch.Tensor:
         """(B, 3, T, H, W) or list of clips -> (B, E); ``num_tokens`` one budget or one per clip."""
         feats = self.video.forward_features(video, num_tokens)
@@ -146,6 +154,7 @@ class VideoTextModel(nn.Module):
         return F.normalize(self.text_proj(text_features), dim=-1)
 
     def forward(self, video, text_features=None, num_tokens=None, captions=None):
+        self.clamp_temperature()
         if captions is not None:
             if self.text is None:
                 raise ValueError("captions given but the text tower is frozen: pass text_features")
@@ -155,7 +164,10 @@ class VideoTextModel(nn.Module):
         else:
             feats = self.video.forward_features(video, num_tokens)
         v = F.normalize(self.vision_proj(feats.pooled), dim=-1)
-        out = (v, self.encode_text_features(text_features), self.clamped_scale())
+        # A learnable scale was clamped in place above: use it as it is (a clamp at the bound could stop its
+        # gradient, as the float32 value may round past the bound); a copy, not the leaf itself (DDP's hooks).
+        scale = self.logit_scale.clone() if isinstance(self.logit_scale, nn.Parameter) else self.clamped_scale()
+        out = (v, self.encode_text_features(text_features), scale)
         if self.align_decoder is not None:  # training-only head of the teacher alignment
             n = text_features.shape[0]
             out = out + (self.align_decoder(feats.pooled[:n]),)
@@ -178,7 +190,8 @@ class VideoTextTask:
     def __init__(self, cfg: VideoTextConfig, text_tower: TextTower | None = None):
         self.cfg = cfg
         t = cfg.text
-        self.text_tower = text_tower or build_text_tower(t.spec, t.freeze, t.pooling, t.max_length, t.weights)
+        self.text_tower = text_tower or build_text_tower(t.spec, t.freeze, t.pooling, t.max_length, t.weights,
+                                                           t.num_layers)
         c = cfg.contrast
         self.model = VideoTextModel(_build_video(cfg), self.text_tower.dim, c.embed_dim, c.temperature,
                                     c.learnable_temperature, c.min_temperature,
@@ -302,7 +315,8 @@ def save_videotext(model: VideoTextModel, text_tower: TextTower, cfg: VideoTextC
         "fluxvit_videotext": "1",
         "fluxvit_config": json.dumps(model.video.config.to_dict()),
         "text": json.dumps({"spec": cfg.text.spec, "freeze": cfg.text.freeze, "pooling": cfg.text.pooling,
-                            "max_length": cfg.text.max_length, "dim": text_tower.dim, "weights": cfg.text.weights}),
+                            "max_length": cfg.text.max_length, "dim": text_tower.dim, "weights": cfg.text.weights,
+                            "num_layers": cfg.text.num_layers}),
         "contrast": json.dumps({"embed_dim": cfg.contrast.embed_dim,
                                 "learnable_temperature": isinstance(model.logit_scale, nn.Parameter),
                                 "min_temperature": math.exp(-model.max_logit_scale),
@@ -327,7 +341,7 @@ def load_videotext(path, text_tower: TextTower | None = None) -> tuple[VideoText
     contrast = json.loads(meta["contrast"])
     video = FluxViT(FluxViTConfig(**json.loads(meta["fluxvit_config"])))
     tower = text_tower or build_text_tower(text["spec"], True, text["pooling"], text["max_length"],
-                                           text.get("weights", ""))
+                                           text.get("weights", ""), text.get("num_layers", 0))
     trained_text = not text["freeze"]
     model = VideoTextModel(video, text["dim"], contrast["embed_dim"], 0.07, contrast["learnable_temperature"],
                            contrast["min_temperature"], tower if trained_text else None,

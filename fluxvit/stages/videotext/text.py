@@ -73,17 +73,31 @@ class TextTower(nn.Module):
         return self.encode(captions)
 
 
+def keep_first_layers(model: nn.Module, num_layers: int, spec: str) -> None:
+    """Cut a transformers encoder (``model.encoder.layer``, BERT-style) to its first ``num_layers`` layers in place,
+    as UMT's text mode runs BERT up to its ``fusion_layer``."""
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"text.num_layers: {spec} has no encoder.layer list to cut")
+    if not 0 < num_layers <= len(layers):
+        raise ValueError(f"text.num_layers must be in [1, {len(layers)}] for {spec}, got {num_layers}")
+    model.encoder.layer = layers[:num_layers]
+    model.config.num_hidden_layers = num_layers
+
+
 class HFTextTower(TextTower):
     """A transformers encoder with masked-mean (or cls) pooling of the last hidden state. -> (B, hidden)."""
 
     def __init__(self, name_or_path: str, spec: str, freeze: bool = True, pooling: str = "mean",
-                 max_length: int = 64):
+                 max_length: int = 64, num_layers: int = 0):
         super().__init__(spec, freeze)
         from transformers import AutoModel, AutoTokenizer
 
         local = os.path.isdir(name_or_path) or os.environ.get("HF_HUB_OFFLINE") == "1"
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
         self.model = AutoModel.from_pretrained(name_or_path, local_files_only=local)
+        if num_layers:
+            keep_first_layers(self.model, num_layers, spec)
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         self.pooling, self.max_length = pooling, max_length
@@ -173,17 +187,20 @@ def resolve_open_clip_weights(model_name: str, pretrained: str) -> str | None:
 
 
 def build_text_tower(spec: str = "minilm", freeze: bool = True, pooling: str = "mean",
-                     max_length: int = 64, weights: str = "") -> TextTower:
+                     max_length: int = 64, weights: str = "", num_layers: int = 0) -> TextTower:
     """A text tower from its spec string (see the module docstring); ``weights``: a local weights file for an
-    ``open_clip:`` tower (overrides the spec's tag)."""
+    ``open_clip:`` tower (overrides the spec's tag); ``num_layers``: keep the first layers of a transformers
+    encoder (0: all)."""
     if weights and not spec.startswith("open_clip:"):
         raise ValueError(f"text.weights applies to open_clip towers; spec is {spec!r}")
+    if num_layers and spec.startswith("open_clip:"):
+        raise ValueError(f"text.num_layers applies to transformers encoders; spec is {spec!r}")
     if spec == "minilm":
-        return HFTextTower(minilm_path(), spec, freeze, pooling, max_length)
+        return HFTextTower(minilm_path(), spec, freeze, pooling, max_length, num_layers)
     if spec.startswith("open_clip:"):
         parts = spec.split(":", 2)
         return OpenClipTextTower.from_name(parts[1], parts[2] if len(parts) > 2 else "", freeze, weights)
     name = spec[3:] if spec.startswith("hf:") else spec
     if not name:
         raise ValueError("empty text tower spec; use 'minilm', 'hf:NAME_OR_PATH' or 'open_clip:MODEL[:PRETRAINED]'")
-    return HFTextTower(name, spec, freeze, pooling, max_length)
+    return HFTextTower(name, spec, freeze, pooling, max_length, num_layers)
