@@ -5,6 +5,12 @@ where the backend can) and returns RGB ``uint8`` frames ``(N, H, W, 3)``. decord
 they are imported on first use, and a missing backend falls back to PyAV (whose wheel bundles FFmpeg) with a
 warning. ``import fluxvit.datasets`` imports none of them.
 
+Every backend returns the frames a player shows (``docs/data.md`` has the measured table against FFmpeg's own
+decode): the display rotation applied, only the displayed frames of a stream-copied cut (an edit list's
+discarded pre-roll is neither counted nor returned), and frames sampled by presentation time, so variable-rate
+video is sampled evenly in time (:class:`VideoReader`). Where a backend cannot do that for a file, the file goes to
+PyAV, chosen from its metadata before decoding (:func:`choose_backend`).
+
 FFmpeg and decord write to the process's stderr on bad input (decord even echoes the file's bytes); decoding runs
 under :func:`quiet_stderr`, and error messages are cut to a short printable reason (:func:`clean_reason`).
 """
@@ -23,11 +29,12 @@ from typing import Callable, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
+from .probe import is_isobmff, mp4_rotation
 from .sampling import multi_clip_indices, sample_tsn_indices
 
 __all__ = [
     "BACKENDS", "DecodeError", "VideoReader", "available_backends", "resolve_backend", "open_video",
-    "decode_clips", "quiet_stderr", "clean_reason",
+    "decode_clips", "quiet_stderr", "clean_reason", "slot_frames", "choose_backend", "rotate_frames",
 ]
 
 log = logging.getLogger(__name__)
@@ -132,26 +139,84 @@ def quiet_stderr(enabled: bool = True) -> Iterator[None]:
 
 
 class VideoReader(Protocol):
-    """An opened video: ``num_frames``, ``fps`` and ``get_frames(indices) -> uint8 (N, H, W, 3)``."""
+    """An opened video: ``num_frames``, ``fps`` and ``get_frames(indices) -> uint8 (N, H, W, 3)``.
+
+    ``num_frames`` counts the *displayed* frames (a frame an edit list tells players to discard is not one), and
+    index ``i`` is the frame a player shows at the middle of the ``i``-th of ``num_frames`` equal time slots
+    between the first frame's presentation time and the end of the video (:func:`slot_frames`). On constant-rate
+    video that is frame ``i``; on variable-rate video frames are sampled by time, not by packet index. Frames come
+    out as a player shows them: a display rotation is applied.
+    """
 
     num_frames: int
     fps: float
+    backend: str  # the backend that decodes (a fallback may differ from the one asked for)
 
     def get_frames(self, indices: Sequence[int]) -> torch.Tensor: ...
 
 
+def slot_frames(pts: np.ndarray, end: float, slots: Sequence[int]) -> np.ndarray:
+    """Frame shown at the middle of each time slot: ``pts`` (n,) sorted presentation times of the displayed frames
+    (seconds), ``end`` the end of the last one; slot ``k`` of ``n`` equal slots over ``[pts[0], end)`` is shown
+    at ``pts[0] + (k + 1/2) (end - pts[0]) / n``. Returns frame indices ``(len(slots),)`` in ``[0, n)``; the
+    identity on constant-rate video (half a frame of margin against rounded timestamps)."""
+    n = len(pts)
+    slots = np.asarray(slots, dtype=np.int64)
+    width = (end - pts[0]) / n if n else 0.0
+    if not n or not width > 0:
+        return np.clip(slots, 0, max(0, n - 1))
+    times = pts[0] + (slots + 0.5) * width
+    return np.clip(np.searchsorted(pts, times, side="right") - 1, 0, n - 1)
+
+
+def rotate_frames(frames: np.ndarray, rotation: int) -> np.ndarray:
+    """``frames`` (..., H, W, 3) turned counter-clockwise by ``rotation`` degrees (FFmpeg's autorotate)."""
+    k = int(round(rotation / 90.0)) % 4
+    return np.rot90(frames, k, axes=(-3, -2)) if k else frames
+
+
+class _Reroute(Exception):
+    """The backend's own index shows a case it decodes wrongly; ``open_video`` uses PyAV instead."""
+
+
+def _end_time(pts: np.ndarray, last_duration: float) -> float:
+    """End of the last displayed frame: its time plus its duration when the container gives one, else plus the
+    mean frame spacing (FLV, WMV and AVI leave the last duration out)."""
+    if last_duration > 0 or len(pts) < 2:
+        return float(pts[-1] + (last_duration if last_duration > 0 else 0.0))
+    return float(pts[-1] + (pts[-1] - pts[0]) / (len(pts) - 1))
+
+
 class _DecordReader:
+    """decord: frame timestamps come with its index (free), so variable-rate video is sampled by time. A
+    stream-copied MP4 cut starts with pre-roll frames its edit list discards: decord lists them (with negative
+    timestamps) and then returns frames shifted by their number after a seek, so such a file goes to PyAV."""
+
+    backend = "decord"
+
     def __init__(self, data: bytes, num_threads: int) -> None:
         decord = _import_backend("decord")
         self._vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=num_threads)
-        self.num_frames = len(self._vr)
+        total = len(self._vr)
+        times = np.asarray(self._vr.get_frame_timestamp(range(total)), dtype=np.float64) if total else None
+        if times is not None and is_isobmff(data) and times[0, 0] < -1e-4:
+            raise _Reroute("edit list discards a pre-roll")
+        self.num_frames = total
         self.fps = float(self._vr.get_avg_fps() or 0.0)
+        if total:
+            self._pts = times[:, 0]
+            self._end = _end_time(self._pts, float(times[-1, 1] - times[-1, 0]))
 
     def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
-        return torch.from_numpy(self._vr.get_batch(list(indices)).asnumpy())
+        frames = slot_frames(self._pts, self._end, indices)
+        return torch.from_numpy(self._vr.get_batch(frames.tolist()).asnumpy())
 
 
 class _TorchCodecReader:
+    """torchcodec (exact seek mode): displayed frames only, rotation applied; sampled by presentation time."""
+
+    backend = "torchcodec"
+
     def __init__(self, data: bytes, num_threads: int) -> None:
         decoders = _import_backend("torchcodec")
         self._dec = decoders.VideoDecoder(data, dimension_order="NHWC", num_ffmpeg_threads=num_threads,
@@ -159,15 +224,30 @@ class _TorchCodecReader:
         meta = self._dec.metadata
         self.num_frames = int(meta.num_frames or 0)
         self.fps = float(meta.average_fps or 0.0)
+        self._begin = float(meta.begin_stream_seconds or 0.0)
+        self._end = float(meta.end_stream_seconds or 0.0)
+        n, span, rate = self.num_frames, self._end - self._begin, float(meta.average_fps_from_header or 0.0)
+        # constant rate as the header says (the last frame's duration may be missing: FLV, WMV, MPEG-PS): time
+        # slots are frame indices; otherwise frames are found by presentation time
+        self._by_index = not span > 0 or (rate > 0 and min(abs(span - n / rate), abs(span - (n - 1) / rate))
+                                          < 0.25 / rate)
 
     def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
-        return self._dec.get_frames_at(indices=list(indices)).data
+        if self._by_index:
+            return self._dec.get_frames_at(indices=list(indices)).data
+        width = (self._end - self._begin) / self.num_frames
+        times = [self._begin + (int(i) + 0.5) * width for i in indices]
+        return self._dec.get_frames_played_at(seconds=times).data
 
 
 class _PyAVReader:
-    """PyAV: frame index from the presentation timestamp; seeks to the keyframe before a far-away frame."""
+    """PyAV: the presentation times of the displayed frames come from demuxing the packets (no decoding; packets
+    an edit list discards are left out); a frame is found by its timestamp, seeking to the keyframe before a
+    far-away one; the display rotation of the frames is applied."""
 
     SEEK_GAP = 64  # frames; closer targets are reached by decoding forward, which is cheaper than a seek
+
+    backend = "pyav"
 
     def __init__(self, data: bytes, num_threads: int) -> None:
         av = _import_backend("pyav")
@@ -180,36 +260,57 @@ class _PyAVReader:
         rate = stream.average_rate or stream.guessed_rate
         self.fps = float(rate) if rate else 0.0
         self._tb = float(stream.time_base) if stream.time_base else 0.0
-        self._start = stream.start_time or 0
-        n = int(stream.frames or 0)
-        if n <= 0 and stream.duration and self.fps and self._tb:
-            n = int(round(stream.duration * self._tb * self.fps))
-        if n <= 0:  # no count in the container: count by demuxing (no decoding)
-            n = sum(1 for p in self._container.demux(stream) if p.size)
-            self._container.seek(0)
-        self.num_frames = n
+        pts, last_duration, untimed = [], 0, 0
+        for packet in self._container.demux(stream):
+            if not packet.size or packet.is_discard:
+                continue
+            t = packet.pts if packet.pts is not None else packet.dts
+            if t is None:
+                untimed += 1
+                continue
+            pts.append(t)
+            last_duration = packet.duration or 0
+        self._container.seek(0)
+        self._timed = bool(pts) and not untimed and bool(self._tb)
+        if self._timed:
+            self._ticks = np.unique(np.asarray(pts, dtype=np.int64))  # sorted presentation times, stream ticks
+            self.num_frames = len(self._ticks)
+            self._pts = self._ticks * self._tb
+            self._end = _end_time(self._pts, last_duration * self._tb)
+        else:
+            self.num_frames = len(pts) + untimed
+        self._rotation: int | None = None
 
-    def _index(self, frame, counter: int) -> int:
-        if frame.pts is None or not self._tb or not self.fps:
+    def _position(self, frame, counter: int) -> int:
+        if not self._timed or frame.pts is None:
             return counter
-        return int(round((frame.pts - self._start) * self._tb * self.fps))
+        return int(np.searchsorted(self._ticks, frame.pts))
+
+    def _array(self, frame) -> np.ndarray:
+        if self._rotation is None:
+            self._rotation = int(getattr(frame, "rotation", 0) or 0)
+        return rotate_frames(frame.to_ndarray(format="rgb24"), self._rotation)
 
     def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
-        wanted = sorted(set(int(i) for i in indices))
+        if self._timed:
+            frame_of = dict(zip((int(i) for i in indices), slot_frames(self._pts, self._end, indices).tolist()))
+        else:
+            frame_of = {int(i): int(i) for i in indices}
+        wanted = sorted(set(frame_of.values()))
         got: dict[int, np.ndarray] = {}
         k, pos, last = 0, -1, None
-        can_seek = bool(self._tb and self.fps)
+        can_seek = self._timed
         while k < len(wanted):
             if can_seek and wanted[k] - pos > self.SEEK_GAP:
-                ts = self._start + int(wanted[k] / self.fps / self._tb)
-                self._container.seek(ts, stream=self._stream, backward=True, any_frame=False)
+                self._container.seek(int(self._ticks[wanted[k]]), stream=self._stream, backward=True,
+                                     any_frame=False)
             k_before, exhausted = k, True
             for frame in self._container.decode(self._stream):
-                pos = self._index(frame, pos + 1)
+                pos = self._position(frame, pos + 1)
                 last = frame
                 if pos >= wanted[k]:
-                    # an index missing from the stream takes the next frame (exact on constant-rate video)
-                    arr = frame.to_ndarray(format="rgb24")
+                    # a frame missing from the stream takes the next one
+                    arr = self._array(frame)
                     while k < len(wanted) and wanted[k] <= pos:
                         got[wanted[k]] = arr
                         k += 1
@@ -220,13 +321,34 @@ class _PyAVReader:
                 break  # end of stream: the remaining indices repeat the last frame
         if last is None:
             raise DecodeError("no frame decoded")
-        fill = last.to_ndarray(format="rgb24") if len(got) < len(wanted) else None
-        return torch.from_numpy(np.stack([got.get(int(i), fill) for i in indices]))
+        fill = self._array(last) if len(got) < len(wanted) else None
+        return torch.from_numpy(np.stack([got.get(frame_of[int(i)], fill) for i in indices]))
 
 
 _READERS: dict[str, Callable[[bytes, int], VideoReader]] = {
     "decord": _DecordReader, "pyav": _PyAVReader, "torchcodec": _TorchCodecReader,
 }
+
+
+_MPEG_PS = (b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3")  # MPEG-1/2 program or elementary stream (.mpg, .mpeg)
+
+
+def choose_backend(name: str, data: bytes) -> str:
+    """The backend that decodes ``data`` as a player shows it, given the one asked for, chosen from the file's
+    header before decoding (``docs/data.md`` has the measured table):
+
+    * decord -> PyAV for a display rotation (decord ignores it and returns frames of the wrong shape;
+      :func:`~fluxvit.datasets.probe.mp4_rotation` reads it), Ogg (decord cannot open it) and MPEG-PS (decord
+      returns wrong frames). A stream-copied MP4 cut (edit list) goes to PyAV once decord's index shows it.
+    * torchcodec -> PyAV for MPEG-PS (torchcodec fails on its last, untimed frame).
+    """
+    if name == "decord" and (mp4_rotation(data) or data[:4] == b"OggS" or data[:4] in _MPEG_PS):
+        log.debug("display rotation, Ogg or MPEG-PS: decoding with PyAV instead of decord")
+        return resolve_backend("pyav")
+    if name == "torchcodec" and data[:4] in _MPEG_PS:
+        log.debug("MPEG-PS: decoding with PyAV instead of torchcodec")
+        return resolve_backend("pyav")
+    return name
 
 
 def open_video(data: bytes, backend: str = "decord", num_threads: int = 1) -> VideoReader:
@@ -237,10 +359,14 @@ def open_video(data: bytes, backend: str = "decord", num_threads: int = 1) -> Vi
     """
     if not data:
         raise DecodeError("empty video")
-    name = resolve_backend(backend)
+    name = choose_backend(resolve_backend(backend), data)
     try:
         with quiet_stderr():
-            reader = _READERS[name](bytes(data), num_threads)
+            try:
+                reader = _READERS[name](bytes(data), num_threads)
+            except _Reroute as why:
+                log.debug("%s: decoding with PyAV instead of %s", why, name)
+                reader = _READERS[resolve_backend("pyav")](bytes(data), num_threads)
     except DecodeError:
         raise
     except Exception as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import logging
 import multiprocessing
 import os
@@ -24,7 +25,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .decoders import DecodeError, clean_reason, decode_clips
+import numpy as np
+
+from .decoders import DecodeError, clean_reason, decode_clips, rotate_frames
 from .shards import VIDEO_KEYS
 
 __all__ = ["Encoding", "LabelMap", "encode_video", "make_shards", "prepare_sample", "read_classes"]
@@ -62,7 +65,9 @@ class Encoding:
 
 
 def encode_video(data: bytes, enc: Encoding) -> bytes:
-    """Re-encode video bytes to an H.264 mp4 as ``enc`` says (video only).
+    """Re-encode video bytes to an H.264 mp4 as ``enc`` says (video only), as a player shows the source: the
+    display rotation applied to the pixels, the frames an edit list discards left out, frames placed by their
+    presentation time (a rate cap keeps the frame shown at each output tick).
 
     Raises:
         DecodeError: the input cannot be opened or decoded, or holds no frame.
@@ -81,13 +86,27 @@ def encode_video(data: bytes, enc: Encoding) -> bytes:
             vin = src.streams.video[0]
             rate = Fraction(vin.average_rate or vin.guessed_rate or 30)
             out_rate = min(rate, Fraction(enc.max_fps).limit_denominator(1001)) if enc.max_fps else rate
-            vout, kept, index = None, -1, 0
-            for frame in src.decode(vin):
-                slot = int(index * out_rate / rate)  # evenly dropped frames when the rate is capped
+            # a capped rate places frames on its own ticks (one frame each); an uncapped one keeps every frame at
+            # its time (variable rate stays variable) on a 1/90000 s clock
+            clock = out_rate if out_rate < rate else Fraction(90000)
+            vout, kept, index, start, rotation = None, -1, 0, None, 0
+            for frame in src.decode(vin):  # displayed frames only: PyAV drops what an edit list discards
+                timed = frame.time is not None
+                if timed:  # the output slot from the presentation time (variable rate too)
+                    start = frame.time if start is None else start
+                    slot = math.floor((frame.time - start) * clock + 1e-6)
+                else:
+                    slot = int(index * out_rate / rate)  # evenly dropped frames when the rate is capped
                 index += 1
-                if slot == kept:
+                if slot <= kept:
                     continue
                 kept = slot
+                if vout is None:
+                    rotation = int(getattr(frame, "rotation", 0) or 0) % 360
+                if rotation:  # a phone's display rotation goes into the pixels; the new file carries no tag
+                    frame = av.VideoFrame.from_ndarray(
+                        np.ascontiguousarray(rotate_frames(frame.to_ndarray(format="rgb24"), rotation)),
+                        format="rgb24")
                 if vout is None:
                     h, w = frame.height, frame.width
                     scale = min(1.0, enc.short_side / min(h, w))
@@ -96,10 +115,11 @@ def encode_video(data: bytes, enc: Encoding) -> bytes:
                     vout.height = max(2, int(round(h * scale / 2)) * 2)
                     vout.pix_fmt = "yuv420p"
                     vout.codec_context.gop_size = enc.keyframe_interval
-                    vout.codec_context.time_base = 1 / out_rate
+                    vout.codec_context.time_base = 1 / clock
                     vout.options = {"preset": enc.preset, "crf": str(enc.crf)}
                 img = frame.reformat(width=vout.width, height=vout.height, format="yuv420p")
-                img.pts, img.time_base = slot, 1 / out_rate
+                img.pts, img.time_base = slot if timed else int(slot * clock / out_rate), 1 / clock
+                img.duration = max(1, round(clock / out_rate))  # the last frame's duration in the file
                 for packet in vout.encode(img):
                     out.mux(packet)
             if vout is None:
