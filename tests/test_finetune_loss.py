@@ -206,6 +206,13 @@ def test_init_class_map_picks_classifier_rows(tmp_path):
         torch.testing.assert_close(task.model.net.head[k].weight, src.head[k].weight[[4, 0, 2]])
         torch.testing.assert_close(task.model.net.head[k].bias, src.head[k].bias[[4, 0, 2]])
     torch.testing.assert_close(task.model.net.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    # "first": the release's K710 -> K400 slice (the first 400 rows of the K710 head); a smaller head is kept
+    task.cfg.model.init_class_map = "first"
+    task.load_init(str(tmp_path / "src.safetensors"))
+    for k in range(3):
+        torch.testing.assert_close(task.model.net.head[k].weight, src.head[k].weight[:3])
+        torch.testing.assert_close(task.model.net.head[k].bias, src.head[k].bias[:3])
+    assert build_config("k400_small").model.init_class_map == "first"
     (tmp_path / "bad.json").write_text(json.dumps([0, 1]))
     task.cfg.model.init_class_map = str(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="list of 3 row indices"):

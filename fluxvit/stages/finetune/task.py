@@ -56,11 +56,17 @@ def map_classifier_rows(state: dict, class_map: str, num_classes: int) -> dict:
 
     Args:
         state: the checkpoint's tensors; every ``head.<k>.weight`` (C_src, D) / ``head.<k>.bias`` (C_src,) is mapped.
-        class_map: JSON file with a list of ``num_classes`` source row indices (target class i <- source row map[i]).
+        class_map: JSON file with a list of ``num_classes`` source row indices (target class i <- source row map[i]),
+            or ``"first"``: the first ``num_classes`` rows of every head that has more, as the release takes K400's
+            400 classes from a K710 head (``run_flexible_finetune.py``; the slice implies K710's label list starts with K400's classes
+            in K400's order); a checkpoint without a larger head is returned as it is.
 
     Returns:
         a new dict with the heads (num_classes, D) / (num_classes,).
     """
+    if class_map == "first":
+        return {name: value[:num_classes] if re.search(r"(^|\.)head\.\d+\.(weight|bias)$", name)
+                and value.shape[0] > num_classes else value for name, value in state.items()}
     rows = json.loads(Path(class_map).read_text())
     if not isinstance(rows, list) or len(rows) != num_classes or not all(isinstance(r, int) for r in rows):
         raise ValueError(f"model.init_class_map {class_map}: expected a JSON list of {num_classes} row indices")
