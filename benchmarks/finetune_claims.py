@@ -13,7 +13,8 @@ Protocol (CPU scale; the paper's order: starting checkpoints, then the finetunin
 1. Starts: the micro FluxViT (finetune preset ``micro_scratch``) trained from scratch on the 8 motion classes with
    every token of 8 x 56 clips. It sits on a loss plateau (CE = ln 8) for a seed-dependent time, so seeds are tried
    two at a time from ``--start-seed``; the first ``--starts`` seeds whose val top-1 reaches twice chance are the
-   starts (every try is reported). ``--start PATH ...`` uses existing start exports instead (their sha256 is
+   starts (every try is reported; ``--start-set KEY=VALUE ...`` changes the start recipe, recorded with the
+   starts). ``--start PATH ...`` uses existing start exports instead (their sha256 is
    reported, so a rerun elsewhere can check it uses the same weights).
 2. For each start and each finetune seed in ``--seeds``: Flux-Multi (budgets 96 / 64 / 32, heads 0 / 1 / 2) and
    Flux-Single (the release's Flux-Single analogue: the middle budget 64 with head 1; ``--single-budget`` /
@@ -101,9 +102,10 @@ def shipped_starts(directory: Path = SHIPPED) -> list[Path]:
     return out
 
 
-def ship_starts(starts: list[Path], tries: list, directory: Path = SHIPPED) -> Path:
+def ship_starts(starts: list[Path], tries: list, directory: Path = SHIPPED, recipe: list | None = None) -> Path:
     """Copy the start exports into ``directory`` (``start_seed{N}.safetensors``) and record each one's seed, steps,
-    val top-1 and sha256 in ``directory/starts.json``; returns the record's path."""
+    val top-1 and sha256, and the start recipe (``micro_scratch`` plus the ``--start-set`` overrides ``recipe``),
+    in ``directory/starts.json``; returns the record's path."""
     import shutil
 
     directory = Path(directory)
@@ -117,7 +119,8 @@ def ship_starts(starts: list[Path], tries: list, directory: Path = SHIPPED) -> P
         entries.append({"file": f"{name}.safetensors", "sha256": sha256(path), "seed": t.get("seed"),
                         "steps": t.get("steps"), "val_top1": t.get("val_top1")})
     card = directory / "starts.json"
-    card.write_text(json.dumps({"preset": "micro_scratch", "deterministic_env": DETERMINISTIC_ENV,
+    card.write_text(json.dumps({"preset": "micro_scratch", "overrides": list(recipe or []),
+                                "deterministic_env": DETERMINISTIC_ENV,
                                 "how": "python -m benchmarks.finetune_claims --ship-starts (step 1 of its protocol)",
                                 "starts": entries}, indent=2) + "\n")
     log(f"shipped {len(entries)} starts to {directory}")
@@ -192,7 +195,8 @@ def find_starts(args, data, run: Path) -> tuple[list[Path], list]:
         t0 = time.perf_counter()
         todo = [s for s in pair if not (run / f"start_seed{s}" / "model.safetensors").exists()]  # rerun: reuse
         runs = {f"seed {s}": launch("micro_scratch", run / f"start_seed{s}",
-                                     [f"train.seed={s}", f"train.steps={args.start_steps}", *args.extra_start])
+                                     [f"train.seed={s}", f"train.steps={args.start_steps}", *args.start_set,
+                                      *args.extra_start])
                 for s in todo}
         wait(runs, args.start_steps)
         secs = time.perf_counter() - t0
@@ -347,6 +351,8 @@ def main(argv=None) -> dict:
     p.add_argument("--start-seed", type=int, default=0)
     p.add_argument("--start-steps", type=int, default=3000)
     p.add_argument("--start-threshold", type=float, default=2.0, help="a start must reach this x chance on val")
+    p.add_argument("--start-set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="overrides of the start recipe (micro_scratch), e.g. optim.warmup_steps=300; recorded")
     p.add_argument("--max-start-tries", type=int, default=8)
     p.add_argument("--single-budget", type=int, default=64, help="Flux-Single budget (release: 2048 of 3072/2048/1024)")
     p.add_argument("--single-head", type=int, default=1)
@@ -379,10 +385,11 @@ def main(argv=None) -> dict:
     else:
         starts, tries = find_starts(args, data, run)
         if args.ship_starts:
-            ship_starts(starts, tries)
+            ship_starts(starts, tries, recipe=args.start_set)
     hashes = {x: sha256(x) for x in starts}
     res = {"starts": [{"path": str(x), "sha256": hashes[x]} for x in starts], "start_tries": tries,
-           "start_steps": args.start_steps if tries else None, "seeds": args.seeds, "steps": args.steps,
+           "start_steps": args.start_steps if tries else None, "start_set": args.start_set if tries else None,
+           "seeds": args.seeds, "steps": args.steps,
            "budgets": list(BUDGETS), "single": [args.single_budget, args.single_head], "videos": args.videos,
            "eval_input": [EVAL_FRAMES, EVAL_RES], "deterministic_env": DETERMINISTIC_ENV, "tiny": args.tiny,
            "runs": []}

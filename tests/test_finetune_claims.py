@@ -1,5 +1,7 @@
 """The claims script reads its figures as the paper does: per-budget top-1 with a spread over runs, a verdict per
 budget, and (a) / (c) over every run; checked on hand-built run results (no training)."""
+import json
+
 import pytest
 
 from benchmarks.finetune_claims import LADDER, markdown, summarize
@@ -55,9 +57,11 @@ def test_ship_and_check_starts_round_trip(tmp_path):
     run = tmp_path / "run" / "start_seed3"
     run.mkdir(parents=True)
     save_file({"w": torch.arange(6.0).view(2, 3), "b": torch.ones(2)}, str(run / "model.safetensors"))
-    card = ship_starts([run / "model.safetensors"], [{"seed": 3, "steps": 10, "val_top1": 40.0}], tmp_path / "starts")
+    card = ship_starts([run / "model.safetensors"], [{"seed": 3, "steps": 10, "val_top1": 40.0}], tmp_path / "starts",
+                       recipe=["optim.warmup_steps=300"])
     assert [p.name for p in shipped_starts(tmp_path / "starts")] == ["start_seed3.safetensors"]
     assert '"val_top1": 40.0' in card.read_text()
+    assert json.loads(card.read_text())["overrides"] == ["optim.warmup_steps=300"]  # the start recipe is recorded
     # one changed weight: the check refuses the file
     save_file({"w": torch.arange(6.0).view(2, 3) + 1e-6, "b": torch.ones(2)},
               str(tmp_path / "starts" / "start_seed3.safetensors"))
