@@ -155,3 +155,30 @@ def test_make_shards_caps_a_variable_rate_by_time(tmp_path, videos):
     data = encode_video(videos["variable frame rate (mp4)"].read_bytes(), Encoding(max_fps=6))
     reader = decoders.open_video(data, "pyav")
     assert reader.num_frames == 9  # ticks 0..0.5 s (3 frames at 6 fps) then one per 1/6 s of the slow part
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_make_shards_takes_every_container_and_check_reads_every_key(tmp_path, videos, copy, capsys):
+    """Every common container, any case of the extension; other files are counted with the reason; with --copy
+    every stored key is one the loader reads (check decodes all of them)."""
+    from fluxvit.datasets.cli import main
+    from fluxvit.datasets.shards import VIDEO_KEYS
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    containers = [c for c in CASES if c.startswith("container ")]
+    for i, case in enumerate(containers):
+        ext = videos[case].suffix
+        (folder / f"clip{i}{ext.upper() if i % 2 else ext}").write_bytes(videos[case].read_bytes())
+    (folder / "notes.txt").write_text("not a video")
+    (folder / "clip0.srt").write_text("1\n00:00:00,000 --> 00:00:01,000\nhi\n")
+    args = ["make-shards", "--folder", str(folder), "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(args + (["--copy"] if copy else [])) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {len(containers)} samples" in out and "0 failed" in out
+    assert "skipped 2 files" in out and "not a video extension (.srt)" in out and "(.txt)" in out
+    stored = _stored(tmp_path / "out")
+    keys = {k for s in stored for k in s if k in VIDEO_KEYS}
+    assert keys == ({videos[c].suffix.lstrip(".") for c in containers} if copy else {"mp4"})
+    assert main(["check", str(tmp_path / "out/00000.tar")]) == 0
+    assert f"decoded {len(containers)}" in capsys.readouterr().out

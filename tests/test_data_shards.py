@@ -1,5 +1,6 @@
 """Shard specs, tar reading (truncated tars), the shard writer, and the make-shards / check CLIs."""
 import json
+import logging
 import random
 import shutil
 import subprocess
@@ -234,3 +235,58 @@ def test_shared_label_map_across_splits(tmp_path, video, capsys):
     assert main(["make-shards", "--csv", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "bad"),
                  "--classes", str(tmp_path / "classes.txt")]) == 2
     assert "not in the classes file" in capsys.readouterr().err
+
+
+def test_csv_keeps_every_column_it_understands(tmp_path, video, caplog):
+    from fluxvit.datasets.cli import read_csv_list
+
+    (tmp_path / "a.csv").write_text("path,label,caption\nx.mp4,run,a person runs\ny.mp4,jump,\n")
+    assert list(read_csv_list(tmp_path / "a.csv")) == [
+        {"video": "x.mp4", "label": "run", "caption": "a person runs"},
+        {"video": "y.mp4", "label": "jump", "caption": None}]
+    (tmp_path / "b.csv").write_text("x.mp4,run\n")  # Kinetics style, no header
+    assert list(read_csv_list(tmp_path / "b.csv")) == [{"video": "x.mp4", "label": "run"}]
+    # WebVid: videoid (no extension on disk name), contentUrl, duration, page_dir, name (the caption)
+    (tmp_path / "webvid.csv").write_text('videoid,contentUrl,duration,page_dir,name\n'
+                                         '1066,https://example.org/1066.mp4,PT00H00M10S,001,"Dog, running"\n')
+    with caplog.at_level(logging.WARNING, logger="fluxvit.datasets.cli"):
+        items = list(read_csv_list(tmp_path / "webvid.csv"))
+    assert items == [{"video": "1066", "label": None, "caption": "Dog, running"}]
+    assert caplog.text.count("columns not used: contentUrl, duration, page_dir") == 1
+    (tmp_path / "bad.csv").write_text("caption,label\nhello,1\n")
+    with pytest.raises(ValueError, match="no path column"):
+        list(read_csv_list(tmp_path / "bad.csv"))
+    # the WebVid id resolves to the downloaded file, the caption is stored
+    (tmp_path / "1066.mp4").write_bytes(video)
+    assert main(["make-shards", "--csv", str(tmp_path / "webvid.csv"), "--root", str(tmp_path), "--copy",
+                 "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    with open(tmp_path / "o/00000.tar", "rb") as f:
+        (sample,) = list(iter_tar_samples(f))
+    assert sample["txt"] == b"Dog, running" and sample["mp4"] == video
+
+
+def test_rerun_picks_up_a_fixed_input(tmp_path, video, capsys, monkeypatch):
+    from fluxvit.datasets import prepare
+
+    vids = tmp_path / "v"
+    vids.mkdir()
+    for name in ("a", "b", "c"):
+        (vids / f"{name}.mp4").write_bytes(video)
+    (vids / "b.mp4").write_bytes(b"\x00not a video" * 100)
+    args = ["make-shards", "--folder", str(vids), "--out", str(tmp_path / "o"), "--copy", "--no-progress",
+            "--samples-per-shard", "2"]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "still missing 1 of 3" in out and f"failed {vids / 'b.mp4'}" in out
+    (vids / "b.mp4").write_bytes(video)  # fixed
+    calls = []
+    real = prepare.prepare_sample
+    monkeypatch.setattr(prepare, "prepare_sample", lambda job: calls.append(job[0]) or real(job))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert calls == [1] and "1 inputs that failed before retried" in out and "still missing" not in out
+    with open(tmp_path / "o/00000.tar", "rb") as f:
+        stored = [json.loads(s["json"])["url"] for s in iter_tar_samples(f)]
+    assert stored == [str(vids / "a.mp4"), str(vids / "b.mp4")]
+    assert json.loads((tmp_path / "o/sizes.json").read_text()) == {"00000.tar": 2, "00001.tar": 1}
+    assert main(args) == 0 and "wrote 0 samples" in capsys.readouterr().out  # nothing left to do

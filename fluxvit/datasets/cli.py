@@ -20,6 +20,7 @@ import logging
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -36,15 +37,70 @@ log = logging.getLogger("fluxvit.datasets.cli")
 
 
 # -- inputs -----------------------------------------------------------------------------------------------------
+# Header names a CSV may use (video2dataset, WebVid, Kinetics lists), first match wins per field.
+CSV_COLUMNS = {
+    "video": ("path", "video", "video_path", "filepath", "filename", "file", "videoid", "video_id", "youtube_id",
+              "contentUrl", "url"),
+    "caption": ("caption", "text", "name", "title", "description"),
+    "label": ("label", "class", "category"),
+}
+
+
 def read_csv_list(path: str | Path) -> Iterator[dict]:
-    """Kinetics-style ``path,label`` rows (header optional; the label may be a name or an index, or absent)."""
+    """Items ``{"video", "label", "caption"}`` of a CSV list.
+
+    With a header (its first row names a known path column, any case), every column it understands is kept: the
+    path (``path``, ``video``, ``filename``, ..., ``videoid`` / ``contentUrl`` as video2dataset and WebVid write
+    them), ``caption`` (also ``text``, and ``name`` as WebVid names it) and ``label``; the columns it does not use
+    are reported once (a warning), not silently dropped. Without a header: Kinetics-style ``path,label`` rows.
+
+    Raises:
+        ValueError: a header without a path column.
+    """
     with open(path, newline="") as f:
-        for i, row in enumerate(csv.reader(f)):
-            if not row or not row[0].strip():
+        rows = csv.reader(f)
+        first = next(rows, None)
+        while first is not None and not any(c.strip() for c in first):
+            first = next(rows, None)
+        if first is None:
+            return
+        header = [c.strip() for c in first]
+        lower = [c.lower() for c in header]
+        known = {a.lower() for names in CSV_COLUMNS.values() for a in names}
+        if not any(c in known for c in lower):  # no header: the first row is data
+            rows_iter, cols = _chain([first], rows), None
+        else:
+            cols = {}
+            for field, names in CSV_COLUMNS.items():
+                for name in names:
+                    if name.lower() in lower:
+                        cols[field] = lower.index(name.lower())
+                        break
+            if "video" not in cols:
+                raise ValueError(f"{path}: the header {header} names no path column "
+                                 f"(one of {', '.join(CSV_COLUMNS['video'])})")
+            unused = [h for i, h in enumerate(header) if i not in cols.values()]
+            if unused:
+                log.warning("%s: columns not used: %s (used: %s)", path, ", ".join(unused),
+                            ", ".join(f"{header[i]} as {k}" for k, i in cols.items()))
+            rows_iter = rows
+        for row in rows_iter:
+            if not row or not any(c.strip() for c in row):
                 continue
-            if i == 0 and row[0].strip().lower() in ("path", "video", "filename", "file"):
+            if cols is None:  # path,label
+                if not row[0].strip():
+                    continue
+                yield {"video": row[0].strip(), "label": row[1].strip() if len(row) > 1 and row[1].strip() else None}
                 continue
-            yield {"video": row[0].strip(), "label": row[1].strip() if len(row) > 1 and row[1].strip() else None}
+            cell = {k: (row[i].strip() if i < len(row) else "") for k, i in cols.items()}
+            if not cell["video"]:
+                continue
+            yield {"video": cell["video"], "label": cell.get("label") or None, "caption": cell.get("caption") or None}
+
+
+def _chain(first: list, rest) -> Iterator[list]:
+    yield from first
+    yield from rest
 
 
 def read_json_list(path: str | Path) -> Iterator[dict]:
@@ -57,10 +113,18 @@ def read_json_list(path: str | Path) -> Iterator[dict]:
         yield {"video": item["video"], "caption": item.get("caption"), "label": item.get("label")}
 
 
-def read_folder(folder: str | Path) -> Iterator[dict]:
-    """Every video under ``folder`` (sorted); a video in ``folder/CLASS/...`` gets label ``CLASS``."""
+def read_folder(folder: str | Path, skipped: Counter | None = None) -> Iterator[dict]:
+    """Every video under ``folder`` (sorted; any case of a :data:`~fluxvit.datasets.shards.VIDEO_EXTENSIONS`
+    suffix); a video in ``folder/CLASS/...`` gets label ``CLASS``. Other files are counted in ``skipped``
+    (``{"not a video extension (.txt)": n, ...}``)."""
     root = Path(folder)
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in VIDEO_EXTENSIONS):
+    if not root.is_dir():
+        raise ValueError(f"{folder} is not a folder")
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if path.suffix.lower().lstrip(".") not in VIDEO_EXTENSIONS:
+            if skipped is not None:
+                skipped[f"not a video extension ({path.suffix.lower() or 'none'})"] += 1
+            continue
         rel = path.relative_to(root)
         yield {"video": str(path), "label": rel.parts[0] if len(rel.parts) > 1 else None}
 
@@ -158,9 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_usage(sys.stderr)
             print("error: --samples-per-shard must be >= 1", file=sys.stderr)
             return 2
+        not_videos: Counter = Counter()
         try:
             items = list(read_csv_list(args.csv) if args.csv else read_json_list(args.json) if args.json
-                         else read_folder(args.folder))
+                         else read_folder(args.folder, not_videos))
         except (OSError, ValueError, KeyError) as exc:
             print(f"error: cannot read the input list: {exc}", file=sys.stderr)
             return 2
@@ -176,7 +241,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(f"wrote {result['written']} samples in {len(result['shards']) - result['skipped_shards']} shards to "
-              f"{args.out} ({result['skipped_shards']} complete shards kept, {len(result['failed'])} failed)")
+              f"{args.out} ({result['skipped_shards']} complete shards kept, {result['retried']} inputs that failed "
+              f"before retried, {len(result['failed'])} failed)")
+        if not_videos:
+            print(f"skipped {sum(not_videos.values())} files under {args.folder}: "
+                  + ", ".join(f"{n} {why}" for why, n in sorted(not_videos.items())))
+        if result["failed"]:
+            print(f"still missing {len(result['failed'])} of {len(items)} inputs (fix them and rerun: they are "
+                  "retried, the stored ones kept):")
         for reason in result["failed"]:
             print(f"  failed {reason}")
         return 1 if result["failed"] else 0

@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .decoders import DecodeError, clean_reason, decode_clips, rotate_frames
-from .shards import VIDEO_KEYS
+from .shards import VIDEO_EXTENSIONS, VIDEO_KEYS
 
 __all__ = ["Encoding", "LabelMap", "encode_video", "make_shards", "prepare_sample", "read_classes"]
 
@@ -188,11 +188,24 @@ class LabelMap:
         return cls({n: i for i, n in enumerate(names)}, names)
 
 
+def _resolve(path: Path) -> Path:
+    """``path``, or ``path.EXT`` for a video extension when the list names a video by id (WebVid's ``videoid``,
+    video2dataset's keys) and ``path`` itself does not exist."""
+    if path.exists() or path.suffix.lower().lstrip(".") in VIDEO_EXTENSIONS:
+        return path
+    for ext in VIDEO_EXTENSIONS:
+        candidate = path.with_name(f"{path.name}.{ext}")
+        if candidate.exists():
+            return candidate
+    return path
+
+
 def prepare_sample(job: tuple) -> tuple[int, dict | None, str]:
     """Read, re-encode and verify one input: ``(index, item, root, encoding, label)`` ->
     ``(index, sample or None, failure reason)``. Runs in the worker processes."""
     index, item, root, enc, label = job
-    path = Path(root, item["video"]) if root and not Path(item["video"]).is_absolute() else Path(item["video"])
+    path = _resolve(Path(root, item["video"]) if root and not Path(item["video"]).is_absolute()
+                    else Path(item["video"]))
     ext = "mp4" if not enc.copy else path.suffix.lower().lstrip(".")
     if ext not in VIDEO_KEYS:  # the loader would skip the stored sample: refuse it here, by name
         return index, None, (f"{path}: --copy keeps the file's extension as the sample key, and "
@@ -266,12 +279,12 @@ def make_shards(items: list[dict], out: str | Path, samples_per_shard: int = 100
             raise ValueError(f"{out} holds shards made with other settings ({before}); use another --out")
     manifest.write_text(json.dumps(settings, indent=1))
     num_shards = -(-len(items) // samples_per_shard)
-    done = {i for i in range(num_shards) if (out / f"{i:05d}_stats.json").exists() and (out / f"{i:05d}.tar").exists()}
+    done, retry, pending = _finished_shards(out, num_shards, samples_per_shard)
     jobs = [(i, it, root, encoding, labels.index.get(str(it["label"])) if it.get("label") is not None else None)
-            for i, it in enumerate(items) if i // samples_per_shard not in done]
+            for i, it in enumerate(items) if i // samples_per_shard not in done or i in retry]
     failed: list[str] = []
+    failed_at: dict[int, dict[str, str]] = {}
     written = 0
-    pending: dict[int, dict] = {}  # shard -> {index: sample | None}
     bar = None
     if progress:
         from tqdm import tqdm
@@ -290,17 +303,21 @@ def make_shards(items: list[dict], out: str | Path, samples_per_shard: int = 100
             pending.setdefault(shard, {})[index] = sample
             if sample is None:
                 failed.append(reason)
+                failed_at.setdefault(shard, {})[str(index)] = reason
                 log.warning("failed, not stored: %s", reason)
+            else:
+                written += 1
             if bar is not None:
                 bar.update(1)
-            if len(pending[shard]) == expected[shard]:  # every input of this shard is done: write it
+            expected[shard] -= 1
+            if expected[shard] == 0:  # every input of this shard is done: write it
                 results_of = pending.pop(shard)
                 kept = [results_of[i] for i in sorted(results_of) if results_of[i] is not None]
                 _write_tar(out / f"{shard:05d}.tar", kept)
-                stats = {"count": expected[shard], "successes": len(kept),
-                         "failed_to_decode": expected[shard] - len(kept)}
+                count = min(samples_per_shard, len(items) - shard * samples_per_shard)
+                stats = {"count": count, "successes": len(kept), "failed_to_decode": count - len(kept),
+                         "failed": failed_at.get(shard, {})}  # index -> reason: retried by the next run
                 (out / f"{shard:05d}_stats.json").write_text(json.dumps(stats))
-                written += len(kept)
     finally:
         if pool is not None:
             pool.terminate()
@@ -314,4 +331,36 @@ def make_shards(items: list[dict], out: str | Path, samples_per_shard: int = 100
     (out / "sizes.json").write_text(json.dumps(sizes, indent=1, sort_keys=True))
     if labels.names is not None:
         (out / "classes.json").write_text(json.dumps(labels.names, indent=1))
-    return {"written": written, "failed": failed, "skipped_shards": len(done), "shards": sizes}
+    return {"written": written, "failed": failed, "skipped_shards": len(done) - len({i // samples_per_shard
+                                                                                    for i in retry}),
+            "retried": len(retry), "shards": sizes}
+
+
+def _finished_shards(out: Path, num_shards: int, per_shard: int) -> tuple[set[int], set[int], dict[int, dict]]:
+    """Shards an earlier run finished (tar and stats), the input indices they failed on (to retry) and, for
+    shards with such failures, the samples they stored (kept, not made again): ``(done, retry, pending)``."""
+    from .shards import iter_tar_samples
+
+    done, retry, pending = set(), set(), {}
+    for shard in range(num_shards):
+        stats_file, tar = out / f"{shard:05d}_stats.json", out / f"{shard:05d}.tar"
+        if not (stats_file.exists() and tar.exists()):
+            continue
+        stats = json.loads(stats_file.read_text())
+        if int(stats.get("failed_to_decode", 0)) and "failed" not in stats:
+            continue  # an older run's shard with failures it did not name: made again
+        done.add(shard)
+        failed = {int(i) for i in stats.get("failed", {})}
+        if failed:
+            retry |= failed
+            with open(tar, "rb") as f:
+                pending[shard] = {int(smp["__key__"]): _stored_sample(smp) for smp in iter_tar_samples(f)}
+    return done, retry, pending
+
+
+def _stored_sample(sample: dict) -> dict:
+    """A sample read back from a shard, in the form :func:`_write_tar` writes."""
+    out = {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
+    if "json" in out:
+        out["json"] = json.loads(out["json"])
+    return out
