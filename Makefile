@@ -92,7 +92,8 @@ bench-distill: $(STAMP)
 # The front door: synthetic corpus (generated once) -> stage 1 (distillation) -> stage 2 (video-text).
 # Real data: DATA=video shards with captions, TEACHER= (as for distill), TEXT=text tower spec
 # (hf:bert-base-uncased, a local folder, open_clip:MODEL[:PRETRAINED]), LAUNCH=launch/gpu8.yaml,
-# PRETRAIN_PRESETS="paper_s paper_s" (stage 1 and stage 2 presets).
+# PRETRAIN_PRESETS="paper_s paper_s" (stage 1 and stage 2 presets); ARGS: --set overrides for both
+# stages (the keys they share: data.*, train.*, optim.*), ARGS1 / ARGS2: for stage 1 / stage 2 only.
 SYNTH ?= data/synthetic
 PRETRAIN_DIR ?= $(RUN_DIR)/pretrain
 PRETRAIN_PRESETS ?= demo demo
@@ -104,19 +105,20 @@ $(SYNTH)/corpus.json: | $(STAMP)
 pretrain: $(STAMP) $(if $(DATA),,$(SYNTH)/corpus.json)
 	$(ACCEL) -m fluxvit.stages.distill --preset $(word 1,$(PRETRAIN_PRESETS)) \
 	  --set train.run_dir=$(PRETRAIN_DIR)/distill \
-	  $(if $(DATA),--set data.source=shards --set data.shards=$(DATA),--set data.root=$(SYNTH)) $(TEACHER_SETS)
+	  $(if $(DATA),--set data.source=shards --set data.shards=$(DATA),--set data.root=$(SYNTH)) $(TEACHER_SETS) $(ARGS) $(ARGS1)
 	$(ACCEL) -m fluxvit.stages.videotext --preset $(word 2,$(PRETRAIN_PRESETS)) \
 	  --set train.run_dir=$(PRETRAIN_DIR)/videotext \
 	  --set train.init_from=$(PRETRAIN_DIR)/distill/student.safetensors \
 	  $(if $(DATA),--set data.source=shards --set data.shards=$(DATA),--set data.root=$(SYNTH)) \
-	  $(if $(TEXT),--set text.spec=$(TEXT))
+	  $(if $(TEXT),--set text.spec=$(TEXT)) $(ARGS) $(ARGS2)
 	@echo "pretrained video-text model: $(PRETRAIN_DIR)/videotext/videotext.safetensors (make retrieval-eval)"
 
-# Zero-shot retrieval of the pretrained model. EVAL_DATA=synthetic | shards:SPEC | msrvtt:ANN.json:VIDEO_DIR
-EVAL_DATA ?= synthetic
+# Zero-shot retrieval of the pretrained model with its run's settings and protocol (config.json beside it: data,
+# retrieval.budgets / settings / dual_softmax). EVAL_DATA=captioned video shards to evaluate instead (data.val_shards);
+# EVAL_ARGS=more --set overrides, e.g. --set retrieval.dual_softmax=true.
 retrieval-eval: $(STAMP)
-	$(PY) -m fluxvit.stages.videotext.retrieval --checkpoint $(PRETRAIN_DIR)/videotext/videotext.safetensors \
-	  --data $(EVAL_DATA) --root $(SYNTH) $(EVAL_ARGS)
+	$(PY) -m fluxvit.stages.videotext.retrieval $(PRETRAIN_DIR)/videotext/videotext.safetensors \
+	  $(if $(EVAL_DATA),--set data.source=shards --set data.val_shards=$(EVAL_DATA)) $(EVAL_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
@@ -124,7 +126,8 @@ clean-venv:
 # Stage 3: Flux-Multi finetuning, then Token Optimization on its export.
 FT_RUN ?= $(RUN_DIR)/finetune_$(PRESET)
 CKPT ?= $(FT_RUN)/model.safetensors
-TO_ARGS ?= --budgets 128 64 32 --frames 2 4 8 16 --resolutions 42 56 70 --base-resolution 56 --max-videos 24
+TO_ARGS ?= --set tokenopt.budgets=[128,64,32] --set tokenopt.frames=[2,4,8,16] --set tokenopt.resolutions=[42,56,70] \
+  --set tokenopt.base_resolution=56 --set eval.max_videos=24
 
 finetune: $(STAMP)
 	$(PY) -m fluxvit.stages.finetune --preset $(PRESET) --set train.run_dir=$(FT_RUN) $(ARGS)
@@ -137,4 +140,4 @@ bench-finetune: $(STAMP)
 tokenopt: $(STAMP)
 	@test -f $(CKPT) || { echo "make tokenopt: no checkpoint $(CKPT); run make finetune PRESET=$(PRESET) first" \
 	  "or pass CKPT=path/to/model.safetensors" >&2; exit 2; }
-	$(PY) -m fluxvit.stages.finetune.tokenopt --checkpoint $(CKPT) --out $(FT_RUN)/tokenopt $(TO_ARGS)
+	$(PY) -m fluxvit.stages.finetune.tokenopt $(CKPT) --out $(FT_RUN)/tokenopt $(TO_ARGS)

@@ -80,9 +80,12 @@ def _finetune_args(tmp_path, *extra):
 
 
 def test_stage3_init_from_another_architecture_exits_2_in_one_line(tmp_path, capsys):
+    """A weights file without a stored architecture (an official .pth) must fit model.name's; an export carries
+    its architecture, which stage 3 then builds (tests/test_finetune_train.py)."""
     from fluxvit.stages.finetune import main
 
-    path = save_model(_micro(depth=3, num_classes=0), tmp_path / "deeper.safetensors")
+    path = tmp_path / "deeper.pth"
+    torch.save({"model": _micro(depth=3, num_classes=0).state_dict()}, path)
     with pytest.raises(SystemExit) as exc:
         run_cli(lambda: main(_finetune_args(tmp_path, f"train.init_from={path}")))
     assert exc.value.code == 2
@@ -118,7 +121,7 @@ def test_stage2_export_given_to_stage3_eval_says_so_in_one_line(tmp_path, capsys
     save_file({"video.cls_token": torch.zeros(1, 1, 64)}, str(path),
               metadata={"fluxvit_videotext": "1", "fluxvit_config": "{}"})
     with pytest.raises(SystemExit) as exc:
-        main(["--checkpoint", str(path), "--budgets", "64"])
+        main([str(path), "--set", "eval.budgets=[64]"])
     assert exc.value.code == 1
     err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
     assert len(err) == 1 and "stage-2 video-text export" in err[0] and "retrieval" in err[0]

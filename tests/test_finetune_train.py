@@ -59,9 +59,13 @@ def test_resume_is_exact(smoke_run, tmp_path):
 def test_tokenopt_writes_table_and_png(smoke_run, tmp_path, capsys):
     run, _ = smoke_run
     out = tmp_path / "to"
-    result = tokenopt.main(["--checkpoint", str(run / "model.safetensors"), "--budgets", "64", "32",
-                            "--frames", "2", "4", "8", "--resolutions", "42", "56", "--base-resolution", "56",
-                            "--max-videos", "4", "--out", str(out)])
+    result = tokenopt.main([str(run / "model.safetensors"), "--set", "tokenopt.budgets=[64,32]",
+                            "--set", "tokenopt.frames=[2,4,8]", "--set", "tokenopt.resolutions=[42,56]",
+                            "--set", "tokenopt.base_resolution=56", "--set", "eval.max_videos=4", "--out", str(out)])
+    settings = result["settings"]  # the run's saved config gave the data; search and report splits differ
+    assert "saved config" in settings["config"] and not settings["same_videos"]
+    assert settings["split"] == "val" and settings["report_split"] == "test"
+    assert "searched on `val`" in (out / "tokenopt.md").read_text()
     assert [r["budget"] for r in result["rows"]] == [64, 32]
     for r in result["rows"]:
         assert r["plain"]["tokens"] == r["budget"] and r["to"]["tokens"] == r["budget"]
@@ -101,3 +105,33 @@ def test_per_sample_grid_batches_are_packed_lists(tmp_path):
     result = main(_args(tmp_path / "ps", "data.per_sample_grid=true", "data.batch_size=3", "aug.mixup=0.8"))
     assert result.steps == 4 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
     assert (tmp_path / "ps" / "model.safetensors").is_file()
+
+
+def test_tokenopt_says_when_search_and_report_are_the_same_videos(tmp_path):
+    from fluxvit.datasets import DataConfig
+    from fluxvit.stages.finetune.tokenopt import describe_split, write_table
+
+    shards = DataConfig(source="shards", shards="train.tar", val_shards="val.tar")
+    assert describe_split(shards, "val") == describe_split(shards, "test") == "shards val.tar"
+    motion = DataConfig(source="synthetic-motion")
+    assert describe_split(motion, "val") != describe_split(motion, "test")
+    row = {"budget": 8, "gain": 0.0, **{k: {"frames": 1, "resolution": 14, "gflops": 0.1, "top1": 50.0}
+                                        for k in ("plain", "to")}}
+    for same, needle in ((True, "searched and reported on the same videos"), (False, "reported on `test`")):
+        settings = dict(split="val", report_split="test", search_on="a", report_on="a" if same else "b",
+                        same_videos=same, views=1)
+        _, md = write_table({"rows": [row], "settings": settings}, tmp_path / str(same))
+        assert needle in md.read_text() and ("selection-biased" in md.read_text()) == same
+
+
+def test_stage3_builds_the_architecture_stored_in_a_previous_stage_export(tmp_path):
+    """A stage-1 student of another depth and width finetunes as it was trained (its export carries its config)."""
+    from fluxvit.models import create_model, save_model
+    from fluxvit.stages.finetune.task import FinetuneTask
+
+    path = save_model(create_model("fluxvit_tiny_patch14", depth=2, embed_dim=96, num_heads=3, num_classes=0),
+                      tmp_path / "student.safetensors")
+    cfg = build_config("smoke", [f"train.init_from={path}"])
+    net = FinetuneTask(cfg).model.net
+    assert (len(net.blocks), net.config.embed_dim, net.config.num_classes) == (2, 96, 8)
+    assert len(FinetuneTask(build_config("smoke")).model.net.blocks) == 6  # no export: model.name's depth (tiny: 6)

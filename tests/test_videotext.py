@@ -138,18 +138,43 @@ def test_smoke_run_end_to_end_then_retrieval_from_checkpoint(tiny_corpus, tmp_pa
     report = load_official_checkpoint(net, result.export_path, strict=False)
     assert not report.missing or all(k.startswith("head.") for k in report.missing)
     torch.testing.assert_close(net.blocks[1].attn.qkv.weight, model.video.blocks[1].attn.qkv.weight)
-    report = retrieval_main(["--checkpoint", str(result.export_path), "--root", str(tiny_corpus), "--budgets", "64",
-                             "16", "--settings", "4x56", "--out", str(tmp_path / "r.json")])
-    assert [r["budget"] for r in report["results"]] == [64, 16]
+    # the data (the run's synthetic corpus, its test split) and the protocol come from the run's saved config
+    report = retrieval_main([str(result.export_path), "--set", "retrieval.budgets=[64,16]",
+                             "--set", "retrieval.settings=[[4,56]]", "--out", str(tmp_path / "r.json")])
+    assert [r["budget"] for r in report["results"]] == [64, 16] and "saved config" in report["config"]
     assert report["results"][0]["num_videos"] == 8 and report["results"][0]["chance_r1"] == 12.5
     assert json.loads((tmp_path / "r.json").read_text())["results"][1]["kept_tokens"] == 16
-    assert "T2V R@1" in capsys.readouterr().out
+    assert report["protocol"] == "plain" and all(r["protocol"] == "plain" for r in report["results"])
+    out = capsys.readouterr().out
+    assert "T2V R@1" in out and "protocol plain" in out and "Scoring: plain" in out
+    # a run trained with the dual softmax (the paper presets) is evaluated with it, and the report says so
+    saved = json.loads((run / "config.json").read_text())
+    saved["retrieval"].update(dual_softmax=True, budgets=[64], settings=[[4, 56]])
+    (run / "config.json").write_text(json.dumps(saved))
+    dsl = retrieval_main([str(result.export_path), "--out", str(tmp_path / "d.json")])
+    assert dsl["protocol"] == "DSL tau=1" and dsl["results"][0]["protocol"] == "DSL tau=1"
+    assert "protocol DSL tau=1" in capsys.readouterr().out
+
+
+def test_paper_presets_evaluate_retrieval_with_the_dual_softmax_and_stage2_steps_follow_the_world_size():
+    from fluxvit.stages.common.config import resolve_schedule
+    from fluxvit.stages.videotext import build_config
+    from fluxvit.stages.videotext.retrieval import protocol_of
+
+    assert protocol_of(build_config("paper_s").retrieval) == "DSL tau=1"  # InternVideo2's DSL, as Table 9
+    assert protocol_of(build_config("umt_s").retrieval) == "plain"
+    assert protocol_of(build_config("paper_s", ["retrieval.dual_softmax=false"]).retrieval) == "plain"
+    # 3 epochs of 25 M clips at 64 per process: 64 processes -> 18309 steps, 32 -> twice as many
+    assert resolve_schedule(build_config("paper_s"), world_size=64).train.steps == 3 * (25_000_000 // 4096)
+    assert resolve_schedule(build_config("paper_s"), world_size=32).train.steps == 3 * (25_000_000 // 2048)
+    assert resolve_schedule(build_config("paper_b_2m5"), world_size=64).train.steps == 2_500_000 // 2048
 
 
 def test_msrvtt_json_input_with_several_captions(tiny_corpus, tmp_path):
     """MSRVTT-style annotations: a JSON list of {video, caption or [captions]} over a folder of videos."""
     import tarfile
 
+    from fluxvit.datasets import DataConfig
     from fluxvit.stages.videotext.retrieval import load_retrieval_set
 
     videos = tmp_path / "videos"
@@ -162,12 +187,15 @@ def test_msrvtt_json_input_with_several_captions(tiny_corpus, tmp_path):
            {"video": members[1].name, "caption": "second caption"},
            {"video": members[2].name, "caption": ["third"]}]
     (tmp_path / "ann.json").write_text(json.dumps(ann))
-    rset = load_retrieval_set(f"msrvtt:{tmp_path / 'ann.json'}:{videos}", 4, 56)
+    data = DataConfig(source="annotations", val_shards=str(tmp_path / "ann.json"), root=str(videos), decoder="pyav")
+    rset = load_retrieval_set(data, "test", 4, 56)
     assert len(rset.videos) == 3 and rset.videos[0].shape == (3, 4, 56, 56)
     assert rset.texts == ["first caption", "another caption", "second caption", "third"]
     assert rset.text_to_video == [0, 0, 1, 2]
-    with pytest.raises(ValueError, match="unknown --data"):
-        load_retrieval_set("webvid", 4, 56)
+    with pytest.raises(ValueError, match="data.source='webvid' is not a batch source"):
+        load_retrieval_set(DataConfig(source="webvid"), "test", 4, 56)
+    with pytest.raises(ValueError, match="renders clips without files"):
+        load_retrieval_set(DataConfig(source="synthetic"), "test", 4, 56)
 
 
 def test_unmasked_teacher_alignment_term(tiny_corpus, monkeypatch):

@@ -18,7 +18,8 @@ from .fluxvit import FluxViT, FluxViTConfig
 from .internvideo2 import InternVideo2, resize_internvideo2_pos_embed
 from .pos_embed import resize_pos_grid
 
-__all__ = ["CheckpointMismatchError", "LoadReport", "load_model", "load_official_checkpoint", "read_state_dict",
+__all__ = ["CheckpointMismatchError", "LoadReport", "load_model", "load_official_checkpoint", "read_model_config",
+           "read_state_dict",
            "save_model", "set_default_mode"]
 
 log = logging.getLogger(__name__)
@@ -301,6 +302,16 @@ def read_metadata(path: Union[str, os.PathLike]) -> dict:
 
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
+
+
+def read_model_config(path: Union[str, os.PathLike]) -> dict | None:
+    """The FluxViT architecture stored in an export (``save_model``'s, or a stage-2 export's video tower) as
+    :class:`FluxViTConfig` keywords; ``None`` for a file without one (an official ``.pth``, a missing file)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    meta = read_metadata(path)
+    return json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
 
 
 def load_model(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu", **overrides) -> FluxViT:

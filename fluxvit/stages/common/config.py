@@ -19,7 +19,7 @@ from fluxvit.datasets import DataConfig  # the stages' data section (one class f
 
 __all__ = [
     "ConfigError", "DataConfig", "OptimConfig", "PresetRegistry", "RESUME_MAY_CHANGE", "TrainConfig", "apply_overrides",
-    "check_resume_config", "config_to_dict", "parse_value", "save_config",
+    "check_resume_config", "config_to_dict", "parse_value", "resolve_schedule", "save_config",
 ]
 
 
@@ -81,6 +81,37 @@ class TrainConfig:
     # activation checkpointing per block (recompute in backward: less memory, about one more forward).
     compile: bool = False
     grad_checkpointing: bool = False
+
+
+def resolve_schedule(cfg: Any, world_size: int) -> Any:
+    """A stage's run length from epochs, at the real number of processes (in place; before the run starts).
+
+    With ``cfg.epochs`` > 0: ``train_videos // total batch`` steps per epoch (total batch = ``data.batch_size`` x
+    ``train.grad_accum`` x ``world_size``), ``epochs`` of them, and, where the stage has ``warmup_epochs``, that many
+    of warmup; the saved config records the resulting ``train.steps`` / ``optim.warmup_steps``. Otherwise
+    ``train.steps`` stands.
+
+    Raises:
+        ConfigError: no length given (``train.steps`` and ``epochs`` both 0), or fewer videos than one total batch.
+    """
+    epochs = getattr(cfg, "epochs", 0)
+    if epochs <= 0:
+        if cfg.train.steps <= 0:
+            raise ConfigError("the run needs train.steps > 0 or epochs > 0 (with train_videos)")
+        return cfg
+    if cfg.train_videos <= 0:
+        raise ConfigError("epochs > 0 needs train_videos (videos per epoch) > 0")
+    total = cfg.data.batch_size * cfg.train.grad_accum * world_size
+    per_epoch = cfg.train_videos // total
+    if per_epoch < 1:
+        raise ConfigError(f"train_videos {cfg.train_videos} is less than one total batch of {total} videos")
+    cfg.train.steps = int(round(epochs * per_epoch))
+    if hasattr(cfg, "warmup_epochs"):
+        cfg.optim.warmup_steps = int(round(cfg.warmup_epochs * per_epoch))
+    logging.getLogger("fluxvit.train").info(
+        "%g epochs of %d videos at total batch %d (%d processes): %d steps, %d warmup", epochs, cfg.train_videos,
+        total, world_size, cfg.train.steps, cfg.optim.warmup_steps or round(cfg.optim.warmup_fraction * cfg.train.steps))
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------- presets

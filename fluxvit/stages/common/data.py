@@ -16,6 +16,7 @@ Registered sources:
   sees exactly the batches the uninterrupted run saw; "synthetic-motion" carries the eight motion labels.
 * ``"shards"``: :class:`LoaderSource`, WebDataset shards through :func:`build_loader`.
 * ``"synthetic-corpus"``: the same over the synthetic mp4 corpus, generated into ``data.root`` when absent.
+* ``"annotations"``: :class:`AnnotationList`, a JSON list of videos and captions (retrieval evaluation only).
 
 ``register_source`` adds another (``@register_source("name")`` on a class taking ``(cfg, seed, rank,
 world_size)``).
@@ -41,7 +42,7 @@ from fluxvit.datasets.transforms import NORMALIZE
 from .config import ConfigError
 
 __all__ = [
-    "LoaderSource", "NUM_MOTION_CLASSES", "SOURCES", "SyntheticClips", "as_clips", "build_loader", "build_source",
+    "AnnotationList", "LoaderSource", "NUM_MOTION_CLASSES", "SOURCES", "SyntheticClips", "as_clips", "build_loader", "build_source",
     "corpus_clip", "draw_grids", "log_once", "normalize_video", "register_source",
 ]
 
@@ -403,3 +404,34 @@ class CorpusSource(LoaderSource):
             info = self.splits.get(split, {})
             return info.get("shards", "") if info.get("num_samples") else ""
         return super().split_shards(split)
+
+
+@register_source("annotations")
+class AnnotationList:
+    """An annotation list over a folder of videos: evaluation data for retrieval, not a training source.
+
+    ``data.val_shards`` names the JSON list (``data.shards`` the one of "train") of ``{"video": path relative to
+    ``data.root``, "caption": str or [str]}`` (MSRVTT / UMT / InternVideo style); every caption is a query. To train
+    on such a list, write shards first (``fluxvit-data make-shards --json LIST``).
+    """
+
+    labelled = False
+
+    def __init__(self, cfg: DataConfig, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.cfg = cfg
+        self.val_shards = cfg.val_shards
+        self.skipped = 0
+
+    def split_list(self, split: str) -> str:
+        """The annotation list of ``split`` ("" when none)."""
+        return self.cfg.shards if split == "train" else self.cfg.val_shards
+
+    def batches(self, start: int = 0) -> Iterator[dict]:
+        raise ConfigError("data.source=annotations is evaluation data; write shards from the list to train on it "
+                          "(fluxvit-data make-shards --json LIST) and use data.source=shards")
+
+    def held_out(self, grids=None) -> list[torch.Tensor]:
+        return []
+
+    def has_held_out(self, split: str) -> bool:
+        return bool(self.split_list(split))

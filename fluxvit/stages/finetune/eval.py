@@ -4,12 +4,16 @@ Each video gives ``num_clips`` temporal clips x ``num_crops`` spatial crops at `
 view is reduced to the token budget K by the group-dynamic selector (or random tokens, an ablation), classified
 with the trained head nearest K, and the views' softmax outputs are averaged per video (``metrics.aggregate_views``).
 
-    python -m fluxvit.stages.finetune.eval --checkpoint runs/finetune_smoke/model.safetensors \\
-        --frames 8 --resolution 112 --budgets 0 128 --clips 2 --crops 1
+    python -m fluxvit.stages.finetune.eval runs/finetune_smoke/model.safetensors
+    python -m fluxvit.stages.finetune.eval RUN/model.safetensors --set eval.budgets=[0,128] \\
+        --set eval.resolution=112 --set eval.num_clips=2 --set eval.num_crops=1 --set data.decoder=pyav
+
+The data (source, val shards, decoder, workers), the view (``eval.frames``, ``resolution``, ``num_clips``,
+``num_crops``, ``split``, ``max_videos``) and the budgets (``eval.budgets``, 0 = every token) are the trained run's
+(``config.json`` beside the checkpoint), else the ``--preset``'s.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -18,12 +22,14 @@ from typing import Iterable, Sequence
 
 import torch
 
+from fluxvit.datasets import DataConfig
 from fluxvit.metrics import aggregate_views, fluxvit_gflops, topk_accuracy
 from fluxvit.models import FluxViT, load_model
 from fluxvit.models.checkpoint import read_metadata
 
-from ..common.cli import OneLineParser, fail, token_budget_or_all
-from fluxvit.datasets import DataConfig
+from ..common.cli import check_budgets, fail, print_config, resolve_tool_config, tool_parser
+from ..common.config import ConfigError
+from .config import presets
 from .data import eval_views, has_held_out
 
 __all__ = ["eval_head", "evaluate", "load_classifier", "main", "view_tokens"]
@@ -140,44 +146,27 @@ def load_classifier(path: str) -> tuple[FluxViT, list[int] | None]:
     return net, ([int(h) for h in heads.split(",")] if heads else None)
 
 
-def data_config(args: argparse.Namespace) -> DataConfig:
-    """The evaluation data of the CLI: the synthetic corpus in memory, or labelled shards."""
-    if args.shards:
-        return DataConfig(source="shards", shards=args.shards, val_shards=args.shards, normalize=args.normalize)
-    return DataConfig(source="synthetic-motion", num_val_clips=args.max_videos or 100, normalize=args.normalize)
-
-
-def add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="stage-3 export (.safetensors from save_model)")
-    p.add_argument("--shards", default="", help="labelled validation shards; default: the synthetic corpus")
-    p.add_argument("--split", default="val", help="synthetic corpus split (val or test)")
-    p.add_argument("--max-videos", type=int, default=0, help="videos to evaluate (0: all / 100 synthetic)")
-    p.add_argument("--normalize", default="imagenet", choices=("imagenet", "clip"))
-    p.add_argument("--batch-size", type=int, default=8)
-
-
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """CLI: print a JSON list of per-budget results (and write it to ``--out``)."""
-    p = OneLineParser(prog="python -m fluxvit.stages.finetune.eval",
-                      description="FluxViT multi-view classification evaluation at token budgets")
-    add_data_args(p)
-    p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--resolution", type=int, default=224)
-    p.add_argument("--budgets", type=token_budget_or_all, nargs="+", default=[2048],
-                   help="token budgets (integers >= 1, or 'all' for every token)")
-    p.add_argument("--clips", type=int, default=4, help="temporal clips per video")
-    p.add_argument("--crops", type=int, default=3, choices=(1, 3), help="spatial crops per clip")
-    p.add_argument("--selection", default="dynamic", choices=("dynamic", "random"))
-    p.add_argument("--out", default="", help="write the results as JSON here")
+    p = tool_parser("python -m fluxvit.stages.finetune.eval",
+                    "FluxViT multi-view classification evaluation at token budgets. Settings come from the run's "
+                    "saved config (data.*, eval.*, loss.selection); --set overrides single fields.",
+                    presets, default_preset="smoke", epilog=__doc__)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        net, heads = load_classifier(args.checkpoint)
-        res = evaluate(net, data_config(args), split=args.split, frames=args.frames, resolution=args.resolution,
-                       budgets=args.budgets, num_clips=args.clips, num_crops=args.crops, max_videos=args.max_videos,
-                       batch_size=args.batch_size, trained_heads=heads, selection=args.selection)
-    except (ValueError, FileNotFoundError) as err:
-        fail(str(err), 1, p.prog)
+        cfg, checkpoint, origin = resolve_tool_config(args, presets)
+        if args.print_config:
+            return print_config(cfg)
+        budgets = check_budgets("eval.budgets", cfg.eval.budgets, allow_all=True)
+        log.info("evaluating %s with %s", checkpoint, origin)
+        net, heads = load_classifier(str(checkpoint))
+        e = cfg.eval
+        res = evaluate(net, cfg.data, split=e.split, frames=e.frames, resolution=e.resolution, budgets=budgets,
+                       num_clips=e.num_clips, num_crops=e.num_crops, max_videos=e.max_videos, batch_size=e.batch_size,
+                       trained_heads=heads, selection=cfg.loss.selection)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        fail(str(err), 1 if not isinstance(err, ConfigError) else 2, p.prog)
     text = json.dumps(res, indent=1)
     if args.out:
         with open(args.out, "w") as f:

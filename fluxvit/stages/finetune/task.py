@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fluxvit.models import create_model, load_official_checkpoint, read_state_dict, save_model
+from fluxvit.models import FluxViT, FluxViTConfig, create_model, load_official_checkpoint, read_state_dict, save_model
+from fluxvit.models.checkpoint import read_model_config
 
 from ..common.config import ConfigError, OptimConfig
 from ..common.loop import StepOutput
@@ -84,6 +85,19 @@ def map_classifier_rows(state: dict, class_map: str, num_classes: int) -> dict:
     return out
 
 
+def build_classifier(m, init: str = "") -> FluxViT:
+    """The stage-3 FluxViT: the architecture stored in ``init`` when it is a stage-1/2/3 export (so a student of
+    another depth or width finetunes as it was trained; ``model.num_classes`` and ``model.drop_path_rate`` apply),
+    else ``model.name`` with ``model.overrides``."""
+    stored = read_model_config(init) if init else None
+    if stored is None:
+        return create_model(m.name, num_classes=m.num_classes, drop_path_rate=m.drop_path_rate, **m.overrides)
+    stored.update(num_classes=m.num_classes, drop_path_rate=m.drop_path_rate)
+    log.info("finetune: architecture of %s (depth %d, width %d); model.name / model.overrides not used", init,
+             stored.get("depth", 0), stored.get("embed_dim", 0))
+    return FluxViT(FluxViTConfig(**stored))
+
+
 class FinetuneTask:
     """FluxViT classifier, label mixing and the Flux-Multi / Flux-Single loss (the ``TrainTask`` of stage 3).
 
@@ -101,7 +115,7 @@ class FinetuneTask:
             raise ValueError(f"loss.selection must be 'dynamic' or 'random', got {lc.selection!r}")
         if len(lc.heads) != len(lc.budgets):
             raise ValueError(f"loss.heads {lc.heads} and loss.budgets {lc.budgets} differ in length")
-        net = create_model(m.name, num_classes=m.num_classes, drop_path_rate=m.drop_path_rate, **m.overrides)
+        net = build_classifier(m, cfg.train.init_from or m.init)
         self.model = FinetuneModel(net)
         if any(int(b) < 0 for b in (*lc.budgets, lc.single_budget)):
             raise ValueError(f"loss.budgets must be >= 0 (0 = every token), got {lc.budgets}")

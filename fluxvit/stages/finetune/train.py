@@ -13,6 +13,7 @@ from typing import Sequence
 
 from ..common import fit
 from ..common.cli import parse_stage_args, print_config, resolve_config, start_run
+from ..common.config import resolve_schedule
 from ..common.loop import TrainResult
 from ..common.runtime import append_metrics, read_metrics
 from .config import FinetuneConfig, presets
@@ -34,26 +35,6 @@ def build_config(preset: str, overrides: Sequence[str] = ()) -> FinetuneConfig:
     cfg = resolve_config(presets, preset, overrides)
     if cfg.model.init and not cfg.train.init_from:
         cfg.train.init_from = cfg.model.init
-    return cfg
-
-
-def resolve_schedule(cfg: FinetuneConfig, world_size: int) -> FinetuneConfig:
-    """With ``epochs`` > 0, the release's run length: ``train_videos // total batch`` steps per epoch (total batch
-    = videos per process x grad_accum x processes), ``epochs`` of them, ``warmup_epochs`` of warmup. In place."""
-    if cfg.epochs <= 0:
-        if cfg.train.steps <= 0:
-            raise ValueError("stage 3 needs train.steps > 0 or epochs > 0 (with train_videos)")
-        return cfg
-    if cfg.train_videos <= 0:
-        raise ValueError("epochs > 0 needs train_videos (videos per epoch) > 0")
-    total = cfg.data.batch_size * cfg.train.grad_accum * world_size
-    per_epoch = cfg.train_videos // total
-    if per_epoch < 1:
-        raise ValueError(f"train_videos {cfg.train_videos} is less than one total batch of {total} videos")
-    cfg.train.steps = int(round(cfg.epochs * per_epoch))
-    cfg.optim.warmup_steps = int(round(cfg.warmup_epochs * per_epoch))
-    log.info("%g epochs of %d videos at total batch %d: %d steps, %d warmup", cfg.epochs, cfg.train_videos, total,
-             cfg.train.steps, cfg.optim.warmup_steps)
     return cfg
 
 

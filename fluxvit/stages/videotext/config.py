@@ -74,13 +74,17 @@ class TeacherAlignConfig:
 @dataclass
 class RetrievalEvalConfig:
     """Zero-shot retrieval settings: token budgets and (frames, resolution) settings to test; ``dual_softmax``
-    scores with InternVideo2's dual softmax at ``dual_softmax_temperature`` (tau, 1 on cosine similarity)."""
+    scores with InternVideo2's dual softmax at ``dual_softmax_temperature`` (tau, 1 on cosine similarity), the
+    protocol of Table 9; without it the plain cosine similarity is ranked. ``split``: what the retrieval command
+    evaluates (the synthetic corpus's split; shard data: ``data.val_shards`` for any split but "train"). Training
+    evaluates ``data.val_shards`` every ``train.eval_every`` steps with the same protocol."""
 
     budgets: tuple = (2048, 1024)
     settings: list = field(default_factory=lambda: [[8, 224]])
     dual_softmax: bool = False
     dual_softmax_temperature: float = 1.0
     max_videos: int = 0  # 0: all
+    split: str = "test"  # the split ``python -m fluxvit.stages.videotext.retrieval`` reports on
 
 
 @dataclass
@@ -96,6 +100,10 @@ class VideoTextConfig:
                                                                    warmup_fraction=0.2))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(run_dir="runs/videotext",
                                                                    export_name="videotext.safetensors"))
+    # With epochs > 0 the run length is epochs x train_videos // total batch at the real number of processes
+    # (resolved at start, as stage 3's; the saved config has the resulting train.steps).
+    epochs: float = 0.0
+    train_videos: int = 0
 
 
 presets = PresetRegistry("videotext")
@@ -142,11 +150,6 @@ CORPUS_25M, CORPUS_2M5 = 25_000_000, 2_500_000
 PAPER_PROCESSES = 64  # data.batch_size is per process: 64 processes x 64 = the global batch 4096 of Table 16
 
 
-def _steps(epochs: float, corpus: int, global_batch: int) -> int:
-    """Optimizer steps of ``epochs`` passes over ``corpus`` samples at ``global_batch`` samples per step."""
-    return int(round(epochs * corpus / global_batch))
-
-
 def _flux_clip(model: str, phase: str) -> VideoTextConfig:
     base = model.endswith("base_patch14")
     cfg = VideoTextConfig()
@@ -166,7 +169,8 @@ def _flux_clip(model: str, phase: str) -> VideoTextConfig:
     # InternVideo2's scheduler (multi_modality utils/scheduler.py): warm-up from 0.01 x lr, cosine floored at 0.01 x lr.
     cfg.optim = OptimConfig(lr=lr, min_lr=lr * 0.01, weight_decay=0.02, betas=(0.9, 0.98),
                             warmup_fraction=warmup / epochs, clip_grad=0.0, schedule="cosine_floor")
-    cfg.train = TrainConfig(run_dir=f"runs/flux_clip_{phase}_{model}", steps=_steps(epochs, corpus, global_batch),
+    cfg.epochs, cfg.train_videos = epochs, corpus  # train.steps: resolved at start from the real world size
+    cfg.train = TrainConfig(run_dir=f"runs/flux_clip_{phase}_{model}", steps=0,
                             mixed_precision="bf16", log_every=50, ckpt_every=2000,
                             export_name="videotext.safetensors")
     cfg.retrieval = RetrievalEvalConfig(budgets=(2048, 1024, 512), settings=[[8, 224], [16, 224]],

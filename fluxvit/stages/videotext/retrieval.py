@@ -1,24 +1,29 @@
 """Zero-shot text-to-video and video-to-text retrieval of a stage-2 checkpoint.
 
-    python -m fluxvit.stages.videotext.retrieval --checkpoint runs/pretrain/videotext/videotext.safetensors
-    python -m fluxvit.stages.videotext.retrieval --checkpoint CKPT --data shards:/data/msrvtt/test-{000..009}.tar \\
-        --budgets 2048 1024 --settings 8x224 16x224 --dual-softmax      # InternVideo2's DSL, tau = 1
-    python -m fluxvit.stages.videotext.retrieval --checkpoint CKPT --data msrvtt:test.json:/data/videos
+    python -m fluxvit.stages.videotext.retrieval      # make pretrain's export, with its run's settings
+    python -m fluxvit.stages.videotext.retrieval RUN/videotext.safetensors \\
+        --set data.source=shards --set data.val_shards='/data/msrvtt/test-{000..009}.tar'
+    python -m fluxvit.stages.videotext.retrieval CKPT --set data.source=annotations \\
+        --set data.val_shards=test.json --set data.root=/data/videos --set retrieval.budgets=[2048,1024]
 
-Inputs: ``synthetic`` (the embedded corpus's split, generated under ``--root`` when absent), ``shards:SPEC``
-(WebDataset video shards, one caption per video), or ``msrvtt:ANNOTATIONS.json:VIDEO_DIR`` (a JSON list of
-``{"video": relative path, "caption": str or [str]}``; every caption is a query). Each (frames x resolution)
-setting is decoded once (segment-middle frames, resize + centre crop) and encoded at every token budget.
-Prints a Markdown table (both directions, each budget, chance level) headed by its protocol and writes JSON.
+Everything comes from the trained run's saved config (``config.json`` beside the checkpoint; else ``--preset``):
+the data section (``data.source``, ``data.val_shards`` / the synthetic corpus's ``retrieval.split``, decoder,
+workers, normalisation) and the ``retrieval`` section (``budgets``, ``settings`` as ``[[frames, resolution], ...]``,
+``dual_softmax``, ``dual_softmax_temperature``, ``max_videos``, ``split``); ``--set`` overrides single fields.
+Data: shards (one caption per video), the synthetic corpus, or an annotation list (``data.source=annotations``:
+``data.val_shards`` a JSON list of ``{"video": path relative to data.root, "caption": str or [str]}``; every
+caption is a query). Each (frames x resolution) setting is decoded once (segment-middle frames, resize + centre
+crop) and encoded at every token budget. Prints a Markdown table (both directions, each budget, chance level)
+headed by its protocol and writes JSON.
 
-Protocols (``fluxvit.metrics.retrieval_metrics``): "plain" ranks the cosine similarity; ``--dual-softmax [TAU]``
-is InternVideo2's dual softmax (``tasks_clip/retrieval_utils.py``, which the paper's Table 9 reports): T2V ranks
-``sim * softmax(sim / tau)`` taken over the texts of each video, V2T the same taken over the videos of each text,
-tau = 1 on cosine similarity by default.
+Protocols (``fluxvit.metrics.retrieval_metrics``): "plain" ranks the cosine similarity; with
+``retrieval.dual_softmax`` (the paper presets, as Table 9 reports) InternVideo2's dual softmax
+(``tasks_clip/retrieval_utils.py``): T2V ranks ``sim * softmax(sim / tau)`` taken over the texts of each video,
+V2T the same taken over the videos of each text, tau = ``retrieval.dual_softmax_temperature`` (1 on cosine
+similarity).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -29,19 +34,20 @@ from typing import Sequence
 
 import torch
 
-from fluxvit.datasets import EvalTransform, decode_clips
+from fluxvit.datasets import DataConfig, EvalTransform, decode_clips
 from fluxvit.datasets.synth import ensure_synthetic_corpus
 from fluxvit.metrics import chance_recall, retrieval_metrics, retrieval_protocol
 
-from ..common.cli import OneLineParser, token_budget
-from fluxvit.datasets import DataConfig
-from ..common.data import build_loader
+from ..common.cli import check_budgets, fail, print_config, resolve_tool_config, tool_parser
+from ..common.config import ConfigError
+from ..common.data import AnnotationList, as_clips, build_loader, build_source
+from .config import presets
 from .task import load_videotext
 
-__all__ = ["RetrievalSet", "corpus_splits", "evaluate_retrieval", "format_table", "load_retrieval_set", "main"]
+__all__ = ["RetrievalSet", "corpus_splits", "dual_softmax_tau", "evaluate_retrieval", "format_table", "load_retrieval_set",
+           "main", "protocol_of"]
 
 log = logging.getLogger("fluxvit.eval")
-DEFAULT_CHECKPOINT = "runs/pretrain/videotext/videotext.safetensors"
 
 
 @dataclass
@@ -61,9 +67,7 @@ def _from_shards(shards: str, frames: int, res: int, max_videos: int, data: Data
     loader = build_loader(data, shards, train=False, num_frames=frames, img_size=res, batch_size=16)
     videos, texts, keys = [], [], []
     for batch in loader:
-        video = batch["video"]
-        clips = list(video) if isinstance(video, (list, tuple)) else list(video.unbind(0))
-        for clip, caption, key in zip(clips, batch["caption"], batch["key"]):
+        for clip, caption, key in zip(as_clips(batch["video"]), batch["caption"], batch["key"]):
             if not caption:
                 continue  # a video without a caption cannot be a retrieval target
             videos.append(clip)
@@ -101,26 +105,28 @@ def corpus_splits(root: str) -> dict:
     return {split: v["shards"] for split, v in ensure_synthetic_corpus(root)["splits"].items()}
 
 
-def load_retrieval_set(data: str, frames: int, res: int, *, root: str = "data/synthetic", split: str = "test",
-                       max_videos: int = 0, normalize: str = "imagenet",
-                       options: DataConfig | None = None) -> RetrievalSet:
-    """Decode the evaluation videos of ``data`` (see the module docstring) at one (frames, res) setting.
+def load_retrieval_set(data: DataConfig, split: str, frames: int, res: int, max_videos: int = 0) -> RetrievalSet:
+    """Decode the evaluation videos of ``split`` of a data section at one (frames, res) setting, with its decoder,
+    workers and normalisation: shards (``data.val_shards``; "train": ``data.shards``), the synthetic corpus's split,
+    or an annotation list (``data.source=annotations``).
 
-    ``options``: the loader knobs (decoder, workers, ...) of a stage's data section; default: a ``DataConfig``
-    with ``normalize``.
+    Raises:
+        ConfigError: the section names no captioned videos for ``split``.
     """
-    options = options or DataConfig(normalize=normalize)
-    if data == "synthetic":
-        splits = corpus_splits(root)
-        if split not in splits:
-            raise ValueError(f"the synthetic corpus in {root} has no {split!r} split")
-        return _from_shards(splits[split], frames, res, max_videos, options)
-    if data.startswith("shards:"):
-        return _from_shards(data[len("shards:"):], frames, res, max_videos, options)
-    if data.startswith("msrvtt:"):
-        _, ann, video_dir = data.split(":", 2)
-        return _from_annotations(ann, video_dir, frames, res, max_videos, options.normalize, options.decoder)
-    raise ValueError(f"unknown --data {data!r}: use synthetic, shards:SPEC or msrvtt:ANNOTATIONS.json:VIDEO_DIR")
+    source = build_source(data)
+    if isinstance(source, AnnotationList):
+        if not source.split_list(split):
+            raise ConfigError("data.source=annotations needs data.val_shards (the JSON list) and data.root")
+        return _from_annotations(source.split_list(split), data.root, frames, res, max_videos, data.normalize,
+                                 data.decoder)
+    shards = getattr(source, "split_shards", None)
+    if shards is None:
+        raise ConfigError(f"data.source={data.source} renders clips without files; retrieval reads captioned videos: "
+                          f"shards, synthetic-corpus or annotations")
+    if not shards(split):
+        raise ConfigError(f"no videos for split {split!r}: set data.val_shards (or data.source=synthetic-corpus with "
+                          f"data.root)")
+    return _from_shards(shards(split), frames, res, max_videos, data)
 
 
 @torch.no_grad()
@@ -172,78 +178,61 @@ def format_table(results: list[dict]) -> str:
     return "\n".join([head, *rows])
 
 
-def _setting(text: str) -> tuple[int, int]:
-    try:
-        frames, res = text.lower().split("x")
-        return int(frames), int(res)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"setting must look like 8x224, got {text!r}") from None
+def dual_softmax_tau(r) -> float | None:
+    """The dual-softmax temperature of a ``retrieval`` section (None: the plain cosine similarity)."""
+    return float(r.dual_softmax_temperature) if r.dual_softmax else None
+
+
+def protocol_of(r) -> str:
+    """The scoring protocol of a ``retrieval`` section, as reports name it ("plain", "DSL tau=1")."""
+    return retrieval_protocol(dual_softmax_tau(r))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """CLI entry point; returns the JSON report."""
-    p = OneLineParser(prog="python -m fluxvit.stages.videotext.retrieval",
-                                description="Zero-shot video-text retrieval of a stage-2 checkpoint",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
-    p.add_argument("--data", default="synthetic")
-    p.add_argument("--root", default="data/synthetic", help="synthetic corpus folder (generated when absent)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--budgets", type=token_budget, nargs="+", default=None, help="token budgets (>= 1)")
-    p.add_argument("--settings", type=_setting, nargs="+", default=None, help="FRAMESxRES, e.g. 8x224")
-    p.add_argument("--dual-softmax", type=float, nargs="?", const=1.0, default=None, metavar="TAU",
-                   help="InternVideo2's dual softmax with temperature TAU (default 1 on cosine similarity); "
-                        "without it the plain similarity is ranked")
-    p.add_argument("--max-videos", type=int, default=0)
-    p.add_argument("--out", default="", help="JSON output (default: beside the checkpoint)")
+    p = tool_parser("python -m fluxvit.stages.videotext.retrieval",
+                    "Zero-shot video-text retrieval of a stage-2 checkpoint, with the run's own settings and protocol",
+                    presets, default_preset="demo", epilog=__doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--decoder", default="decord", choices=("decord", "pyav", "torchcodec"),
-                   help="video decoder (a missing one falls back to PyAV)")
-    p.add_argument("--workers", type=int, default=0, help="decoding worker processes")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-
-
-    ckpt = Path(args.checkpoint)
-    if not ckpt.is_file():
-        p.error(f"checkpoint {ckpt} not found; run `make pretrain` first or pass --checkpoint")
-    model, tower = load_videotext(ckpt)
-    model.to(args.device)
-    tower.to(args.device)
-    config = _run_config(ckpt)
-    budgets = args.budgets or list(config.get("budgets", [2048, 1024]))
-    settings = args.settings or [tuple(s) for s in config.get("settings", [[8, 224]])]
-    rows = []
-    t0 = time.perf_counter()
-    for frames, res in settings:
-        log.info("decoding %s at %dx%d", args.data, frames, res)
-        rset = load_retrieval_set(args.data, frames, res, root=args.root, split=args.split,
-                                  max_videos=args.max_videos,
-                                  options=DataConfig(decoder=args.decoder, num_workers=args.workers))
-        if not rset.videos:
-            p.error(f"no captioned videos found in {args.data}")
-        for m in evaluate_retrieval(model, tower, rset, budgets, args.dual_softmax, args.device).values():
-            rows.append({"setting": f"{frames}x{res}", **m})
-    report = {"checkpoint": str(ckpt), "data": args.data, "split": args.split,
-              "dual_softmax_temperature": args.dual_softmax, "protocol": retrieval_protocol(args.dual_softmax),
-              "results": rows, "seconds": round(time.perf_counter() - t0, 1)}
+    try:
+        cfg, ckpt, origin = resolve_tool_config(args, presets)
+        if args.print_config:
+            return print_config(cfg)
+        r = cfg.retrieval
+        budgets = check_budgets("retrieval.budgets", r.budgets)
+        settings = [(int(f), int(res)) for f, res in r.settings]
+        tau, protocol = dual_softmax_tau(r), protocol_of(r)
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"checkpoint {ckpt} not found; run `make pretrain` first or name one")
+        log.info("retrieval of %s with %s; protocol %s", ckpt, origin, protocol)
+        model, tower = load_videotext(ckpt)
+        model.to(args.device)
+        tower.to(args.device)
+        rows = []
+        t0 = time.perf_counter()
+        for frames, res in settings:
+            log.info("decoding %s (%s) at %dx%d", cfg.data.source, r.split, frames, res)
+            rset = load_retrieval_set(cfg.data, r.split, frames, res, r.max_videos)
+            if not rset.videos:
+                raise ConfigError(f"no captioned videos in data.source={cfg.data.source} split {r.split}")
+            for m in evaluate_retrieval(model, tower, rset, budgets, tau, args.device).values():
+                rows.append({"setting": f"{frames}x{res}", **m})
+    except ConfigError as err:
+        fail(str(err), 2, p.prog)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err), 1, p.prog)
+    data = cfg.data.val_shards if r.split != "train" else cfg.data.shards
+    report = {"checkpoint": str(ckpt), "config": origin, "source": cfg.data.source, "data": data or cfg.data.root,
+              "split": r.split, "dual_softmax_temperature": tau, "protocol": protocol, "results": rows,
+              "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(args.out) if args.out else ckpt.with_name("retrieval.json")
     out.write_text(json.dumps(report, indent=2))
-    sys.stdout.write(f"\nZero-shot retrieval on {args.data} ({args.split}), {rows[0]['num_videos']} videos, "
-                     f"{rows[0]['num_texts']} captions\n\n{format_table(rows)}\n\nwrote {out}\n")
+    sys.stdout.write(f"\nZero-shot retrieval on {cfg.data.source} {report['data']} ({r.split}), {rows[0]['num_videos']} "
+                     f"videos, {rows[0]['num_texts']} captions, protocol {protocol}\n\n{format_table(rows)}\n\n"
+                     f"wrote {out}\n")
     return report
-
-
-def _run_config(ckpt: Path) -> dict:
-    """Retrieval settings of the run that wrote ``ckpt`` (its saved config), if any."""
-    for name in ("config.json",):
-        path = ckpt.parent / name
-        if path.is_file():
-            try:
-                return json.loads(path.read_text()).get("retrieval", {})
-            except ValueError:
-                return {}
-    return {}
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Sequence
 
 from ..common import build_source, fit
 from ..common.data import log_once
 from ..common.cli import parse_stage_args, print_config, resolve_config, start_run
+from ..common.config import resolve_schedule
 from ..common.loop import TrainResult
 from .config import VideoTextConfig, presets
 from .task import VideoTextTask
@@ -31,7 +33,7 @@ def _make_evaluator(cfg: VideoTextConfig, val_shards: str):
     there are none: logged once, the training shards are never evaluated instead)."""
     # Imported here: a top-level import would load .retrieval with the package and make
     # `python -m fluxvit.stages.videotext.retrieval` warn (runpy's RuntimeWarning).
-    from .retrieval import evaluate_retrieval, load_retrieval_set
+    from .retrieval import dual_softmax_tau, evaluate_retrieval, load_retrieval_set
 
     if not val_shards:
         log_once("data.val_shards is empty: held-out retrieval during training is skipped")
@@ -42,10 +44,10 @@ def _make_evaluator(cfg: VideoTextConfig, val_shards: str):
 
     def evaluator(model, tower) -> dict:
         if "set" not in cache:
-            cache["set"] = load_retrieval_set(f"shards:{val_shards}", frames, res,
-                                              max_videos=cfg.retrieval.max_videos or 64, options=cfg.data)
+            held_out = dataclasses.replace(cfg.data, source="shards", shards=val_shards, val_shards=val_shards)
+            cache["set"] = load_retrieval_set(held_out, "val", frames, res, cfg.retrieval.max_videos or 64)
         device = next(model.parameters()).device
-        tau = cfg.retrieval.dual_softmax_temperature if cfg.retrieval.dual_softmax else None
+        tau = dual_softmax_tau(cfg.retrieval)
         m = evaluate_retrieval(model, tower, cache["set"], [budget], tau, device)[budget]
         return {"val_t2v_r1": m["t2v_r1"], "val_v2t_r1": m["v2t_r1"], "val_chance_r1": m["chance_r1"]}
 
@@ -60,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult | None:
     if args.print_config:
         return print_config(cfg)
     acc = start_run(cfg, "videotext", args.preset)
+    resolve_schedule(cfg, acc.num_processes)
     task = VideoTextTask(cfg)
     # Rank 0 generates the synthetic corpus (when asked for) before the other ranks read it.
     with acc.main_process_first():
@@ -68,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> TrainResult | None:
         task.evaluator = _make_evaluator(cfg, getattr(source, "val_shards", ""))
     result = fit(cfg, task, source, acc)
     if acc.is_main_process and result.evals:
-        log.info("held-out retrieval: %s -> %s", result.evals[0][1], result.evals[-1][1])
+        from .retrieval import protocol_of
+
+        log.info("held-out retrieval (protocol %s): %s -> %s", protocol_of(cfg.retrieval), result.evals[0][1],
+                 result.evals[-1][1])
     acc.end_training()
     return result
