@@ -12,10 +12,10 @@ from torch import nn
 
 from .config import OptimConfig
 
-log = logging.getLogger("fluxvit.train")
-
 __all__ = ["ModelEMA", "build_optimizer", "cosine_lr", "layer_decay_groups", "param_groups", "release_vit_layer_id",
            "build_scheduler", "peak_lr", "scale_lr", "warmup_steps"]
+
+log = logging.getLogger("fluxvit.train")
 
 
 def _no_decay_names(module: nn.Module) -> set:
