@@ -30,7 +30,7 @@ from braceexpand import braceexpand
 
 __all__ = [
     "ShardSource", "ShardReader", "parse_shard_spec", "expand_urls", "shard_sizes", "open_shard", "iter_tar_samples",
-    "IMAGE_EXTENSIONS", "TruncatedShard", "ShardWriter", "VIDEO_EXTENSIONS", "VIDEO_KEYS", "shard_classes", "shard_error_reason",
+    "IMAGE_EXTENSIONS", "TruncatedShard", "ShardWriter", "VIDEO_EXTENSIONS", "VIDEO_KEYS", "shard_classes", "shard_error_reason", "label_map_difference",
 ]
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,26 @@ def shard_classes(spec: str) -> list[str] | None:
     if len(lists) > 1:
         raise ValueError(f"the shard sources carry different classes.json files: {sorted(found)}")
     return list(lists.pop()) if lists else None
+
+
+def label_map_difference(expected: list[str], found: list[str], expected_name: str, found_name: str) -> str | None:
+    """One line naming the first difference between two class lists (index -> name), ``None`` when they agree.
+
+    E.g. ``class 2 is 'jump' in the model but 'run' in the shards``; a shorter list: ``the shards have 3 classes,
+    the model 4 (the first missing: 'swim')``. Used where a model meets labelled data (training vs held-out
+    shards, a stage-3 export vs evaluation shards): indices that mean other classes give a wrong accuracy silently.
+    """
+    for i, (a, b) in enumerate(zip(expected, found)):
+        if a != b:
+            return (f"the label maps differ: class {i} is {a!r} in {expected_name} but {b!r} in {found_name}; "
+                    "make every split with the same fluxvit-data make-shards --classes FILE (e.g. the training "
+                    "shards' classes.json)")
+    if len(expected) != len(found):
+        longer, name = (expected, expected_name) if len(expected) > len(found) else (found, found_name)
+        return (f"the label maps differ: {expected_name} has {len(expected)} classes, {found_name} {len(found)} "
+                f"(the first only in {name}: {longer[min(len(expected), len(found))]!r}); make every split with the "
+                "same fluxvit-data make-shards --classes FILE")
+    return None
 
 
 def open_shard(url: str) -> IO[bytes]:

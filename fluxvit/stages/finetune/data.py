@@ -10,11 +10,13 @@ import logging
 from typing import Iterator
 
 from fluxvit.datasets import DataConfig
+from fluxvit.datasets.shards import label_map_difference, shard_classes
 
+from ..common.config import ConfigError
 from ..common.data import NUM_MOTION_CLASSES, SyntheticClips, build_source, corpus_clip
 
 __all__ = ["MotionClips", "NUM_MOTION_CLASSES", "build_train_source", "eval_views", "has_held_out", "motion_clip",
-           "shard_num_classes"]
+           "shard_num_classes", "check_split_label_maps"]
 
 log = logging.getLogger("fluxvit.train")
 
@@ -55,6 +57,26 @@ def shard_num_classes(data: DataConfig) -> int | None:
     ``None`` for in-memory sources or shards without one."""
     source = build_source(data, labels=True)
     return source.num_classes() if source.labelled and not isinstance(source, SyntheticClips) else None
+
+
+def check_split_label_maps(data: DataConfig) -> None:
+    """Stop with one line when the training and held-out shards carry different class lists (``classes.json``);
+    either lacking one is not checked.
+
+    Raises:
+        ConfigError: the first class whose index differs.
+    """
+    if data.source != "shards" or not data.shards or not data.val_shards:
+        return
+    try:
+        train, val = shard_classes(data.shards), shard_classes(data.val_shards)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if train is not None and val is not None:
+        why = label_map_difference(train, val, "the training shards (data.shards)",
+                                   "the held-out shards (data.val_shards)")
+        if why:
+            raise ConfigError(why)
 
 
 def build_train_source(cfg: DataConfig, seed: int, rank: int, world_size: int):

@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 import torch
 
 from fluxvit.datasets import DataConfig
+from fluxvit.datasets.shards import label_map_difference, shard_classes
 from fluxvit.metrics import aggregate_views, fluxvit_gflops, topk_accuracy
 from fluxvit.models import FluxViT, load_model
 from fluxvit.models.checkpoint import read_metadata
@@ -32,7 +33,7 @@ from ..common.config import ConfigError
 from .config import presets
 from .data import eval_views, has_held_out
 
-__all__ = ["eval_head", "evaluate", "load_classifier", "main", "view_tokens"]
+__all__ = ["check_label_map", "eval_head", "evaluate", "load_classifier", "main", "view_tokens"]
 
 log = logging.getLogger("fluxvit.eval")
 
@@ -127,6 +128,23 @@ def evaluate(net: FluxViT, data: DataConfig, *, split: str = "val", frames: int 
     return out
 
 
+def check_label_map(path: str, data: DataConfig, split: str = "val") -> None:
+    """Stop with one line when the ``classes.json`` of the shards ``split`` reads (``data.shards`` for "train",
+    else ``data.val_shards``) differs from the class names the stage-3 export ``path`` stored. Exports made before
+    names were stored, in-memory sources and shards without ``classes.json`` are not checked.
+
+    Raises:
+        ValueError: the first class whose index differs.
+    """
+    stored = read_metadata(path).get("classes")
+    shards = (data.shards if split == "train" else data.val_shards) if data.source == "shards" else ""
+    found = shard_classes(shards) if stored and shards else None
+    if found is not None:
+        why = label_map_difference(json.loads(stored), found, f"the model ({path})", f"the shards ({shards})")
+        if why:
+            raise ValueError(why)
+
+
 def load_classifier(path: str) -> tuple[FluxViT, list[int] | None]:
     """A finetuned FluxViT from a stage-3 export, with its trained heads (None: all).
 
@@ -162,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         log.info("evaluating %s with %s", checkpoint, origin)
         net, heads = load_classifier(str(checkpoint))
         e = cfg.eval
+        check_label_map(str(checkpoint), cfg.data, e.split)
         res = evaluate(net, cfg.data, split=e.split, frames=e.frames, resolution=e.resolution, budgets=budgets,
                        num_clips=e.num_clips, num_crops=e.num_crops, max_videos=e.max_videos, batch_size=e.batch_size,
                        trained_heads=heads, selection=cfg.loss.selection)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fluxvit.datasets.shards import shard_classes
 from fluxvit.models import FluxViT, FluxViTConfig, create_model, load_official_checkpoint, read_state_dict, save_model
 from fluxvit.models.checkpoint import read_model_config
 
@@ -167,8 +168,12 @@ class FinetuneTask:
 
     def export(self, model: FinetuneModel, path: Path) -> Path:
         """The classifier alone, as safetensors that ``fluxvit.models.load_model`` rebuilds."""
-        return save_model(model.net, path, metadata={"stage": "finetune", "mode": self.cfg.loss.mode,
-                                                    "trained_heads": ",".join(map(str, self.heads))})
+        meta = {"stage": "finetune", "mode": self.cfg.loss.mode, "trained_heads": ",".join(map(str, self.heads))}
+        names = shard_classes(self.cfg.data.shards) if self.cfg.data.source == "shards" and self.cfg.data.shards \
+            else None
+        if names is not None:  # the label map the classifier was trained with: evaluation checks its data by it
+            meta["classes"] = json.dumps(names)
+        return save_model(model.net, path, metadata=meta)
 
     # ------------------------------------------------------------------ loss
     def _seed(self, step: int) -> None:

@@ -33,7 +33,7 @@ from ..common.cli import check_budgets, fail, resolve_tool_config, tool_parser
 from ..common.config import ConfigError, config_to_dict
 from ..common.data import build_source
 from .config import presets
-from .eval import evaluate, load_classifier
+from .eval import check_label_map, evaluate, load_classifier
 
 __all__ = ["TokenOptConfig", "candidate_pairs", "main", "plain_pair", "plot_tokenopt", "token_optimize",
            "write_table"]
@@ -218,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         log.info("Token Optimization of %s with %s", checkpoint, origin)
         net, heads = load_classifier(str(checkpoint))
         report_data = dataclasses.replace(cfg.data, val_shards=to.report_shards) if to.report_shards else None
+        check_label_map(str(checkpoint), cfg.data, to.search_split)
+        check_label_map(str(checkpoint), report_data or cfg.data, to.report_split)
         result = token_optimize(net, cfg.data, budgets, to.frames, to.resolutions, to.base_resolution,
                                 split=to.search_split, report_split=to.report_split, report_data=report_data,
                                 num_clips=to.num_clips, num_crops=to.num_crops, max_videos=cfg.eval.max_videos,

@@ -17,7 +17,7 @@ from ..common.config import resolve_schedule
 from ..common.loop import TrainResult
 from ..common.runtime import append_metrics, read_metrics
 from .config import FinetuneConfig, presets
-from .data import build_train_source, shard_num_classes
+from .data import build_train_source, check_split_label_maps, shard_num_classes
 from .task import FinetuneTask
 
 __all__ = ["build_config", "main", "parse_args", "resolve_schedule"]
@@ -49,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult | None:
     resolve_schedule(cfg, acc.num_processes)
     with acc.main_process_first():  # rank 0 generates the synthetic corpus first when asked for
         num_classes = shard_num_classes(cfg.data)
+    check_split_label_maps(cfg.data)
     if num_classes is not None and num_classes != cfg.model.num_classes:
         log.warning("the shards carry %d classes (classes.json): model.num_classes %d -> %d", num_classes,
                     cfg.model.num_classes, num_classes)
