@@ -1,7 +1,7 @@
 """Fault injection: each fault hits a toy run of the shared loop, the run (or a rerun with ``train.resume=auto``)
 continues from the last intact state, and nothing already trained is lost: the resumed run ends with exactly
 the weights, losses and learning rates of a run that never saw the fault, and ``metrics.jsonl`` holds every step
-once. The README's "Faults and what happens" table is filled from these tests.
+once. The "Faults and what happens" table of docs/training.md is filled from these tests.
 
 Run as a script (``python tests/test_faults.py RUN_DIR KILL_AT``) it is the worker of the SIGKILL test.
 """

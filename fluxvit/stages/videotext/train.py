@@ -10,6 +10,8 @@ import dataclasses
 import logging
 from typing import Sequence
 
+from fluxvit.metrics import retrieval_protocol
+
 from ..common import build_source, fit
 from ..common.data import log_once
 from ..common.cli import parse_stage_args, print_config, resolve_config, start_run
@@ -71,9 +73,9 @@ def main(argv: Sequence[str] | None = None) -> TrainResult | None:
         task.evaluator = _make_evaluator(cfg, getattr(source, "val_shards", ""))
     result = fit(cfg, task, source, acc)
     if acc.is_main_process and result.evals:
-        from .retrieval import protocol_of
-
-        log.info("held-out retrieval (protocol %s): %s -> %s", protocol_of(cfg.retrieval), result.evals[0][1],
+        r = cfg.retrieval
+        log.info("held-out retrieval (protocol %s): %s -> %s",
+                 retrieval_protocol(r.dual_softmax_temperature if r.dual_softmax else None), result.evals[0][1],
                  result.evals[-1][1])
     acc.end_training()
     return result
