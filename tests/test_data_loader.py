@@ -138,9 +138,29 @@ def test_bad_samples_are_counted_and_skipped(tmp_path):
                                     decoder="decord"), rank=0, world_size=1)
     keys = keys_of(loader)
     assert sorted(keys) == ["g0", "g1", "g2", "g3", "t0"]
-    assert loader.stats.skipped == 3 and loader.stats.shard_errors == 1
-    assert loader.stats.reasons == {"decode error": 1, "empty video": 1, "no video": 1}
-    assert stats().skipped - before == 3  # counts crossed the worker processes
+    # 3 bad samples + the truncated shard (its torn sample t1 is lost): issue 18 counts broken shards as skips
+    assert loader.stats.skipped == 4 and loader.stats.shard_errors == 1
+    assert loader.stats.reasons == {"decode error": 1, "empty video": 1, "no video": 1, "truncated shard": 1}
+    assert stats().skipped - before == 4  # counts crossed the worker processes
+    assert loader.stats.as_dict()["data/skipped"] == 4
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_corrupt_shards_anywhere_count_as_skips(tmp_path, num_workers):
+    """A wholly garbage shard, one cut at a header boundary and an empty one, in the middle of the list: each adds
+    to the skip figures (``skipped`` is the training loop's ``skipped_samples``), the good shards are read."""
+    video = make_video(num_frames=4, width=32, height=24)
+    write_tar(tmp_path / "00000.tar", [video_sample("a0", video)])
+    (tmp_path / "00001.tar").write_bytes(random.Random(0).randbytes(6000))  # garbage from the first byte
+    full = write_tar(tmp_path / "00002.tar", [video_sample("c0", video), video_sample("c1", video)])
+    data = full.read_bytes()
+    full.write_bytes(data[:700])  # cut inside the first member: no complete sample
+    (tmp_path / "00003.tar").write_bytes(b"")
+    write_tar(tmp_path / "00004.tar", [video_sample("e0", video)])
+    loader = build_video_loader(cfg(str(tmp_path / "{00000..00004}.tar"), num_workers=num_workers, batch_size=1,
+                                    decoder="pyav", train=False), rank=0, world_size=1)
+    assert sorted(keys_of(loader)) == ["a0", "e0"]
+    assert loader.stats.shard_errors == 3 and loader.stats.skipped == 3
     assert loader.stats.as_dict()["data/skipped"] == 3
 
 

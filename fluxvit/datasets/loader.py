@@ -66,7 +66,11 @@ class SampleError(Exception):
 
 @dataclass
 class DataStats:
-    """Counters the training loop logs: delivered and skipped samples, shard errors, skip reasons."""
+    """Counters the training loop logs: delivered and skipped samples, shard errors, skip reasons.
+
+    ``skipped`` counts every sample that could not be used plus one per broken shard (truncated, garbage or
+    unreadable; per pass over it), so a corrupt shard anywhere in the list shows in ``skipped_samples``;
+    ``shard_errors`` counts the broken shards alone."""
 
     samples: int = 0
     skipped: int = 0
@@ -428,6 +432,8 @@ class VideoShardDataset(IterableDataset):
 
         def on_error(url: str, reason: str) -> None:
             report["shard_errors"] += 1
+            # a broken shard is one skip (per pass): the samples after its break cannot be enumerated
+            report["skipped"][reason.split(":")[0]] += 1
             report["events"] += 1
             report["keys"].append((url, reason))
 
