@@ -18,6 +18,7 @@ from fluxvit.models.checkpoint import CheckpointMismatchError
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, PresetRegistry, apply_overrides, config_to_dict
+from .validate import check_config
 from .runtime import (DistributedMismatchError, build_accelerator, check_distributed, seed_everything,
                       setup_logging)
 
@@ -87,8 +88,9 @@ def parse_stage_args(module: str, description: str, presets: PresetRegistry,
 
 
 def resolve_config(presets: PresetRegistry, preset: str, overrides: Sequence[str] = ()) -> Any:
-    """The named preset with ``key.sub=value`` overrides applied (``ConfigError`` names a bad key)."""
-    return apply_overrides(presets.get(preset), list(overrides))
+    """The named preset with ``key.sub=value`` overrides applied; ``ConfigError`` names a bad key, or a value
+    outside its range or choices (``validate.check_config``)."""
+    return check_config(apply_overrides(presets.get(preset), list(overrides)))
 
 
 def print_config(cfg: Any) -> None:

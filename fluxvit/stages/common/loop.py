@@ -25,8 +25,9 @@ from torch import nn
 
 from .checkpoint import CheckpointManager, clean_leftovers
 from .config import ConfigError, OptimConfig, TrainConfig, check_resume_config, config_to_dict, save_config
-from .optim import ModelEMA, build_optimizer, build_scheduler
+from .optim import ModelEMA, build_optimizer, build_scheduler, warmup_steps
 from .runtime import MetricLogger, truncate_metrics
+from .validate import check_config, warn_conflicts
 
 __all__ = ["BatchSource", "NonFiniteLossError", "StepOutput", "TrainResult", "TrainTask", "fit"]
 
@@ -99,7 +100,10 @@ def fit(config: Any, task: TrainTask, source: BatchSource, accelerator) -> Train
     tcfg: TrainConfig = config.train
     ocfg: OptimConfig = config.optim
     acc = accelerator
+    check_config(config)  # also for configs built in code, not through resolve_config
     _check_step_setup(tcfg, acc)
+    if acc.is_main_process:
+        warn_conflicts(config, tcfg.steps, warmup_steps(ocfg, tcfg.steps))
     run_dir = Path(tcfg.run_dir)
     resolved = config_to_dict(config)
     ckpt = CheckpointManager(acc, run_dir, tcfg.keep_last)
