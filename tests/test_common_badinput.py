@@ -75,7 +75,7 @@ def _finetune_args(tmp_path, *extra):
 
     sets = [f"train.run_dir={tmp_path / 'run'}", "train.steps=1", "train.tensorboard=false", "train.progress=false",
             f"model.overrides={json.dumps({k: v for k, v in MICRO.items()})}", "data.batch_size=2",
-            "data.grid=[[4,56]]", "eval.budgets=[]", "aug.mixup=0", "aug.cutmix=0", *extra]
+            "data.grid=[[4,56]]", "loss.budgets=[64,48,32]", "eval.budgets=[]", "aug.mixup=0", "aug.cutmix=0", *extra]
     return ["--preset", "smoke", *[a for s in sets for a in ("--set", s)]]
 
 

@@ -16,7 +16,7 @@ MICRO = '{"head_budgets": [192, 128, 64], "depth": 2, "embed_dim": 64, "num_head
 def _args(run_dir, *extra):
     sets = [f"train.run_dir={run_dir}", "train.steps=4", "train.ckpt_every=2", "train.tensorboard=false",
             "train.progress=false", f"model.overrides={MICRO}", "data.batch_size=2", "data.grid=[[4,56],[6,56]]",
-            "eval.budgets=[]", *extra]
+            "loss.budgets=[96,64,32]", "eval.budgets=[]", *extra]
     return ["--preset", "smoke", *[a for s in sets for a in ("--set", s)]]
 
 

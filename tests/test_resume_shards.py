@@ -28,7 +28,7 @@ def _args(run_dir, shards, workers, *extra):
             "train.progress=false", "train.deterministic=true", f"model.overrides={MICRO}", "data.source=shards",
             f"data.shards={shards}", "data.val_shards=", "data.shuffle_buffer=0", f"data.num_workers={workers}",
             "data.decoder=pyav", "data.batch_size=2", "data.grid=[[2,28],[4,28],[2,42]]", "data.crop=rrc",
-            "eval.budgets=[]", *extra]
+            "loss.budgets=[16,12,8]", "eval.budgets=[]", *extra]
     return ["--preset", "smoke", *[a for s in sets for a in ("--set", s)]]
 
 

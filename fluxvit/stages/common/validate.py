@@ -15,10 +15,6 @@ import logging
 import math
 from typing import Any, Callable
 
-from fluxvit.datasets.config import CROPS
-from fluxvit.datasets.decoders import BACKENDS
-from fluxvit.datasets.transforms import NORMALIZE
-
 from .config import ConfigError
 
 __all__ = ["RULES", "Rule", "check_config", "config_problems", "warn_conflicts"]
@@ -89,18 +85,13 @@ RULES: dict[str, Rule] = {
     "train.max_bad_steps": POSITIVE, "train.seed": NON_NEGATIVE, "train.ema_decay": number(0.0, 1.0, hi_open=True),
     "train.mixed_precision": choice("auto", "no", "bf16", "fp16"),
     # optim
-    "optim.lr": number(0.0, lo_open=True), "optim.min_lr": number(0.0), "optim.warmup_lr": number(0.0),
+    "optim.lr": number(0.0), "optim.min_lr": number(0.0), "optim.warmup_lr": number(0.0),
     "optim.weight_decay": number(0.0), "optim.eps": number(0.0, lo_open=True),
     "optim.betas": each(number(0.0, 1.0, hi_open=True), nonempty=True), "optim.warmup_steps": NON_NEGATIVE,
     "optim.warmup_fraction": number(0.0, 1.0, hi_open=True), "optim.clip_grad": number(0.0),
     "layer_decay": number(0.0, 1.0, lo_open=True),
-    # data
-    "data.batch_size": POSITIVE, "data.num_workers": NON_NEGATIVE, "data.prefetch_factor": POSITIVE,
-    "data.shuffle_buffer": NON_NEGATIVE, "data.epoch_size": optional(POSITIVE), "data.num_sample": POSITIVE,
-    "data.num_frames": POSITIVE, "data.img_size": POSITIVE, "data.decoder_threads": NON_NEGATIVE,
-    "data.num_clips": POSITIVE, "data.num_val_clips": NON_NEGATIVE, "data.reprob": FRACTION,
-    "data.decoder": choice(*BACKENDS), "data.crop": choice(*CROPS), "data.normalize": choice(*NORMALIZE),
-    "data.crop_scale": each(number(0.0, 1.0, lo_open=True), nonempty=True),
+    # data (the loader's own fields are checked by fluxvit.datasets.DataConfig.validate, called below)
+    "data.num_clips": POSITIVE, "data.num_val_clips": NON_NEGATIVE,
     # stage-3 augmentation, model and evaluation
     "aug.mixup": number(0.0), "aug.cutmix": number(0.0), "aug.mix_prob": FRACTION, "aug.switch_prob": FRACTION,
     "aug.label_smoothing": number(0.0, 1.0, hi_open=True),
@@ -126,16 +117,10 @@ def _get(cfg: Any, key: str) -> Any:
 _ABSENT = object()
 
 
-def _grid_tokens(cfg: Any) -> int | None:
-    """The most tokens one clip of the training grid holds (``F * (R // 14) ** 2``; patch 14), if known."""
-    data = getattr(cfg, "data", None)
-    pairs = getattr(data, "grids", None) or getattr(data, "grid", None)
-    if not pairs or not isinstance(pairs, (list, tuple)):
-        return None
-    try:
-        return max(int(f) * (int(r) // 14) ** 2 for f, r in pairs)
-    except (TypeError, ValueError):
-        return None
+def _grid_tokens(data: Any) -> int | None:
+    """The most tokens one clip of the data section's grid holds (``F * (R // 14) ** 2``; patch 14)."""
+    pairs = data.grid_pairs() if callable(getattr(data, "grid_pairs", None)) else []
+    return max((int(f) * (int(r) // 14) ** 2 for f, r in pairs), default=None)
 
 
 def config_problems(cfg: Any) -> list[str]:
@@ -151,7 +136,14 @@ def config_problems(cfg: Any) -> list[str]:
     if steps == 0 and not (_is_num(epochs) and epochs > 0):
         problems.append("train.steps=0: must be an integer >= 1" + (" (or set epochs > 0)" if epochs is not _ABSENT
                                                                      else ""))
-    most = _grid_tokens(cfg)
+    data = _get(cfg, "data")
+    most = None
+    if callable(getattr(data, "validate", None)):
+        try:
+            data.validate()  # the data library's own field checks (one line each)
+            most = _grid_tokens(data)
+        except ValueError as err:
+            problems.append(str(err))
     if most is not None:
         for key in ("loss.budgets", "video.budgets"):
             budgets = _get(cfg, key)
@@ -160,7 +152,7 @@ def config_problems(cfg: Any) -> list[str]:
             too_big = [b for b in budgets if _is_int(b) and b > most]
             if too_big:
                 problems.append(f"{key}={_show(list(budgets))}: budgets {too_big} exceed the {most} tokens the largest "
-                                f"clip of data.grids holds (frames x (resolution // 14)^2)")
+                                f"clip of data.grid holds (frames x (resolution // 14)^2)")
     return problems
 
 
