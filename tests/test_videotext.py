@@ -192,6 +192,15 @@ def test_msrvtt_json_input_with_several_captions(tiny_corpus, tmp_path):
     assert len(rset.videos) == 3 and rset.videos[0].shape == (3, 4, 56, 56)
     assert rset.texts == ["first caption", "another caption", "second caption", "third"]
     assert rset.text_to_video == [0, 0, 1, 2]
+    # a missing and an undecodable video are skipped by name and counted, not a traceback
+    (videos / "broken.mp4").write_bytes(b"\x00not a video" * 50)
+    ann[1:1] = [{"video": "missing.mp4", "caption": "gone"}, {"video": "broken.mp4", "caption": "bad"}]
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    rset = load_retrieval_set(data, "test", 4, 56)
+    assert len(rset.videos) == 3 and rset.texts == ["first caption", "another caption", "second caption", "third"]
+    assert rset.text_to_video == [0, 0, 1, 2] and rset.keys == [m.name for m in members]
+    assert sorted(rset.skipped) == ["broken.mp4", "missing.mp4"]
+    assert "cannot read" in rset.skipped["missing.mp4"]
     with pytest.raises(ValueError, match="data.source='webvid' is not a batch source"):
         load_retrieval_set(DataConfig(source="webvid"), "test", 4, 56)
     with pytest.raises(ValueError, match="renders clips without files"):

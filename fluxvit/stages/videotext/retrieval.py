@@ -28,13 +28,14 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from fluxvit.datasets import DataConfig, EvalTransform, decode_clips
+from fluxvit.datasets import DataConfig, DecodeError, EvalTransform, decode_clips
+from fluxvit.datasets.decoders import clean_reason
 from fluxvit.datasets.synth import ensure_synthetic_corpus
 from fluxvit.metrics import chance_recall, retrieval_metrics, retrieval_protocol
 
@@ -54,13 +55,15 @@ log = logging.getLogger("fluxvit.eval")
 class RetrievalSet:
     """Decoded clips of one (frames, resolution) setting and their captions.
 
-    videos: N tensors (3, T, R, R) normalised; texts: M captions; text_to_video: (M,) video index per caption.
+    videos: N tensors (3, T, R, R) normalised; texts: M captions; text_to_video: (M,) video index per caption;
+    skipped: the listed videos that could not be read or decoded (name -> reason), left out with their captions.
     """
 
     videos: list
     texts: list
     text_to_video: list
     keys: list
+    skipped: dict = field(default_factory=dict)  # video name -> reason (missing or undecodable), not evaluated
 
 
 def _from_shards(shards: str, frames: int, res: int, max_videos: int, data: DataConfig) -> RetrievalSet:
@@ -88,16 +91,27 @@ def _from_annotations(ann_path: str, video_dir: str, frames: int, res: int, max_
         raise ValueError(f"{ann_path}: expected a JSON list of {{'video': ..., 'caption': ...}}")
     transform = EvalTransform(1, normalize)
     videos, texts, t2v, keys = [], [], [], []
+    skipped: dict = {}
     for entry in entries[: max_videos or None]:
-        data = (Path(video_dir) / entry["video"]).read_bytes()
-        clip = decode_clips(data, frames, backend=decoder, sampling="middle")[0]
+        try:
+            data = (Path(video_dir) / entry["video"]).read_bytes()
+            clip = decode_clips(data, frames, backend=decoder, sampling="middle")[0]
+        except (OSError, DecodeError) as exc:  # a missing or broken video is left out, by name, and counted
+            reason = clean_reason(exc if isinstance(exc, DecodeError) else f"cannot read: {exc.strerror or exc}")
+            skipped[str(entry["video"])] = reason
+            if len(skipped) <= 5:
+                log.warning("skipped %s: %s", entry["video"], reason)
+            continue
         videos.append(transform(clip, res)[0])
         captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
         for c in captions:
             texts.append(c)
             t2v.append(len(videos) - 1)
         keys.append(entry["video"])
-    return RetrievalSet(videos, texts, t2v, keys)
+    if skipped:
+        log.warning("%d of the annotation list's videos skipped (missing or undecodable); evaluated on %d",
+                    len(skipped), len(videos))
+    return RetrievalSet(videos, texts, t2v, keys, skipped)
 
 
 def corpus_splits(root: str) -> dict:
@@ -211,12 +225,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model.to(args.device)
         tower.to(args.device)
         rows = []
+        skipped: dict = {}
         t0 = time.perf_counter()
         for frames, res in settings:
             log.info("decoding %s (%s) at %dx%d", cfg.data.source, r.split, frames, res)
             rset = load_retrieval_set(cfg.data, r.split, frames, res, r.max_videos)
+            skipped.update(rset.skipped)
             if not rset.videos:
-                raise ConfigError(f"no captioned videos in data.source={cfg.data.source} split {r.split}")
+                raise ConfigError(f"no captioned videos in data.source={cfg.data.source} split {r.split}"
+                                  + (f" ({len(rset.skipped)} skipped, e.g. {next(iter(rset.skipped.items()))})"
+                                     if rset.skipped else ""))
             for m in evaluate_retrieval(model, tower, rset, budgets, tau, args.device).values():
                 rows.append({"setting": f"{frames}x{res}", **m})
     except ConfigError as err:
@@ -226,11 +244,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     data = cfg.data.val_shards if r.split != "train" else cfg.data.shards
     report = {"checkpoint": str(ckpt), "config": origin, "source": cfg.data.source, "data": data or cfg.data.root,
               "split": r.split, "dual_softmax_temperature": tau, "protocol": protocol, "results": rows,
-              "seconds": round(time.perf_counter() - t0, 1)}
+              "skipped_videos": len(skipped), "skipped": skipped, "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(args.out) if args.out else ckpt.with_name("retrieval.json")
     out.write_text(json.dumps(report, indent=2))
     sys.stdout.write(f"\nZero-shot retrieval on {cfg.data.source} {report['data']} ({r.split}), {rows[0]['num_videos']} "
-                     f"videos, {rows[0]['num_texts']} captions, protocol {protocol}\n\n{format_table(rows)}\n\n"
+                     f"videos, {rows[0]['num_texts']} captions, protocol {protocol}"
+                     + (f"; {len(skipped)} listed videos skipped (missing or undecodable, named in {out})"
+                        if skipped else "") + f"\n\n{format_table(rows)}\n\n"
                      f"wrote {out}\n")
     return report
 
