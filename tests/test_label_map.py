@@ -59,3 +59,27 @@ def test_export_stores_class_names_and_eval_checks_them(tmp_path, capsys):
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "class 1 is 'jump' in the model" in err and "'run' in the shards" in err
+
+
+def test_make_shards_classes_takes_the_training_classes_json(tmp_path):
+    """The val folder lacks 'jump': with --classes TRAIN/classes.json it still gets the full map and the same
+    indices, and the stage-3 check passes."""
+    from data_fixtures import make_video
+
+    from fluxvit.datasets.cli import main
+    from fluxvit.datasets.shards import iter_tar_samples
+
+    video = make_video(num_frames=4, width=32, height=24)
+    for split, names in (("train", ["crawl", "jump", "run"]), ("val", ["crawl", "run"])):
+        for name in names:
+            (tmp_path / split / name).mkdir(parents=True)
+            (tmp_path / split / name / "0.mp4").write_bytes(video)
+    assert main(["make-shards", "--folder", str(tmp_path / "train"), "--out", str(tmp_path / "st"), "--copy",
+                 "--no-progress"]) == 0
+    assert main(["make-shards", "--folder", str(tmp_path / "val"), "--out", str(tmp_path / "sv"), "--copy",
+                 "--no-progress", "--classes", str(tmp_path / "st" / "classes.json")]) == 0
+    assert json.loads((tmp_path / "sv" / "classes.json").read_text()) == ["crawl", "jump", "run"]
+    with open(tmp_path / "sv" / "00000.tar", "rb") as f:
+        assert [int(s["cls"]) for s in iter_tar_samples(f)] == [0, 2]  # crawl, run: the training indices
+    check_split_label_maps(DataConfig(source="shards", shards=str(tmp_path / "st/00000.tar"),
+                                      val_shards=str(tmp_path / "sv/00000.tar")))

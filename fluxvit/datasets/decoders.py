@@ -163,7 +163,7 @@ def slot_frames(pts: np.ndarray, end: float, slots: Sequence[int]) -> np.ndarray
     n = len(pts)
     slots = np.asarray(slots, dtype=np.int64)
     width = (end - pts[0]) / n if n else 0.0
-    if not n or not width > 0:
+    if not n or not width > 0 or np.any(np.diff(pts) < 0):  # no usable times: frame i is slot i
         return np.clip(slots, 0, max(0, n - 1))
     times = pts[0] + (slots + 0.5) * width
     return np.clip(np.searchsorted(pts, times, side="right") - 1, 0, n - 1)

@@ -8,8 +8,9 @@ default-GOP stretch (``benchmarks/bench_data.py`` measures both). ``Encoding(cop
 bytes (still verified).
 
 Shard ``i`` holds inputs ``i * N .. (i + 1) * N - 1`` of the list (fewer when some fail), so a killed run resumes
-with the same layout: a shard is complete when its ``NNNNN_stats.json`` exists (written after the tar is renamed
-into place) and is skipped; ``sizes.json`` is rewritten from every shard's stats at the end.
+with the same layout: a shard is finished when its ``NNNNN_stats.json`` exists (written after the tar is renamed
+into place) and is not made again, except for the inputs its stats name as failed: a rerun retries those (a fixed
+file is picked up, the stored samples are kept). ``sizes.json`` is rewritten from every shard's stats at the end.
 """
 from __future__ import annotations
 
