@@ -104,11 +104,11 @@ def build_index(folder: Union[str, Path], ivf_above: int = IVF_ABOVE, nprobe: in
         index, kind = faiss.IndexFlatIP(d), "flat"
         index.add(x)
     else:
-        nlist = int(min(max(16, 4 * math.sqrt(n)), n // 39))  # faiss wants >= 39 training points per list
+        nlist = int(min(max(16, math.sqrt(n)), n // 39))  # faiss wants >= 39 training points per list
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(0)
-        train = x[rng.choice(n, size=min(n, 256 * nlist), replace=False)]
+        train = x[rng.choice(n, size=min(n, 64 * nlist), replace=False)]
         index.train(train)
         index.add(x)
         index.nprobe = min(nprobe, nlist)

@@ -40,3 +40,19 @@ def test_export_cli_writes_a_loadable_program(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), enc.embed(list(x), 32), rtol=0, atol=1e-5)
     assert "max |exported - eager|" in capsys.readouterr().out
+
+
+def test_onnx_export_of_the_packed_path_matches_eager(tmp_path):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    from fluxvit.export import export_onnx
+
+    enc = _encoder(num_classes=0)
+    path = export_onnx(export_encoder(enc, frames=4, resolution=56, budget=40, batch_size=2), tmp_path / "enc.onnx")
+    sess = ort.InferenceSession(str(path))
+    name = sess.get_inputs()[0].name
+    g = torch.Generator().manual_seed(5)
+    for _ in range(2):  # the selector (top-k of the token scores) runs inside the ONNX graph too
+        x = torch.randn(2, 3, 4, 56, 56, generator=g)
+        out = torch.from_numpy(sess.run(None, {name: x.numpy()})[0])
+        torch.testing.assert_close(out, enc.embed(list(x), 40), rtol=0, atol=1e-5)

@@ -24,7 +24,7 @@ def test_environment_yml_lists_the_pyproject_dependencies():
     project = _pyproject()
     extras = project["optional-dependencies"]
     expected = {_name(r) for r in project["dependencies"]}
-    for extra in ("video", "deepspeed", "text", "embed", "dev"):  # `gpu` (flash-attn) needs CUDA to build
+    for extra in ("video", "deepspeed", "text", "embed", "onnx", "dev"):  # `gpu` (flash-attn) needs CUDA to build
         expected |= {_name(r) for r in extras[extra]}
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     conda = [d for d in env["dependencies"] if isinstance(d, str)]
@@ -46,7 +46,7 @@ def test_constraints_pin_every_dependency_once():
     assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
     project = _pyproject()
     needed = {_name(r) for r in project["dependencies"]}
-    for extra in ("video", "deepspeed", "text", "embed", "dev"):
+    for extra in ("video", "deepspeed", "text", "embed", "onnx", "dev"):
         needed |= {_name(r) for r in project["optional-dependencies"][extra]}
     assert needed <= set(pins), f"not pinned: {needed - set(pins)}"
 
