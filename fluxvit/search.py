@@ -104,7 +104,7 @@ def build_index(folder: Union[str, Path], ivf_above: int = IVF_ABOVE, nprobe: in
         index, kind = faiss.IndexFlatIP(d), "flat"
         index.add(x)
     else:
-        nlist = int(min(max(16, math.sqrt(n)), n // 39))  # faiss wants >= 39 training points per list
+        nlist = max(1, int(min(max(16, math.sqrt(n)), n // 39)))  # faiss wants >= 39 training points a list
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(0)

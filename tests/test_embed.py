@@ -228,3 +228,23 @@ def test_two_processes_split_the_parts(videos, classifier, tmp_path, free_port):
     _, meta = _rows(out)
     keys = [m["key"] for m in meta]
     assert sorted(keys) == ["a.mp4", "b.mkv", "c.avi", "dogs/d.mp4"] and len(set(keys)) == len(keys)
+
+
+def test_ivf_index_beyond_the_threshold_and_rebuild_when_parts_change(tmp_path):
+    from fluxvit.embed import _write_part
+    from fluxvit.search import build_index
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cols = {"frames": 8, "resolution": 224, "budget": 512, "vector": "test", "model_sha256": "0"}
+    for n in range(2):
+        rows = [{"key": f"k{i}", "path": f"p{i}", "tokens": 512, "views_n": 1} for i in range(n * 1000, n * 1000 + 1000)]
+        _write_part(tmp_path, n, rows, x[n * 1000:(n + 1) * 1000], None, [], cols)
+    index = build_index(tmp_path, ivf_above=1000)
+    assert index.kind.startswith("ivf44,") and len(index.keys) == 2000
+    _, rows = index.search(x[::97], 1)
+    assert [index.keys[r[0]] for r in rows] == [f"k{i}" for i in range(0, 2000, 97)]  # each row finds itself
+    assert build_index(tmp_path, ivf_above=5000).kind == "flat"
+    (tmp_path / "metadata" / "metadata_1.parquet").unlink()  # a part gone: the saved index is stale
+    assert len(load_index(tmp_path).keys) == 1000
