@@ -164,6 +164,7 @@ def corpus(tmp_path_factory):
 
 def test_search_recall_equals_retrieval_t2v_r1(corpus, stage2, tmp_path, capsys):
     """The synthetic test split, one stage-2 model, one protocol (4 x 56, budget 32, one view, plain cosine)."""
+    from fluxvit.datasets import DataConfig
     from fluxvit.stages.videotext.retrieval import encode_set, evaluate_retrieval, load_retrieval_set
     from fluxvit.stages.videotext.task import load_videotext
 
@@ -176,7 +177,8 @@ def test_search_recall_equals_retrieval_t2v_r1(corpus, stage2, tmp_path, capsys)
     assert len(meta) == 12 and len({m["key"] for m in meta}) == 12 and "joint video-text" in meta[0]["vector"]
 
     model, tower = load_videotext(stage2)
-    rset = load_retrieval_set("synthetic", 4, 56, root=str(corpus), split="test")
+    data = DataConfig(source="synthetic-corpus", root=str(corpus), shards=spec, num_workers=0)  # no train split
+    rset = load_retrieval_set(data, "test", 4, 56)
     ref = evaluate_retrieval(model, tower, rset, [32])[32]
     text, vids = encode_set(model, tower, rset, [32])
     order = [rset.keys.index(m["key"]) for m in meta]
@@ -248,3 +250,22 @@ def test_ivf_index_beyond_the_threshold_and_rebuild_when_parts_change(tmp_path):
     assert build_index(tmp_path, ivf_above=5000).kind == "flat"
     (tmp_path / "metadata" / "metadata_1.parquet").unlink()  # a part gone: the saved index is stale
     assert len(load_index(tmp_path).keys) == 1000
+
+
+def test_csv_and_json_lists_with_a_missing_file(videos, stage2, tmp_path):
+    (tmp_path / "list.csv").write_text(f"path,label\n{videos / 'a.mp4'},3\nmissing.mp4,1\n")
+    out = tmp_path / "csv"
+    assert embed_main(["--model", str(stage2), "--data", str(tmp_path / "list.csv"), "--out", str(out), *SETTING]) == 1
+    _, meta = _rows(out)
+    assert [(m["key"], m["label"]) for m in meta] == [(str(videos / "a.mp4"), "3")]
+    failed = [json.loads(line) for line in (out / "failed.jsonl").read_text().splitlines()]
+    assert failed[0]["key"] == "missing.mp4" and failed[0]["reason"].startswith("cannot read")
+    shutil.copy(videos / "b.mkv", tmp_path / "b.mkv")  # JSON paths are relative to the list's folder
+    (tmp_path / "list.json").write_text(json.dumps([{"video": "b.mkv", "caption": ["a test pattern", "other"]}]))
+    out = tmp_path / "json"
+    assert embed_main(["--model", str(stage2), "--data", str(tmp_path / "list.json"), "--out", str(out), "--text",
+                       *SETTING]) == 0
+    _, meta = _rows(out)
+    assert meta[0]["caption"] == "a test pattern" and "joint video-text" in meta[0]["vector"]
+    text = np.load(out / "text_emb" / "text_emb_0.npy")
+    np.testing.assert_allclose(text[0], load_encoder(str(stage2)).embed_text(["a test pattern"])[0].numpy(), atol=1e-5)
