@@ -2,7 +2,7 @@
 aggregation and the paper's compute convention (FluxViT section 8)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -13,6 +13,7 @@ __all__ = [
     "fluxvit_gflops",
     "retrieval_metrics",
     "retrieval_protocol",
+    "rounded",
     "topk_accuracy",
 ]
 
@@ -103,11 +104,26 @@ def chance_recall(num_videos: int, k: int = 1) -> float:
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict:
-    """Top-k accuracy in percent. logits (N, C), labels (N,) -> {"top1": ..., "top5": ...}."""
-    maxk = min(max(ks), logits.shape[1])
-    pred = logits.topk(maxk, dim=1).indices
+    """Top-k accuracy in percent. logits (N, C), labels (N,) -> {"top1": ..., "top5": ...}.
+
+    A ``k >= C`` other than 1 is left out (top-5 of 5 classes or fewer is 100 % by construction, not a figure)."""
+    num_classes = logits.shape[1]
+    ks = [k for k in ks if k == 1 or k < num_classes]
+    pred = logits.topk(min(max(ks), num_classes), dim=1).indices
     hit = pred == labels[:, None]
-    return {f"top{k}": 100.0 * hit[:, :min(k, maxk)].any(dim=1).float().mean().item() for k in ks}
+    return {f"top{k}": 100.0 * hit[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+def rounded(value: Any, places: int = 2) -> Any:
+    """``value`` with every float rounded to ``places`` decimals, through dicts, lists and tuples: reports print
+    accuracies and recalls to the precision they have (85.19, not 85.18518805503845)."""
+    if isinstance(value, float):
+        return round(value, places)
+    if isinstance(value, dict):
+        return {k: rounded(v, places) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(rounded(v, places) for v in value)
+    return value
 
 
 def aggregate_views(logits: torch.Tensor, video_index: torch.Tensor, num_videos: int | None = None) -> torch.Tensor:

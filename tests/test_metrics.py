@@ -105,3 +105,19 @@ def test_gflops_convention_base(tokens, paper):
     # the precision the docstring states: the table's integer rounding, and 1.5 % for the backbone alone
     assert abs(fluxvit_gflops(tokens, 768, 12) - paper) < 0.5
     assert fluxvit_gflops(tokens, 768, 12, with_stem_and_pool=False) == pytest.approx(paper, rel=0.015)
+
+
+def test_top5_is_left_out_below_six_classes():
+    labels = torch.tensor([0, 1, 2] * 9)
+    assert set(topk_accuracy(torch.randn(27, 5), labels)) == {"top1"}  # top-5 of 5 classes is 100 % by construction
+    six = torch.zeros(27, 6)
+    six[torch.arange(23), labels[:23]] = 1.0  # 23 of 27 right
+    acc = topk_accuracy(six, labels)
+    assert set(acc) == {"top1", "top5"} and acc["top1"] == pytest.approx(100 * 23 / 27)
+
+
+def test_rounded_reaches_nested_figures():
+    from fluxvit.metrics import rounded
+
+    got = rounded({"top1": 85.18518805503845, "rows": [{"r1": 33.333333333333336, "n": 3}], "name": "val"})
+    assert got == {"top1": 85.19, "rows": [{"r1": 33.33, "n": 3}], "name": "val"}

@@ -24,7 +24,7 @@ import torch
 
 from fluxvit.datasets import DataConfig
 from fluxvit.datasets.shards import label_map_difference, shard_classes
-from fluxvit.metrics import aggregate_views, fluxvit_gflops, topk_accuracy
+from fluxvit.metrics import aggregate_views, fluxvit_gflops, rounded, topk_accuracy
 from fluxvit.models import FluxViT, load_model
 from fluxvit.models.checkpoint import read_metadata
 
@@ -123,7 +123,7 @@ def evaluate(net: FluxViT, data: DataConfig, *, split: str = "val", frames: int 
         acc = topk_accuracy(torch.cat(probs[b]), labels, (1, 5))
         out.append({"budget": b, "tokens": tokens, "head": eval_head(net, tokens, trained_heads), "frames": frames,
                     "resolution": resolution, "views": num_clips * num_crops, "videos": int(labels.numel()),
-                    "selection": selection, "top1": acc["top1"], "top5": acc["top5"],
+                    "selection": selection, **acc,
                     "gflops": fluxvit_gflops(tokens, cfg.embed_dim, cfg.depth)})
     return out
 
@@ -186,6 +186,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                        trained_heads=heads, selection=cfg.loss.selection)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         fail(str(err), 1 if not isinstance(err, ConfigError) else 2, p.prog)
+    # Each row names the data it was computed on; figures to the precision they have.
+    where = cfg.data.shards if e.split == "train" else cfg.data.val_shards
+    res = [{**r, "split": e.split, "data": where or cfg.data.source} for r in rounded(res)]
     text = json.dumps(res, indent=1)
     if args.out:
         with open(args.out, "w") as f:

@@ -237,4 +237,4 @@ class FinetuneTask:
         res = evaluate(inner.net, self.cfg.data, split=e.split, frames=e.frames, resolution=e.resolution,
                        budgets=e.budgets, num_clips=e.num_clips, num_crops=e.num_crops, max_videos=e.max_videos,
                        batch_size=e.batch_size, trained_heads=self.heads)
-        return {f"{k}@{r['budget']}": r[k] for r in res for k in ("top1", "top5")}
+        return {f"{k}@{r['budget']}": r[k] for r in res for k in ("top1", "top5") if k in r}

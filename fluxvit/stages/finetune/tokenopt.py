@@ -119,10 +119,10 @@ def token_optimize(net: FluxViT, data: DataConfig, budgets: Sequence[int], frame
         pf, pr = plain_pair(K, base_resolution, p)
         plain = evaluate(net, report_data, split=report_split, frames=pf, resolution=pr, budgets=[0], **ev)[0]
         to = evaluate(net, report_data, split=report_split, frames=best[0], resolution=best[1], budgets=[K], **ev)[0]
-        keep = ("frames", "resolution", "tokens", "gflops", "top1", "top5")
-        row = {"budget": K, "plain": {k: plain[k] for k in keep},
-               "to": {**{k: to[k] for k in keep}, "search_top1": best[2]}}
-        row["gain"] = row["to"]["top1"] - row["plain"]["top1"]
+        keep = ("frames", "resolution", "tokens", "gflops", "top1", "top5")  # top5 only with more than 5 classes
+        row = {"budget": K, "plain": {k: plain[k] for k in keep if k in plain},
+               "to": {**{k: to[k] for k in keep if k in to}, "search_top1": best[2]}}
+        row["gain"] = round(row["to"]["top1"] - row["plain"]["top1"], 2)
         rows.append(row)
         log.info("TO K=%d: plain %dx%d %.2f | TO %dx%d %.2f", K, pf, pr, plain["top1"], best[0], best[1], to["top1"])
     search_on, report_on = describe_split(data, split), describe_split(report_data, report_split)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
+from fluxvit.metrics import rounded
+
 from ..common import fit
 from ..common.cli import parse_stage_args, print_config, resolve_config, start_run
 from ..common.config import resolve_schedule
@@ -67,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult | None:
         if not done:
             append_metrics(result.run_dir, result.steps, metrics)
     if acc.is_main_process and result.evals:
-        log.info("final multi-view eval at step %d: %s", *result.evals[-1])
+        step, metrics = result.evals[-1]
+        log.info("final multi-view eval (%s) at step %d: %s", cfg.eval.split, step, rounded(metrics))
     acc.end_training()
     return result

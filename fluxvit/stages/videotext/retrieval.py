@@ -37,7 +37,7 @@ import torch
 from fluxvit.datasets import DataConfig, DecodeError, EvalTransform, decode_clips
 from fluxvit.datasets.decoders import clean_reason
 from fluxvit.datasets.synth import ensure_synthetic_corpus
-from fluxvit.metrics import chance_recall, retrieval_metrics, retrieval_protocol
+from fluxvit.metrics import chance_recall, retrieval_metrics, retrieval_protocol, rounded
 
 from ..common.cli import check_budgets, fail, print_config, resolve_tool_config, tool_parser
 from ..common.config import ConfigError
@@ -243,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         fail(str(err), 1, p.prog)
     data = cfg.data.val_shards if r.split != "train" else cfg.data.shards
     report = {"checkpoint": str(ckpt), "config": origin, "source": cfg.data.source, "data": data or cfg.data.root,
-              "split": r.split, "dual_softmax_temperature": tau, "protocol": protocol, "results": rows,
+              "split": r.split, "dual_softmax_temperature": tau, "protocol": protocol, "results": rounded(rows),
               "skipped_videos": len(skipped), "skipped": skipped, "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(args.out) if args.out else ckpt.with_name("retrieval.json")
     out.write_text(json.dumps(report, indent=2))
