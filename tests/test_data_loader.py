@@ -1,6 +1,8 @@
 """Streaming loader: batches, Flux grids, node/worker splits, epoch shuffles, resampling, skip counts, resume."""
 import collections
 import random
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -310,3 +312,43 @@ def test_resume_restores_the_sampling_state_exactly(corpus, num_workers):
         assert len(after) == len(reference) - k
         for want, got in zip(reference[k:], after):
             assert want.shape == got.shape and torch.equal(want, got)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_torn_shard_counts_every_sample_it_lost_when_sizes_are_known(tmp_path, num_workers):
+    """A shard torn after its first sample (garbage from there on) and one cut between samples both end without a
+    tar error; with sizes.json every lost sample is a skip, and the reason says what happened."""
+    video = make_video(num_frames=4, width=32, height=24)
+    write_tar(tmp_path / "00000.tar", [video_sample(f"a{i}", video) for i in range(2)])
+    torn = write_tar(tmp_path / "00001.tar", [video_sample(f"b{i}", video) for i in range(4)])
+    with tarfile.open(torn) as tar:
+        second = tar.getmember("b1.mp4").offset  # the header of the second sample
+    data = bytearray(torn.read_bytes())
+    data[second:] = random.Random(1).randbytes(len(data) - second)
+    torn.write_bytes(bytes(data))
+    cut = write_tar(tmp_path / "00002.tar", [video_sample(f"c{i}", video) for i in range(3)])
+    with tarfile.open(cut) as tar:
+        third = tar.getmember("c2.mp4").offset
+    cut.write_bytes(cut.read_bytes()[:third])  # ends cleanly between samples: tarfile sees no error
+    write_sizes(tmp_path, {"00000.tar": 2, "00001.tar": 4, "00002.tar": 3})
+    loader = build_video_loader(cfg(str(tmp_path / "{00000..00002}.tar"), num_workers=num_workers, batch_size=1,
+                                    decoder="pyav", train=False), rank=0, world_size=1)
+    assert sorted(keys_of(loader)) == ["a0", "a1", "b0", "c0", "c1"]
+    assert loader.stats.shard_errors == 2
+    assert loader.stats.skipped == 3 + 1  # b1..b3 and c2
+    assert loader.stats.reasons == {"truncated shard": 4}
+    reasons = dict(loader.stats.recent)
+    assert reasons[str(tmp_path / "00002.tar")] == "truncated shard: 2 of 3 samples"
+
+
+def test_shard_error_reasons_say_what_the_file_is(tmp_path):
+    from fluxvit.datasets.shards import ShardReader
+
+    video = make_video(num_frames=4, width=32, height=24)
+    (tmp_path / "garbage.tar").write_bytes(random.Random(0).randbytes(6000))
+    (tmp_path / "empty.tar").write_bytes(b"")
+    truncate_inside(write_tar(tmp_path / "cut.tar", [video_sample("t0", video)]), "t0.mp4", into=100)
+    got = {}
+    reader = ShardReader(lambda url, reason: got.setdefault(Path(url).name, reason))
+    assert list(reader([str(tmp_path / n) for n in ("garbage.tar", "empty.tar", "cut.tar")])) == []
+    assert got == {"garbage.tar": "not a tar archive", "empty.tar": "empty shard", "cut.tar": "truncated shard"}

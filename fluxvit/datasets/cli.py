@@ -28,7 +28,7 @@ from .config import DataConfig
 from .decoders import BACKENDS
 from .loader import SampleError, process_sample
 from .prepare import Encoding, make_shards, read_classes
-from .shards import VIDEO_EXTENSIONS, ShardReader, parse_shard_spec
+from .shards import VIDEO_EXTENSIONS, ShardReader, parse_shard_spec, shard_sizes
 from .synth import make_synthetic_corpus
 
 __all__ = ["main", "read_csv_list", "read_json_list", "read_folder", "check_shards"]
@@ -149,9 +149,14 @@ def check_shards(spec: str, num_frames: int = 8, decoder: str = "decord", img_si
         report["shard_errors"].append({"shard": url, "reason": reason})
         skip(url, reason)
 
+    def lost(url: str, n: int) -> None:  # a broken shard of known size: every sample after its break
+        report["total"] += n - 1
+        report["skipped"] += n - 1
+
     # webdataset's tar streaming with the loader's handler: broken shards are reported and skipped
-    reader = ShardReader(shard_error)
-    for sample in reader(url for source in parse_shard_spec(spec) for url in source.urls):
+    urls = [url for source in parse_shard_spec(spec) for url in source.urls]
+    reader = ShardReader(shard_error, shard_sizes(urls) or {}, lost)
+    for sample in reader(urls):
         try:
             process_sample(sample, cfg, num_frames=num_frames, size=img_size, rng=rng)
         except SampleError as exc:

@@ -68,8 +68,9 @@ class SampleError(Exception):
 class DataStats:
     """Counters the training loop logs: delivered and skipped samples, shard errors, skip reasons.
 
-    ``skipped`` counts every sample that could not be used plus one per broken shard (truncated, garbage or
-    unreadable; per pass over it), so a corrupt shard anywhere in the list shows in ``skipped_samples``;
+    ``skipped`` counts every sample that could not be used plus, per pass over a broken shard (truncated, garbage
+    or unreadable), the samples it lost when ``sizes.json`` gives its size and one skip otherwise, so a corrupt
+    shard anywhere in the list shows in ``skipped_samples``;
     ``shard_errors`` counts the broken shards alone."""
 
     samples: int = 0
@@ -430,14 +431,22 @@ class VideoShardDataset(IterableDataset):
         progress = progress if progress is not None else {"good": 0}
         left = {"skip": skip}
 
+        why: dict[str, str] = {}
+
         def on_error(url: str, reason: str) -> None:
             report["shard_errors"] += 1
-            # a broken shard is one skip (per pass): the samples after its break cannot be enumerated
-            report["skipped"][reason.split(":")[0]] += 1
+            # a broken shard is one skip (per pass): the samples after its break cannot be enumerated ...
+            why[url] = reason.split(":")[0]
+            report["skipped"][why[url]] += 1
             report["events"] += 1
             report["keys"].append((url, reason))
 
-        reader = ShardReader(on_error)
+        def on_lost(url: str, lost: int) -> None:
+            # ... unless sizes.json gives its size: then every sample it lost is a skip (on_error counted one)
+            report["skipped"][why.get(url, "truncated shard")] += lost - 1
+            report["events"] += lost - 1
+
+        reader = ShardReader(on_error, self.sizes, on_lost)
 
         def urls_of(urls):
             for url in urls:

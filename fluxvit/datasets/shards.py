@@ -184,7 +184,14 @@ class TruncatedShard(Exception):
 
 
 def shard_error_reason(exc: BaseException) -> str:
-    """``"truncated shard"`` for a tar that ends early or is corrupt, ``"cannot open shard: ..."`` otherwise."""
+    """Why a shard could not be read, in the project's words: ``"empty shard"``, ``"not a tar archive"`` (garbage
+    from the first header on), ``"truncated shard"`` (the tar ends early or breaks after a good start), or
+    ``"cannot open shard: ..."``."""
+    text = str(exc.args[0]) if exc.args else ""
+    if isinstance(exc, tarfile.ReadError) and text == "empty file":
+        return "empty shard"
+    if isinstance(exc, tarfile.ReadError) and ("invalid header" in text or "bad checksum" in text):
+        return "not a tar archive"
     if isinstance(exc, (tarfile.TarError, EOFError)):
         return "truncated shard"
     text = str(exc.args[0]) if exc.args else type(exc).__name__
@@ -201,22 +208,49 @@ class ShardReader:
     shard. What webdataset lacks is added here: the sample that was being read when a shard broke (its members
     may be incomplete) is dropped, every complete sample before it is kept.
 
+    A tar that breaks after a good start can also end silently (Python's ``tarfile`` takes an invalid header
+    after the first as the end of the archive), so with ``sizes`` (``sizes.json``) a shard read to its end with
+    fewer samples than its size is reported too (``"truncated shard: k of n samples"``), and ``on_lost`` learns how
+    many samples every broken shard of known size lost.
+
     Args:
         on_error: called with ``(url, reason)`` per broken shard (reason from :func:`shard_error_reason`).
+        sizes: ``{url: samples}`` of the shards whose size is known.
+        on_lost: called with ``(url, samples lost)`` when a broken shard of known size has been read to its end.
     """
 
-    def __init__(self, on_error=None) -> None:
-        self.on_error = on_error
+    def __init__(self, on_error=None, sizes: dict | None = None, on_lost=None) -> None:
+        self.on_error, self.sizes, self.on_lost = on_error, sizes or {}, on_lost
         self.errors: list[tuple[str, str]] = []
         self._url, self._member = "", ""
         self._failed: set[str] = set()
         self._broken: set[tuple[str, str]] = set()
+        self._read = 0  # samples of the current shard yielded so far
+
+    def _report(self, url: str, reason: str) -> None:
+        self._failed.add(url)
+        self.errors.append((url, reason))
+        if self.on_error is not None:
+            self.on_error(url, reason)
+
+    def _finish(self) -> None:
+        """The current shard was read to its end: compare what it gave with its known size."""
+        url, expected = self._url, self.sizes.get(self._url)
+        if not url or expected is None or self._read >= expected:
+            return
+        if url not in self._failed:  # ended silently
+            self._report(url, f"truncated shard: {self._read} of {expected} samples")
+        if self.on_lost is not None:
+            self.on_lost(url, expected - self._read)
 
     def _urls(self, urls):
         for url in urls:
-            self._url, self._member = url, ""
+            self._finish()
+            self._url, self._member, self._read = url, "", 0
             self._failed.discard(url)  # a shard read again (resampling, passes) reports again
             yield {"url": url}
+        self._finish()
+        self._url = ""
 
     def _rename(self, name: str) -> str:
         self._member = name  # called before the member's data is read: the member a read error belongs to
@@ -229,11 +263,7 @@ class ShardReader:
             if key is not None:
                 self._broken.add((url, key[0]))
         if url not in self._failed:  # webdataset calls the handler at member and at shard level for one break
-            self._failed.add(url)
-            reason = shard_error_reason(exc)
-            self.errors.append((url, reason))
-            if self.on_error is not None:
-                self.on_error(url, reason)
+            self._report(url, shard_error_reason(exc))
         return True
 
     def __call__(self, urls) -> Iterator[dict]:
@@ -246,6 +276,7 @@ class ShardReader:
                 continue  # incomplete: the shard broke while it was read
             if os.path.basename(sample["__key__"]).startswith("__"):
                 continue
+            self._read += 1
             yield sample
 
 
