@@ -269,3 +269,20 @@ def test_csv_and_json_lists_with_a_missing_file(videos, stage2, tmp_path):
     assert meta[0]["caption"] == "a test pattern" and "joint video-text" in meta[0]["vector"]
     text = np.load(out / "text_emb" / "text_emb_0.npy")
     np.testing.assert_allclose(text[0], load_encoder(str(stage2)).embed_text(["a test pattern"])[0].numpy(), atol=1e-5)
+
+
+def test_setting_from_token_optimization_and_bf16(videos, classifier, tmp_path):
+    rows = [{"budget": 32, "to": {"frames": 2, "resolution": 84}}, {"budget": 16, "to": {"frames": 4, "resolution": 56}}]
+    (tmp_path / "tokenopt.json").write_text(json.dumps({"rows": rows}))
+    base = ["--model", str(classifier), "--data", str(videos), "--setting", str(tmp_path / "tokenopt.json"),
+            "--workers", "0", "--no-progress"]
+    assert embed_main([*base, "--budget", "32", "--out", str(tmp_path / "a")]) == 1
+    emb, meta = _rows(tmp_path / "a")
+    assert {(m["frames"], m["resolution"], m["budget"], m["tokens"]) for m in meta} == {(2, 84, 32, 32)}
+    with pytest.raises(SystemExit) as err:  # two budgets in the file: which one?
+        embed_main([*base, "--out", str(tmp_path / "b")])
+    assert err.value.code == 2
+    assert embed_main([*base, "--budget", "32", "--dtype", "bfloat16", "--out", str(tmp_path / "c")]) == 1
+    half, _ = _rows(tmp_path / "c")
+    assert np.allclose(np.linalg.norm(half, axis=1), 1, atol=1e-5)
+    assert (half * emb).sum(1).min() > 0.99  # bf16 vectors point where the fp32 ones do
