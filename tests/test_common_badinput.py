@@ -125,3 +125,23 @@ def test_stage2_export_given_to_stage3_eval_says_so_in_one_line(tmp_path, capsys
     assert exc.value.code == 1
     err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
     assert len(err) == 1 and "stage-2 video-text export" in err[0] and "retrieval" in err[0]
+
+
+@pytest.mark.parametrize("kind", ["finetune", "distill", "garbage"])
+def test_retrieval_given_a_stage3_or_stage1_export_or_a_non_checkpoint_says_so_in_one_line(tmp_path, capsys, kind):
+    from safetensors.torch import save_file
+
+    from fluxvit.stages.videotext.retrieval import main
+
+    path = tmp_path / "model.safetensors"
+    if kind == "garbage":
+        path.write_bytes(b"\xff" * 64)
+    else:
+        save_file({"cls_token": torch.zeros(1, 1, 64)}, str(path), metadata={"stage": kind})
+    with pytest.raises(SystemExit) as exc:
+        main([str(path), "--set", "retrieval.max_videos=2"])
+    assert exc.value.code == 1
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    want = {"finetune": "stage-3 classifier export", "distill": "stage-1 export",
+            "garbage": "is not a safetensors checkpoint"}[kind]
+    assert len(err) == 1 and want in err[0], err

@@ -334,8 +334,18 @@ def save_videotext(model: VideoTextModel, text_tower: TextTower, cfg: VideoTextC
 def load_videotext(path, text_tower: TextTower | None = None) -> tuple[VideoTextModel, TextTower]:
     """Rebuild (VideoTextModel, TextTower) from a ``save_videotext`` file alone (the text tower is rebuilt
     from its spec, and its recorded local weights file, unless given)."""
-    meta = read_metadata(path)
+    try:
+        meta = read_metadata(path)
+    except Exception as err:  # safetensors raises its own (Rust) error types for a file it cannot parse
+        raise ValueError(f"{path} is not a safetensors checkpoint ({' '.join(str(err).split())[:120]})") from None
     if "fluxvit_videotext" not in meta:
+        stage = meta.get("stage", "")
+        if stage == "finetune":
+            raise ValueError(f"{path} is a stage-3 classifier export, not a stage-2 video-text checkpoint: evaluate "
+                             f"it with python -m fluxvit.stages.finetune.eval {path}")
+        if stage == "distill":
+            raise ValueError(f"{path} is a stage-1 export (no text tower): train stage 2 from it first (make "
+                             f"pretrain, or --set model.init={path} in stage 2)")
         raise ValueError(f"{path} is not a stage-2 video-text checkpoint")
     text = json.loads(meta["text"])
     contrast = json.loads(meta["contrast"])
