@@ -93,3 +93,18 @@ def test_import_does_not_pull_decoders():
             "bad = [m for m in ('decord', 'torchcodec', 'av') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("backend", ["pyav", "decord", "torchcodec"])
+def test_skip_reasons_are_the_projects_words(backend):
+    """Garbage and a cut-off mp4 are skipped with the project's reason, not the decoder's internals (errno numbers,
+    C++ source paths, byte counts)."""
+    from fluxvit.datasets.decoders import NOT_A_VIDEO, DecodeError, available_backends, decode_clips
+
+    if backend not in available_backends():
+        pytest.skip(f"{backend} not installed")
+    video = make_video(num_frames=4, width=32, height=24)
+    for data in (b"junk" * 100, video[: len(video) // 2]):
+        with pytest.raises(DecodeError) as exc:
+            decode_clips(data, 2, backend=backend, sampling="middle")
+        assert str(exc.value) == NOT_A_VIDEO

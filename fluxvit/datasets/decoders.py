@@ -48,6 +48,11 @@ _INSTALL_HINT = {
 }
 
 
+# Skip reasons in the project's words (a decoder's internal message is logged at debug level only).
+NOT_A_VIDEO = "not a readable video (unknown or damaged container)"
+DAMAGED_FRAMES = "frames could not be decoded (damaged or truncated video data)"
+
+
 class DecodeError(RuntimeError):
     """A sample could not be decoded; ``str(err)`` is a short printable reason."""
 
@@ -369,8 +374,9 @@ def open_video(data: bytes, backend: str = "decord", num_threads: int = 1) -> Vi
                 reader = _READERS[resolve_backend("pyav")](bytes(data), num_threads)
     except DecodeError:
         raise
-    except Exception as exc:
-        raise DecodeError(clean_reason(exc)) from None
+    except Exception as exc:  # the decoder's own words go to the debug log, the reason is the project's
+        log.debug("%s could not open the video: %s", name, clean_reason(exc))
+        raise DecodeError(NOT_A_VIDEO) from None
     if reader.num_frames < 1:
         raise DecodeError("video has no frames")
     return reader
@@ -429,7 +435,8 @@ def _decode_clips(data: bytes, num_frames: int, backend: str, sampling: str, rng
     except DecodeError:
         raise
     except Exception as exc:
-        raise DecodeError(clean_reason(exc)) from None
+        log.debug("%s could not decode frames %s: %s", backend, unique[:8], clean_reason(exc))
+        raise DecodeError(DAMAGED_FRAMES) from None
     if frames.ndim != 4 or frames.shape[0] != len(unique) or frames.shape[-1] != 3:
         raise DecodeError(f"decoder returned frames of shape {tuple(frames.shape)}")
     where = {i: k for k, i in enumerate(unique)}
