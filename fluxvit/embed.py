@@ -53,7 +53,7 @@ from .datasets.cli import read_csv_list, read_folder, read_json_list
 from .datasets.config import DataConfig
 from .datasets.decoders import DecodeError, decode_clips
 from .datasets.loader import SampleError, _caption, _label, process_sample
-from .datasets.shards import VIDEO_EXTENSIONS, VIDEO_KEYS, ShardReader, parse_shard_spec
+from .datasets.shards import VIDEO_EXTENSIONS, VIDEO_KEYS, ShardReader, parse_shard_spec, shard_sizes
 from .datasets.transforms import normalize_stats
 from .encoders import load_encoder
 from .stages.common.cli import OneLineParser, fail, token_budget_or_all
@@ -378,7 +378,11 @@ def embed_videos(encoder, data: str, out: Union[str, Path], settings: EmbedSetti
     stream = _PartStream(todo, settings)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                          persistent_workers=False, prefetch_factor=4 if workers else None)
-    total = sum(len(p.items) for p in todo) if all(p.items is not None for p in todo) else None
+    if all(p.items is not None for p in todo):
+        total = sum(len(p.items) for p in todo)
+    else:  # shards: their sizes.json, when there is one
+        sizes = shard_sizes([p.url for p in todo])
+        total = sum(sizes.values()) if sizes else None
     from tqdm import tqdm
 
     bar = tqdm(total=total, unit="video", desc=f"embed (rank {rank})", disable=not progress or rank != 0,
