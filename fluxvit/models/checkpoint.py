@@ -18,9 +18,8 @@ from .fluxvit import FluxViT, FluxViTConfig
 from .internvideo2 import InternVideo2, resize_internvideo2_pos_embed
 from .pos_embed import resize_pos_grid
 
-__all__ = ["CheckpointMismatchError", "LoadReport", "load_model", "load_official_checkpoint", "read_model_config",
-           "read_state_dict",
-           "save_model", "set_default_mode"]
+__all__ = ["CheckpointMismatchError", "LoadReport", "checkpoint_filter_fn", "load_model", "load_official_checkpoint",
+           "read_model_config", "read_state_dict", "save_model", "set_default_mode"]
 
 log = logging.getLogger(__name__)
 # Wrapper prefixes: DDP/DeepSpeed ("module."), the release ("backbone.", "encoder."), and this project's stage-2
@@ -201,6 +200,54 @@ def _internvideo2_grid(n: int, model: InternVideo2, orig_t_size: Union[int, None
     return t0, s, s
 
 
+def _internvideo2_tensors(src, dropped: list) -> dict:
+    """The vision encoder's tensors of an official InternVideo2 file: unwrapped (``module`` / ``model`` /
+    ``state_dict``, ``module.`` prefixes), ``vision_encoder.*`` only when present, distillation-only keys dropped
+    (their names appended to ``dropped``)."""
+    while isinstance(src, Mapping) and any(isinstance(src.get(k), Mapping) for k in ("module", "model", "state_dict")):
+        src = next(src[k] for k in ("module", "model", "state_dict") if isinstance(src.get(k), Mapping))
+    if not isinstance(src, Mapping):
+        raise ValueError(f"checkpoint holds a {type(src).__name__}, expected a state dict")
+    state = {}
+    for name, value in src.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        while name.startswith("module."):
+            name = name[len("module."):]
+        state[name] = value
+    if any(k.startswith("vision_encoder.") for k in state):
+        dropped += sorted(k for k in state if not k.startswith("vision_encoder."))
+        state = {k[len("vision_encoder."):]: v for k, v in state.items() if k.startswith("vision_encoder.")}
+    for name in sorted(state):
+        if name.split(".")[0] in _IV2_DROPPED:
+            dropped.append(name)
+            del state[name]
+    return state
+
+
+def checkpoint_filter_fn(state_dict: Mapping, model: Union[FluxViT, InternVideo2]) -> dict:
+    """timm's ``pretrained_filter_fn``: an official or project state dict in ``model``'s names and grid.
+
+    FluxViT: weights under ``model`` / ``module`` / ``state_dict`` or bare, wrapper prefixes stripped (as
+    ``load_official_checkpoint``); InternVideo2: the official file's vision encoder (as
+    ``load_internvideo2_checkpoint``). A pos-embed stored for another grid is resized to the model's. timm's
+    ``load_pretrained`` then drops the classifiers when the class counts differ and loads the rest.
+    """
+    own = model.state_dict()
+    if isinstance(model, InternVideo2):
+        state = _internvideo2_tensors(state_dict, [])
+        value = state.get("pos_embed")
+        if value is not None and value.dim() == 3 and value.shape != own["pos_embed"].shape:
+            grid = _internvideo2_grid(value.shape[1] - 1, model, None)
+            state["pos_embed"] = resize_internvideo2_pos_embed(value.float(), grid, model.pos_grid).to(value.dtype)
+        return state
+    state = _unwrap(state_dict)
+    value = state.get("pos_embed")
+    if value is not None and value.shape != own["pos_embed"].shape and value.shape[-1] == own["pos_embed"].shape[-1]:
+        state["pos_embed"] = _resize_official_pos_embed(value, model)
+    return state
+
+
 def load_internvideo2_checkpoint(model: InternVideo2, path_or_state_dict, strict: bool = True,
                                  orig_t_size: Union[int, None] = None) -> LoadReport:
     """Load official InternVideo2 weights (e.g. the stage-2 1B file) into ``model``, as the official
@@ -220,25 +267,8 @@ def load_internvideo2_checkpoint(model: InternVideo2, path_or_state_dict, strict
     src = path_or_state_dict
     if isinstance(src, (str, os.PathLike)):
         src = read_state_dict(src)
-    while isinstance(src, Mapping) and any(isinstance(src.get(k), Mapping) for k in ("module", "model", "state_dict")):
-        src = next(src[k] for k in ("module", "model", "state_dict") if isinstance(src.get(k), Mapping))
-    if not isinstance(src, Mapping):
-        raise ValueError(f"checkpoint holds a {type(src).__name__}, expected a state dict")
     report = LoadReport()
-    state = {}
-    for name, value in src.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        while name.startswith("module."):
-            name = name[len("module."):]
-        state[name] = value
-    if any(k.startswith("vision_encoder.") for k in state):
-        report.dropped += sorted(k for k in state if not k.startswith("vision_encoder."))
-        state = {k[len("vision_encoder."):]: v for k, v in state.items() if k.startswith("vision_encoder.")}
-    for name in sorted(state):
-        if name.split(".")[0] in _IV2_DROPPED:
-            report.dropped.append(name)
-            del state[name]
+    state = _internvideo2_tensors(src, report.dropped)
     own = model.state_dict()
     to_load = {}
     for name, value in state.items():

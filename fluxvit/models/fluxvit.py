@@ -125,6 +125,12 @@ class FluxViT(PackedBlockStack, nn.Module):
     feature (B, clip_embed_dim) when ``num_classes == 0``. ``forward_features`` and ``forward_multi``
     return ``FluxFeatures`` for training stages. ``set_grad_checkpointing`` / ``compile_blocks``: see
     ``PackedBlockStack``.
+
+    timm's model contract, with video meaning: ``num_classes``; ``num_features`` = ``head_hidden_size`` =
+    ``clip_embed_dim``, the width of the pooled feature the classifiers read (tokens are ``embed_dim`` wide);
+    ``forward_head(forward_features(x), pre_logits)``; ``get_classifier()`` (the budget heads) and
+    ``reset_classifier(n)`` (all of them, 0 gives features); ``group_matcher`` (the release's layer ids),
+    ``no_weight_decay``, ``set_grad_checkpointing``; ``pretrained_cfg`` is set by ``create_model``.
     """
 
     def __init__(self, config: FluxViTConfig | None = None, **kwargs):
@@ -135,6 +141,8 @@ class FluxViT(PackedBlockStack, nn.Module):
             config = dataclasses.replace(config, **kwargs)
         self.config = cfg = config
         D, p = cfg.embed_dim, cfg.patch_size
+        self.num_classes, self.in_chans, self.embed_dim = cfg.num_classes, cfg.in_chans, D
+        self.num_features = self.head_hidden_size = cfg.clip_embed_dim
         self.pos_grid = (cfg.num_frames, cfg.img_size // p, cfg.img_size // p)
         self.patch_embed = DualNormPatchEmbed(p, cfg.in_chans, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
@@ -372,14 +380,50 @@ class FluxViT(PackedBlockStack, nn.Module):
         views = [_View(i, b, None, h) for b, h in zip(budgets, heads) for i in range(len(clips))]
         return self._run_views(clips, views, layers, align)
 
-    def logits(self, feats: FluxFeatures) -> torch.Tensor:
-        """Classifier outputs (V, num_classes) of each view's head from ``FluxFeatures``."""
+    def forward_head(self, feats: FluxFeatures, pre_logits: bool = False) -> torch.Tensor:
+        """timm's head step on ``forward_features``' output: ``fc_norm`` of each view's pooled feature,
+        (V, num_features), when ``pre_logits``, else the classifier of each view's budget head, (V, num_classes)."""
         z = self.fc_norm(feats.pooled)
+        if pre_logits:
+            return z
         heads = feats.heads
         if len(set(heads)) == 1:
             return self.head[heads[0]](z)
         rows = [self.head[h](z[i:i + 1]) for i, h in enumerate(heads)]
         return torch.cat(rows, dim=0)
+
+    def logits(self, feats: FluxFeatures) -> torch.Tensor:
+        """Classifier outputs (V, num_classes) of each view's head from ``FluxFeatures`` (``forward_head``)."""
+        return self.forward_head(feats)
+
+    def get_classifier(self) -> nn.ModuleList:
+        """The classifiers, one per budget head (``head[k]`` reads pooling head k's normalised feature)."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Union[str, None] = None) -> None:
+        """New classifiers for ``num_classes`` on every budget head (trunc-normal 0.02, zero bias), or none
+        (``nn.Identity``, the model then returns the (B, num_features) normalised pooled feature) for 0.
+
+        ``global_pool`` is timm's argument; FluxViT pools with its attention-pooling heads, so only None is valid.
+        """
+        if global_pool is not None:
+            raise ValueError(f"global_pool={global_pool!r}: FluxViT pools with its budget attention-pooling heads; "
+                             f"pass None")
+        if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+        ref = self.fc_norm.weight
+        heads = []
+        for _ in range(self.num_heads_pool):
+            if num_classes:
+                lin = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+                nn.init.trunc_normal_(lin.weight, std=0.02)
+                nn.init.zeros_(lin.bias)
+                heads.append(lin)
+            else:
+                heads.append(nn.Identity())
+        self.head = nn.ModuleList(heads)
+        self.num_classes = int(num_classes)
+        self.config = dataclasses.replace(self.config, num_classes=self.num_classes)
 
     def forward(
         self,
@@ -392,4 +436,4 @@ class FluxViT(PackedBlockStack, nn.Module):
         ``num_tokens`` is the token budget K: tokens are selected only when T*L > K, with
         rho = 1 - K / (T*L). ``head`` picks the pooling head (default: nearest budget).
         """
-        return self.logits(self.forward_features(video, num_tokens, head))
+        return self.forward_head(self.forward_features(video, num_tokens, head))

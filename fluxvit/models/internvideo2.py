@@ -48,7 +48,8 @@ class InternVideo2Config:
     ``num_frames`` fix the stored pos-embed grid only: any T >= 1 (a multiple of ``tubelet_size``) and any H, W
     that are multiples of ``patch_size`` run. ``mlp_act``: "gelu_tanh" (the official teacher's fused MLP) or
     "gelu" (exact, the official non-fused path). ``drop_path_rate`` is live only in train mode; the stage-1
-    teacher is always in eval mode.
+    teacher is always in eval mode. ``num_classes`` > 0 adds the official finetuning classifier (``fc_norm``,
+    LayerNorm(clip_embed_dim), then ``head``, Linear(clip_embed_dim, num_classes)); the teacher has none (0).
     """
 
     embed_dim: int = 1408
@@ -68,6 +69,7 @@ class InternVideo2Config:
     clip_embed_dim: int = 768
     mlp_act: str = "gelu_tanh"
     attn_backend: Union[str, None] = None
+    num_classes: int = 0
 
     def __post_init__(self):
         if self.img_size % self.patch_size:
@@ -81,6 +83,8 @@ class InternVideo2Config:
                              f"attn_pool_num_heads {self.attn_pool_num_heads}")
         if self.mlp_act not in MLP_ACTS:
             raise ValueError(f"mlp_act must be one of {sorted(MLP_ACTS)}, got {self.mlp_act!r}")
+        if isinstance(self.num_classes, bool) or int(self.num_classes) != self.num_classes or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0, got {self.num_classes!r}")
 
     @property
     def mlp_hidden_dim(self) -> int:
@@ -227,8 +231,14 @@ class TeacherForward(NamedTuple):
 class InternVideo2(PackedBlockStack, nn.Module):
     """InternVideo2 vision encoder (the official distillation teacher) on packed variable-length sequences.
 
-    ``model(video, num_tokens=None)`` -> (B, clip_embed_dim) projector output. ``forward_teacher`` and
-    ``forward_packed`` return intermediate states for distillation.
+    ``model(video, num_tokens=None)`` -> (B, clip_embed_dim) projector output (the teacher, no classes), or
+    logits (B, num_classes) through ``fc_norm`` and ``head``. ``forward_teacher`` and ``forward_packed`` return
+    intermediate states for distillation.
+
+    timm's model contract, with video meaning: ``num_classes``; ``num_features`` = ``head_hidden_size`` =
+    ``clip_embed_dim`` (the projector's output width); ``forward_head(forward_features(x), pre_logits)``;
+    ``get_classifier`` / ``reset_classifier(n)`` (0 gives features); ``group_matcher`` (the release's layer ids),
+    ``no_weight_decay``, ``set_grad_checkpointing``; ``pretrained_cfg`` is set by ``create_model``.
     """
 
     def __init__(self, config: InternVideo2Config | None = None, **kwargs):
@@ -239,6 +249,8 @@ class InternVideo2(PackedBlockStack, nn.Module):
             config = dataclasses.replace(config, **kwargs)
         self.config = cfg = config
         D, p = cfg.embed_dim, cfg.patch_size
+        self.num_classes, self.in_chans, self.embed_dim = cfg.num_classes, cfg.in_chans, D
+        self.num_features = self.head_hidden_size = cfg.clip_embed_dim
         self.pos_grid = (cfg.num_frames // cfg.tubelet_size, cfg.img_size // p, cfg.img_size // p)
         self.patch_embed = PatchEmbed3d(p, cfg.tubelet_size, cfg.in_chans, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
@@ -246,6 +258,9 @@ class InternVideo2(PackedBlockStack, nn.Module):
         rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()  # also under a meta device
         self.blocks = nn.ModuleList(InternVideo2Block(cfg, rates[i]) for i in range(cfg.depth))
         self.clip_projector = AttentionPoolingHead(D, cfg.attn_pool_num_heads, cfg.clip_embed_dim)
+        # The official finetuning classifier; the teacher's checkpoint has neither tensor.
+        self.fc_norm = nn.LayerNorm(cfg.clip_embed_dim) if cfg.num_classes else nn.Identity()
+        self.head = nn.Linear(cfg.clip_embed_dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.reset_parameters()
 
     @property
@@ -376,6 +391,43 @@ class InternVideo2(PackedBlockStack, nn.Module):
         pooled = f.pooled / f.pooled.norm(dim=-1, keepdim=True)
         return TeacherForward(z, pooled, f.attn.view(B, n)[:, 1:])
 
+    def forward_features(self, video: VideoInput, num_tokens: Union[int, None, Sequence[Union[int, None]]] = None,
+                         *, layers: Sequence[int] = ()) -> InternVideo2Features:
+        """timm's features step: ``forward_packed(video, layers, num_tokens)``."""
+        return self.forward_packed(video, layers, num_tokens)
+
+    def forward_head(self, feats: InternVideo2Features, pre_logits: bool = False) -> torch.Tensor:
+        """``fc_norm`` of the projector output (B, num_features) when ``pre_logits`` (the raw projector output
+        when the model has no ``fc_norm``, as the teacher), else ``head`` of it, (B, num_classes)."""
+        z = self.fc_norm(feats.pooled)
+        return z if pre_logits else self.head(z)
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier (``nn.Identity`` for the teacher)."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Union[str, None] = None) -> None:
+        """A new ``head`` for ``num_classes`` (trunc-normal 0.02, zero bias; adds the official ``fc_norm`` when the
+        model has none), or ``nn.Identity`` for 0 (the model then returns features). ``global_pool``: only None
+        (the attention-pooling projector is the model's pooling)."""
+        if global_pool is not None:
+            raise ValueError(f"global_pool={global_pool!r}: InternVideo2 pools with its attention-pooling projector; "
+                             f"pass None")
+        if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+        ref = self.clip_projector.cross_attn.proj.weight
+        if num_classes:
+            if isinstance(self.fc_norm, nn.Identity):
+                self.fc_norm = nn.LayerNorm(self.num_features, device=ref.device, dtype=ref.dtype)
+            self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+        else:
+            self.head = nn.Identity()
+        self.num_classes = int(num_classes)
+        self.config = dataclasses.replace(self.config, num_classes=self.num_classes)
+
     def forward(self, video: VideoInput, num_tokens: Union[int, None] = None) -> torch.Tensor:
-        """Projector output (B, clip_embed_dim), not normalised."""
-        return self.forward_packed(video, (), num_tokens).pooled
+        """Projector output (B, clip_embed_dim), not normalised (the teacher); logits (B, num_classes) with a
+        classifier."""
+        return self.forward_head(self.forward_features(video, num_tokens))

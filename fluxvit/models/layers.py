@@ -200,8 +200,9 @@ class PackedBlockStack:
     blocks; kernels that split by host lengths (segments, nested, math, block_mask) run eagerly between the
     compiled parts.
 
-    ``reset_parameters`` / ``no_weight_decay`` / ``dtype``: the ViT initialisation and conventions both models
-    share (they need ``pos_embed``, ``pos_grid``, ``cls_token``, ``patch_embed.proj`` and ``config.embed_dim``).
+    ``reset_parameters`` / ``no_weight_decay`` / ``group_matcher`` / ``dtype``: the ViT initialisation and
+    conventions both models share (they need ``pos_embed``, ``pos_grid``, ``cls_token``, ``patch_embed.proj`` and
+    ``config.embed_dim``).
     """
 
     grad_checkpointing: bool = False
@@ -229,6 +230,14 @@ class PackedBlockStack:
     def no_weight_decay(self) -> set:
         """Parameter names excluded from weight decay besides norms and biases."""
         return {"pos_embed", "cls_token"}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's layer grouping (``timm.optim`` layer decay), the release's layer ids
+        (``optim_factory.get_num_layer_for_vit``): ``cls_token`` / ``mask_token`` / ``pos_embed`` (exact names) and
+        ``patch_embed.*`` -> 0, ``blocks.i.*`` -> i + 1, everything else -> depth + 1 (the heads' full lr). The
+        release's quirk is kept: FluxViT's ``gpe_proj`` (the global PE's affine) is not in the stem, so it gets the
+        heads' id. Blocks are the finest unit, so ``coarse`` changes nothing."""
+        return dict(stem=r"^(?:cls_token|mask_token|pos_embed)$|^patch_embed", blocks=r"^blocks\.(\d+)")
 
     @property
     def dtype(self) -> torch.dtype:
