@@ -7,7 +7,8 @@ import torch
 from fluxvit.metrics import aggregate_views, topk_accuracy
 from fluxvit.models import create_model
 from fluxvit.stages.finetune.eval import eval_head, view_tokens
-from fluxvit.stages.common.optim import cosine_lr, layer_decay_groups, scale_lr
+from fluxvit.stages.common import OptimConfig
+from fluxvit.stages.common.optim import cosine_lr, layer_decay_optimizer, scale_lr
 from fluxvit.stages.finetune.loss import flux_multi_loss, smooth_targets, soft_cross_entropy
 from fluxvit.stages.finetune.model import FinetuneModel, random_keep
 from fluxvit.stages.finetune.tokenopt import candidate_pairs, plain_pair
@@ -113,7 +114,7 @@ def _release_layer_id(name: str, num_max_layer: int) -> int:
 def test_layer_decay_groups_equal_the_release_ids_on_fluxvit_s():
     net = create_model("fluxvit_small_patch14", num_classes=400)
     model = FinetuneModel(net)
-    groups = layer_decay_groups(model, weight_decay=0.05, layer_decay=0.75, lr=8e-4)
+    groups = layer_decay_optimizer(model, OptimConfig(weight_decay=0.05), layer_decay=0.75, lr=8e-4).param_groups
     depth = 12
     values = [0.75 ** (depth + 1 - i) for i in range(depth + 2)]  # the release's LayerDecayValueAssigner
     skip = {"pos_embed", "cls_token"}

@@ -1,4 +1,4 @@
-"""AdamW with weight-decay groups (optionally layer-decayed, through timm), the release's lr scaling, the
+"""AdamW with weight-decay groups (or layer-decayed, built by timm), the release's lr scaling, the
 cosine-with-warmup schedule and an EMA of the weights."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from torch import nn
 
 from .config import OptimConfig
 
-__all__ = ["ModelEMA", "build_optimizer", "cosine_lr", "layer_decay_groups", "param_groups", "release_vit_layer_id",
-           "build_scheduler", "peak_lr", "scale_lr", "warmup_steps"]
+__all__ = ["ModelEMA", "build_optimizer", "cosine_lr", "layer_decay_optimizer", "param_groups", "build_scheduler",
+           "peak_lr", "scale_lr", "warmup_steps"]
 
 log = logging.getLogger("fluxvit.train")
 
@@ -55,40 +55,28 @@ def param_groups(model: nn.Module, weight_decay: float, extra_no_decay: Iterable
     ]
 
 
-def release_vit_layer_id(name: str, depth: int) -> int:
-    """The FluxViT / UMT release's layer id of a parameter (``optim_factory.get_num_layer_for_vit``).
+def layer_decay_optimizer(model: nn.Module, cfg: OptimConfig, layer_decay: float, lr: float) -> torch.optim.AdamW:
+    """AdamW with layer-wise lr decay, built by timm: ``timm.optim.create_optimizer_v2(model, "adamw",
+    layer_decay=...)``.
 
-    ``cls_token``, ``mask_token``, ``pos_embed`` (exact names) and ``patch_embed.*`` -> 0; ``blocks.i.*`` -> i + 1;
-    everything else -> depth + 1, the id of the heads. Note the release's quirk: ``gpe_proj`` (the global PE's
-    per-channel affine, applied right after the pos-embed) is not in the stem list, so it gets the head's id and the
-    full learning rate rather than the stem's ``layer_decay ** (depth + 1)``.
-    """
-    if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
-
-
-def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float, lr: float) -> list[dict]:
-    """AdamW groups with layer-wise lr decay from ``timm.optim.param_groups_layer_decay``.
-
-    The layer of a parameter comes from ``model.group_matcher()`` (timm's hook; ``FinetuneModel`` maps names to
-    the release's ids), the no-decay set from 1-D tensors plus ``model.no_weight_decay()``. Group ``k`` gets
-    ``lr * layer_decay ** (L - id)`` with L the largest id (the heads: full lr).
+    The layers come from ``model.group_matcher()`` (the zoo's models and ``FinetuneModel`` give the release's layer
+    ids), the no-decay set from 1-D tensors plus ``model.no_weight_decay()``. Group ``k`` gets ``lr_scale =
+    layer_decay ** (L - id)`` with L the largest id (the heads). timm's own schedulers multiply by ``lr_scale`` at
+    every step; the project's ``build_scheduler`` scales each group's own peak instead, so the peak
+    ``lr * lr_scale`` is written into each group here, once.
 
     Returns:
-        groups with ``params``, ``weight_decay``, ``lr_scale`` and ``lr`` (= lr * lr_scale).
+        ``torch.optim.AdamW`` whose groups carry ``lr`` (= lr * lr_scale), ``lr_scale`` and ``weight_decay``.
     """
-    from timm.optim import param_groups_layer_decay
+    from timm.optim import create_optimizer_v2
 
     if not hasattr(model, "group_matcher"):
         raise TypeError(f"{type(model).__name__} has no group_matcher(): layer decay needs the model's layer ids")
-    groups = param_groups_layer_decay(model, weight_decay=weight_decay,
-                                      no_weight_decay_list=sorted(_no_decay_names(model)), layer_decay=layer_decay)
-    for g in groups:
-        g["lr"] = lr * g["lr_scale"]
-    return groups
+    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay, layer_decay=layer_decay,
+                                    betas=tuple(cfg.betas), eps=cfg.eps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    return optimizer
 
 
 def scale_lr(value: float, batch_per_process: int, grad_accum: int, world_size: int, num_sample: int = 1,

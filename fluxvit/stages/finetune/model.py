@@ -8,9 +8,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from fluxvit.models import FluxViT
+from timm.models import group_parameters
 
-from ..common.optim import release_vit_layer_id
+from fluxvit.models import FluxViT
 
 __all__ = ["FinetuneModel", "random_keep"]
 
@@ -39,8 +39,8 @@ class FinetuneModel(nn.Module):
     is alignment decoder j-1 applied to budget j's pooled features. ``keeps`` (J*B index tensors) replaces the
     selector (random-selection ablation). Going through ``forward`` keeps DDP / DeepSpeed hooks intact.
 
-    ``group_matcher`` follows timm's convention, so ``timm.optim.param_groups_layer_decay`` groups the parameters
-    with the release's layer ids (``common.optim.release_vit_layer_id``).
+    ``group_matcher`` / ``no_weight_decay`` are the FluxViT's under the ``net.`` prefix, so timm's
+    ``create_optimizer_v2(model, layer_decay=...)`` groups the parameters with the release's layer ids.
     """
 
     def __init__(self, net: FluxViT):
@@ -48,10 +48,13 @@ class FinetuneModel(nn.Module):
         self.net = net
 
     def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
-        """timm's layer-grouping hook: parameter name -> the release's layer id (0 .. depth + 1)."""
-        depth = len(self.net.blocks)
-        return lambda name: release_vit_layer_id(name.removeprefix("net."), depth)
+        """timm's layer-grouping hook: parameter name -> the FluxViT's layer id (the release's, 0 .. depth + 1)."""
+        layer_of = group_parameters(self.net, self.net.group_matcher(coarse), reverse=True)
+        return lambda name: layer_of[name.removeprefix("net.")]
 
+    def no_weight_decay(self) -> set:
+        """The FluxViT's no-decay names under the ``net.`` prefix."""
+        return {f"net.{name}" for name in self.net.no_weight_decay()}
 
     def forward(self, video, budgets: Sequence[int], heads: Sequence[int], keeps: list | None = None):
         """See the class docstring; one packed pass over len(budgets) * B views."""

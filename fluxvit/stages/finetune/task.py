@@ -6,8 +6,8 @@ the data path (``fluxvit.datasets.augment``: RandAugment, crop, flip, random era
   2. Flux-Multi: ONE packed forward runs every clip at each budget K_j (default 3072 / 2048 / 1024) with head j
      (``model.FinetuneModel``; views budget-major, view j*B + i = clip i at K_j);
   3. the loss terms of ``loss.flux_multi_loss``. Flux-Single: ``loss.single_budget`` / ``loss.single_head``, CE only.
-The optimiser is AdamW over timm's layer-decay groups with the release's layer ids and lr scaling
-(``common.optim.layer_decay_groups`` / ``scale_lr``).
+The optimiser is timm's AdamW with layer decay over the release's layer ids (the zoo's ``group_matcher``) and the
+release's lr scaling (``common.optim.layer_decay_optimizer`` / ``scale_lr``).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from fluxvit.models.checkpoint import read_model_config
 
 from ..common.config import ConfigError, OptimConfig
 from ..common.loop import StepOutput
-from ..common.optim import layer_decay_groups, peak_lr
+from ..common.optim import layer_decay_optimizer, peak_lr
 from .config import FinetuneConfig
 from .loss import build_mixup, flux_multi_loss, smooth_targets
 from .model import FinetuneModel, random_keep
@@ -161,10 +161,8 @@ class FinetuneTask:
                        self.cfg.lr_batch)
 
     def build_optimizer(self, ocfg: OptimConfig) -> torch.optim.AdamW:
-        """AdamW over timm's layer-decay groups (the release's layer ids, ``layer_decay``) at ``peak_lr``."""
-        lr = self.peak_lr(ocfg)
-        groups = layer_decay_groups(self.model, ocfg.weight_decay, self.cfg.layer_decay, lr)
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(ocfg.betas), eps=ocfg.eps)
+        """timm's AdamW with layer decay (the release's layer ids, ``layer_decay``) at ``peak_lr``."""
+        return layer_decay_optimizer(self.model, ocfg, self.cfg.layer_decay, self.peak_lr(ocfg))
 
     def export(self, model: FinetuneModel, path: Path) -> Path:
         """The classifier alone, as safetensors that ``fluxvit.models.load_model`` rebuilds."""
