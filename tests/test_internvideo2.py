@@ -92,8 +92,11 @@ def test_registry_overrides_and_errors():
     assert len(m.blocks) == 2 and m.blocks[0].mlp.act.approximate == "none"
     assert tiny().blocks[0].mlp.act.approximate == "tanh"
     assert m.blocks[0].mlp.fc1.out_features == int(64 * 48 / 11)
-    with pytest.raises(UnknownOptionError, match="num_classes"):
-        create_model("internvideo2_1b_patch14", num_classes=3)
+    with pytest.raises(UnknownOptionError, match="num_labels"):
+        create_model("internvideo2_1b_patch14", num_labels=3)
+    # num_classes is timm's contract: the official finetuning classifier (fc_norm, head); the teacher has none.
+    assert tiny().num_classes == 0 and not any(k.startswith(("fc_norm", "head")) for k in tiny().state_dict())
+    assert tiny(num_classes=3).head.out_features == 3 and tiny(num_classes=3).fc_norm.normalized_shape == (32,)
     with pytest.raises(ValueError, match="mlp_act"):
         create_model("internvideo2_1b_patch14", mlp_act="relu", **TINY)
 

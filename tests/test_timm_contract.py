@@ -1,15 +1,18 @@
 """timm's model contract over every registered model, modelled on timm's own ``tests/test_models.py``: create through
 ``timm.create_model``, forward and backward on a tiny video, ``reset_classifier(0)`` then features,
 ``forward_head(pre_logits=True)`` of width ``num_features``, layer-decay groups of ``timm.optim`` equal to the
-release's layer ids, ``resolve_data_config`` giving the model's video input, the pretrained cfgs and the official-file
-load through timm's ``load_pretrained``.
+release's layer ids, ``resolve_data_config`` giving the model's video input, the pretrained cfgs, and weights loaded
+through timm's ``load_pretrained`` (a release-layout file, timm's hub layout).
 
 Each case runs its model's family narrowed to 2 blocks of width 64 and a 4 x 4 x 4 pos-embed grid, so the file
 stays well under a minute on a CPU."""
+import json
+
 import pytest
 import timm
 import timm.optim
 import torch
+from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
 from timm.models import get_pretrained_cfg, is_model
 
@@ -222,3 +225,17 @@ def test_internvideo2_official_layout_loads_through_timm(tmp_path):
     x = video()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, num_tokens=BUDGET), src(x, num_tokens=BUDGET), rtol=0, atol=0)
+
+
+def test_hub_layout_folder_loads_through_timm(tmp_path):
+    # timm's hub layout (config.json + model.safetensors), read by timm's own local-dir loader: the class count and
+    # model_args of config.json reach the zoo's entry point, the weights load unchanged.
+    src = build("fluxvit_tiny_patch14", num_classes=7).eval()
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    cfg = {k: v for k, v in src.pretrained_cfg.items() if k != "architecture"}
+    (tmp_path / "config.json").write_text(json.dumps(dict(architecture="fluxvit_tiny_patch14", num_classes=7,
+                                                          pretrained_cfg=cfg, model_args=small("fluxvit_tiny_patch14"))))
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    assert loaded.num_classes == 7 and loaded.pretrained_model_args == small("fluxvit_tiny_patch14")
+    for k, v in src.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k

@@ -137,9 +137,16 @@ def _create_timm(name: str, pretrained: bool = False, pretrained_cfg=None, pretr
     if features_only:
         raise ValueError(f"{name}: features_only is not supported; use model.forward_features(video, layers=...) "
                          f"for per-block token features")
+    cfg = resolve_pretrained_cfg(name, pretrained_cfg=pretrained_cfg,
+                                 pretrained_cfg_overlay=pretrained_cfg_overlay).to_dict()
+    # As timm's build_model_with_cfg: the source's class count and channels are the defaults (a hub or local
+    # config.json states the class count of the weights it carries).
+    if cfg.get("num_classes") is not None and cfg["num_classes"] >= 0:
+        overrides.setdefault("num_classes", cfg["num_classes"])
+    overrides.setdefault("in_chans", cfg.get("input_size", (3,))[0])
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = create_model(name, **overrides)
-    cfg = _attach_pretrained_cfg(model, name, pretrained_cfg, pretrained_cfg_overlay)
+    model.pretrained_cfg = model.default_cfg = cfg
     model.pretrained_model_args = dict(pretrained_model_args or {})
     if pretrained:
         if not any(cfg.get(k) for k in ("file", "url", "hf_hub_id", "state_dict")):
