@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .models import FluxViT, create_model, list_models, load_model, load_official_checkpoint, read_state_dict
 from .models.checkpoint import read_metadata
-from .models.hub import CONFIG_NAME, WEIGHTS_NAME, _resolve, from_pretrained
+from .models.hub import CONFIG_NAME, WEIGHTS_NAME, _resolve, from_pretrained, normalize_of
 from .stages.videotext.task import load_videotext
 
 __all__ = ["Encoder", "file_sha256", "load_encoder"]
@@ -192,7 +192,7 @@ def load_encoder(model: str, arch: str = "", weights: str = "") -> Encoder:
         net = from_pretrained(path)
         return Encoder(net, "hub", "pooled feature before fc_norm and the classifier (head nearest the kept tokens)",
                        model, str(path / WEIGHTS_NAME), file_sha256(path / WEIGHTS_NAME),
-                       normalize=net.pretrained_cfg.get("normalize", "imagenet"))
+                       normalize=normalize_of(net.pretrained_cfg))
     if not path.is_file():
         if model in list_models():
             raise ValueError(f"{model} is a registered architecture without weights: pass --weights FILE")
@@ -201,7 +201,7 @@ def load_encoder(model: str, arch: str = "", weights: str = "") -> Encoder:
             wfile = _resolve(model, WEIGHTS_NAME)
             return Encoder(net, "hub", "pooled feature before fc_norm and the classifier (head nearest the kept "
                            "tokens)", model, str(wfile), file_sha256(wfile),
-                           normalize=net.pretrained_cfg.get("normalize", "imagenet"))
+                           normalize=normalize_of(net.pretrained_cfg))
         raise FileNotFoundError(f"model {model} not found (a file, a save_pretrained folder, a hub id ORG/NAME, or "
                                 f"a registered name with --weights)")
     meta = read_metadata(path) if path.suffix == ".safetensors" else {}

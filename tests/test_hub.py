@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from timm.models import PretrainedCfg
+
 import fluxvit
 from fluxvit.models import create_model
+from fluxvit.models.hub import normalize_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,8 +34,12 @@ def test_save_and_load_a_folder_round_trip(tmp_path):
     cfg = json.loads((tmp_path / "hub" / "config.json").read_text())
     assert cfg["architecture"] == "fluxvit_tiny_patch14" and cfg["num_classes"] == 5
     assert cfg["model_args"]["depth"] == 2 and cfg["model_args"]["head_budgets"] == [64, 32]
-    assert cfg["pretrained_cfg"]["input_size"] == [3, 56, 56] and cfg["pretrained_cfg"]["num_frames"] == 4
+    # timm's PretrainedCfg fields only (timm's hub loader builds one from them); the tiny's registered video input
+    # (C, T, H, W), the model's class count, the mean asked for
+    timm_cfg = PretrainedCfg(**cfg["pretrained_cfg"])
+    assert timm_cfg.input_size == [3, 8, 112, 112] and timm_cfg.num_classes == 5
     assert cfg["pretrained_cfg"]["mean"] == [0.48145466, 0.4578275, 0.40821073]  # CLIP mean
+    assert normalize_of(cfg["pretrained_cfg"]) == "clip" and normalize_of({"mean": [0.485, 0.456, 0.406]}) == "imagenet"
     loaded = fluxvit.from_pretrained(tmp_path / "hub")
     assert loaded.config == model.config and not loaded.training
     with torch.no_grad():

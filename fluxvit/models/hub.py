@@ -2,8 +2,8 @@
 
 The layout is timm's (``timm.models._hub``): ``config.json`` holds ``architecture`` (a registered name),
 ``num_classes``, ``num_features``, ``model_args`` (every architecture field, so any project export rebuilds, not
-only the registered sizes) and ``pretrained_cfg`` (input size, frames, mean/std); ``model.safetensors`` holds the
-plain state dict. So all of these load the same weights::
+only the registered sizes) and ``pretrained_cfg`` (timm's ``PretrainedCfg`` fields only, so timm's loader accepts it:
+``input_size`` (C, T, H, W) with the frames, mean/std, crop); ``model.safetensors`` holds the plain state dict. So all of these load the same weights::
 
     fluxvit.from_pretrained("runs/finetune/hub")              # a local folder
     fluxvit.from_pretrained("ORG/NAME")                       # a hub repo (or its copy in the local HF cache)
@@ -25,12 +25,14 @@ from typing import Union
 from huggingface_hub import hf_hub_download
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from timm.models import PretrainedCfg
+
+from . import registry as _registry
 from .checkpoint import load_official_checkpoint, read_state_dict, set_default_mode
 from .fluxvit import FluxViT, FluxViTConfig
-from . import registry as _registry  # a module: registry imports this one too (timm's pretrained path)
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "from_pretrained", "hub_config", "load_pretrained_weights",
-           "save_pretrained"]
+           "normalize_of", "save_pretrained"]
 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
@@ -61,31 +63,53 @@ def _pretrained_cfg_of(model: FluxViT) -> dict:
     return {k: v for k, v in dict(cfg).items() if k not in _SOURCE_KEYS and v is not None}
 
 
-def hub_config(model: FluxViT, normalize: str = "imagenet", extra: Union[dict, None] = None) -> dict:
-    """The ``config.json`` of ``model``: timm's keys plus ``fluxvit`` (config and provenance).
+def normalize_of(pretrained_cfg: Union[dict, None]) -> str:
+    """"clip" when a ``pretrained_cfg``'s mean is CLIP's, else "imagenet" (an older config's ``normalize`` key wins)."""
+    cfg = dict(pretrained_cfg or {})
+    if cfg.get("normalize") in _NORMALIZE:
+        return cfg["normalize"]
+    mean = cfg.get("mean")
+    clip = _NORMALIZE["clip"][0]
+    if mean is not None and len(mean) == len(clip) and all(abs(a - b) < 1e-6 for a, b in zip(mean, clip)):
+        return "clip"
+    return "imagenet"
+
+
+def hub_config(model: FluxViT, normalize: Union[str, None] = None, extra: Union[dict, None] = None) -> dict:
+    """The ``config.json`` of ``model``: timm's keys (``architecture``, ``num_classes``, ``num_features``,
+    ``model_args``, ``pretrained_cfg``).
+
+    ``pretrained_cfg`` is the model's own (``create_model`` attaches its name's: ``input_size`` (C, T, H, W), mean /
+    std, crop) without its source keys, else ``input_size`` (C, num_frames, img_size, img_size) and ImageNet mean /
+    std; the class count is the model's.
 
     Args:
         model: a FluxViT (any config).
-        normalize: the input normalisation it was trained with ("imagenet" or "clip"); the model's own
-            ``pretrained_cfg`` (timm) wins where it has a mean/std.
-        extra: more keys for ``pretrained_cfg`` (e.g. ``{"license": "apache-2.0"}``).
+        normalize: the input normalisation it was trained with ("imagenet" or "clip"), replacing the mean / std
+            of its ``pretrained_cfg``; None keeps them.
+        extra: more ``PretrainedCfg`` keys (e.g. ``{"license": "apache-2.0"}``).
     """
     cfg = model.config
-    if normalize not in _NORMALIZE:
-        raise ValueError(f"normalize must be one of {sorted(_NORMALIZE)}, got {normalize!r}")
-    mean, std = _NORMALIZE[normalize]
+    if normalize is not None and normalize not in _NORMALIZE:
+        raise ValueError(f"normalize must be one of {sorted(_NORMALIZE)} or None, got {normalize!r}")
     args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items() if k not in _RUNTIME_FIELDS}
-    pretrained = {"input_size": [cfg.in_chans, cfg.img_size, cfg.img_size], "num_frames": cfg.num_frames,
-                  "patch_size": cfg.patch_size, "mean": list(mean), "std": list(std), "interpolation": "bilinear",
-                  "crop_pct": 1.0, "crop_mode": "center", "num_classes": cfg.num_classes,
-                  "head_budgets": list(cfg.head_budgets), "normalize": normalize}
+    mean, std = _NORMALIZE["imagenet"]
+    pretrained = {"input_size": [cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size], "mean": list(mean),
+                  "std": list(std), "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center"}
     pretrained.update(_pretrained_cfg_of(model))
+    if normalize is not None:
+        pretrained["mean"], pretrained["std"] = (list(v) for v in _NORMALIZE[normalize])
     pretrained.update(extra or {})
+    pretrained["num_classes"] = cfg.num_classes
+    unknown = sorted(set(pretrained) - {f.name for f in dataclasses.fields(PretrainedCfg)})
+    if unknown:
+        raise ValueError(f"pretrained_cfg keys timm does not know: {', '.join(unknown)}")
+    pretrained = {k: (list(v) if isinstance(v, tuple) else v) for k, v in pretrained.items()}
     return {"architecture": architecture_name(cfg), "num_classes": cfg.num_classes,
             "num_features": cfg.clip_embed_dim, "model_args": args, "pretrained_cfg": pretrained}
 
 
-def save_pretrained(model: FluxViT, directory: Union[str, os.PathLike], normalize: str = "imagenet",
+def save_pretrained(model: FluxViT, directory: Union[str, os.PathLike], normalize: Union[str, None] = None,
                     extra: Union[dict, None] = None) -> Path:
     """Write ``directory/config.json`` and ``directory/model.safetensors`` (atomic per file); returns the folder.
 
@@ -150,22 +174,3 @@ def from_pretrained(dir_or_id: Union[str, os.PathLike], cache_dir=None, map_loca
     load_pretrained_weights(model, dir_or_id, cache_dir)
     model.pretrained_cfg = dict(cfg.get("pretrained_cfg", {}))
     return model.to(map_location).eval()
-
-
-def weights_from_pretrained_cfg(model: FluxViT, pretrained_cfg) -> bool:
-    """timm's ``create_model(..., pretrained=True)`` path: load the weights ``pretrained_cfg`` points at (a hub
-    id or a local folder, as ``timm.create_model("hf-hub:ORG/NAME")`` / ``("local-dir:PATH")`` resolve them).
-    Returns False when it names no source."""
-    if pretrained_cfg is None:
-        return False
-    if dataclasses.is_dataclass(pretrained_cfg):
-        pretrained_cfg = dataclasses.asdict(pretrained_cfg)
-    if not isinstance(pretrained_cfg, dict):
-        return False
-    source = pretrained_cfg.get("hf_hub_id") or pretrained_cfg.get("file")
-    if not source:
-        return False
-    load_pretrained_weights(model, source)
-    model.pretrained_cfg = {k: v for k, v in pretrained_cfg.items() if k != "state_dict"}
-    return True
-

@@ -150,9 +150,10 @@ def _create_timm(name: str, pretrained: bool = False, pretrained_cfg=None, pretr
     model.pretrained_model_args = dict(pretrained_model_args or {})
     if pretrained:
         if not any(cfg.get(k) for k in ("file", "url", "hf_hub_id", "state_dict")):
-            raise ValueError(f"{name}: no downloadable weights ({'; '.join(cfg.get('notes') or ('none published',))}); "
-                             f"pass pretrained_cfg_overlay=dict(file=PATH) or use "
-                             f"fluxvit.models.load_official_checkpoint(model, PATH)")
+            raise ValueError(f"{name}: no weights are downloaded by name "
+                             f"({'; '.join(cfg.get('notes') or ('none published',))}); pass "
+                             f"pretrained_cfg_overlay=dict(file=PATH) for a release file, or use "
+                             f"timm.create_model('hf-hub:ORG/NAME', pretrained=True) for a save_pretrained upload")
         load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes, in_chans=model.in_chans,
                         filter_fn=checkpoint_filter_fn, cache_dir=cache_dir)
     if dtype is not None:
