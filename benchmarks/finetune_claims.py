@@ -211,6 +211,9 @@ def find_starts(args, data, run: Path) -> tuple[list[Path], list]:
         seed += len(pair)
     if not good:
         raise RuntimeError(f"no start left the plateau in {args.max_start_tries} seeds: {tries}")
+    if args.all_starts and len(good) < args.starts:
+        raise RuntimeError(f"the start recipe fails: {len(good)} of {args.starts} starts reached "
+                           f"{args.start_threshold * CHANCE:.1f} % in {args.max_start_tries} seeds: {tries}")
     return good, tries
 
 
@@ -354,6 +357,8 @@ def main(argv=None) -> dict:
     p.add_argument("--start-set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="overrides of the start recipe (micro_scratch), e.g. optim.warmup_steps=300; recorded")
     p.add_argument("--max-start-tries", type=int, default=8)
+    p.add_argument("--all-starts", action="store_true",
+                   help="stop unless --starts starts pass within --max-start-tries seeds (the 3-of-3 bar)")
     p.add_argument("--single-budget", type=int, default=64, help="Flux-Single budget (release: 2048 of 3072/2048/1024)")
     p.add_argument("--single-head", type=int, default=1)
     p.add_argument("--videos", type=int, default=400, help="clips of the val (TO search, start check) and test splits")

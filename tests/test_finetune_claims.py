@@ -85,3 +85,16 @@ def test_the_shipped_start_is_the_recorded_trained_model():
         acc = top1(path, data, "val", 100)[0]
         assert acc >= 2 * CHANCE, (path, acc)
         assert abs(acc - record[path.name]["val_top1"]) < 12  # 100 of the 400 clips
+
+
+def test_motion_sign_estimator_reads_every_direction():
+    """benchmarks/motion_sign: the hand-made estimator reads each of the 4 directions of the corpus's test views, and
+    a clip played backwards reads as the opposite direction (so it measures the sign, not the axis only)."""
+    from benchmarks.motion_sign import direction
+    from fluxvit.stages.finetune import build_config
+    from fluxvit.stages.finetune.data import eval_views
+
+    views = next(iter(eval_views(build_config("micro_scratch").data, "test", 8, 56, 1, 1, 16, 16)))
+    for clip, label in zip(views["video"], views["label"].tolist()):
+        assert direction(clip) == label // 2
+        assert direction(clip.flip(1)) == label // 2 ^ 1  # reversed time: left <-> right, up <-> down
