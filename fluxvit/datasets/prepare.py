@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .decoders import DecodeError, clean_reason, decode_clips, rotate_frames
-from .shards import VIDEO_EXTENSIONS, VIDEO_KEYS
+from .shards import VIDEO_EXTENSIONS, VIDEO_KEYS, iter_tar_samples
 
 __all__ = ["Encoding", "LabelMap", "encode_video", "make_shards", "prepare_sample", "read_classes"]
 
@@ -340,8 +340,6 @@ def make_shards(items: list[dict], out: str | Path, samples_per_shard: int = 100
 def _finished_shards(out: Path, num_shards: int, per_shard: int) -> tuple[set[int], set[int], dict[int, dict]]:
     """Shards an earlier run finished (tar and stats), the input indices they failed on (to retry) and, for
     shards with such failures, the samples they stored (kept, not made again): ``(done, retry, pending)``."""
-    from .shards import iter_tar_samples
-
     done, retry, pending = set(), set(), {}
     for shard in range(num_shards):
         stats_file, tar = out / f"{shard:05d}_stats.json", out / f"{shard:05d}.tar"
