@@ -280,8 +280,11 @@ class FluxViT(PackedBlockStack, nn.Module):
             if v.keep is not None:
                 k = torch.as_tensor(v.keep, device=device).long().reshape(-1)
                 if k.numel():  # checked on the device: no read back to the host (a device-side assert on CUDA)
-                    torch._assert_async((k.min() >= 0) & (k.max() < T * h * w),
-                                        f"keep indices of view {vi} fall outside its {T * h * w} tokens")
+                    try:
+                        torch._assert_async((k.min() >= 0) & (k.max() < T * h * w),
+                                            f"keep indices of view {vi} fall outside its {T * h * w} tokens")
+                    except RuntimeError as err:  # raised at once on CPU
+                        raise ValueError(str(err)) from None
                 keep[vi] = k
             elif v.num_tokens is None or v.num_tokens >= T * h * w:
                 keep[vi] = torch.arange(T * h * w, device=device)
