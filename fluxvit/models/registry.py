@@ -139,6 +139,12 @@ def _create_timm(name: str, pretrained: bool = False, pretrained_cfg=None, pretr
                          f"for per-block token features")
     cfg = resolve_pretrained_cfg(name, pretrained_cfg=pretrained_cfg,
                                  pretrained_cfg_overlay=pretrained_cfg_overlay).to_dict()
+    # Fail before building (the 1B teacher takes seconds): FluxViT's release files are not downloadable by name.
+    if pretrained and not any(cfg.get(k) for k in ("file", "url", "hf_hub_id", "state_dict")):
+        raise ValueError(f"{name}: no weights are downloaded by name "
+                         f"({'; '.join(cfg.get('notes') or ('none published',))}); pass "
+                         f"pretrained_cfg_overlay=dict(file=PATH) for a release file, or use "
+                         f"timm.create_model('hf-hub:ORG/NAME', pretrained=True) for a save_pretrained upload")
     # As timm's build_model_with_cfg: the source's class count and channels are the defaults (a hub or local
     # config.json states the class count of the weights it carries).
     if cfg.get("num_classes") is not None and cfg["num_classes"] >= 0:
@@ -149,11 +155,6 @@ def _create_timm(name: str, pretrained: bool = False, pretrained_cfg=None, pretr
     model.pretrained_cfg = model.default_cfg = cfg
     model.pretrained_model_args = dict(pretrained_model_args or {})
     if pretrained:
-        if not any(cfg.get(k) for k in ("file", "url", "hf_hub_id", "state_dict")):
-            raise ValueError(f"{name}: no weights are downloaded by name "
-                             f"({'; '.join(cfg.get('notes') or ('none published',))}); pass "
-                             f"pretrained_cfg_overlay=dict(file=PATH) for a release file, or use "
-                             f"timm.create_model('hf-hub:ORG/NAME', pretrained=True) for a save_pretrained upload")
         load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes, in_chans=model.in_chans,
                         filter_fn=checkpoint_filter_fn, cache_dir=cache_dir)
     if dtype is not None:
