@@ -14,7 +14,7 @@ TEXT ?=
 LAUNCH ?= launch/cpu.yaml
 RUN_DIR ?= runs
 
-.PHONY: help setup lint test test-fast bench bench-data bench-distill bench-finetune pretrain distill retrieval-eval finetune tokenopt clean-venv gpu-check
+.PHONY: help setup lint test test-fast bench bench-data bench-distill bench-finetune pretrain distill retrieval-eval finetune tokenopt clean-venv gpu-check gpu-wheels
 
 help:
 	@echo "make pretrain        stage 1 + stage 2 on the synthetic corpus (demo scale)"
@@ -28,6 +28,7 @@ help:
 	@echo "make bench-data      data pipeline benchmark"
 	@echo "make bench-finetune  stage-3 claims on the synthetic corpus (the shipped start x 4 seeds, ~1 h on 2 cores; CLAIMS_ARGS=--tiny: 1 min)"
 	@echo "make gpu-check       one GPU check: gpu tests, backends, S/B train steps, MFU, teacher, decode (<= 8 min)"
+	@echo "make gpu-wheels      the wheels gpu-check installs offline on a bare GPU machine (wheels/gpu-check)"
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v ffmpeg >/dev/null 2>&1 || { \
@@ -55,10 +56,15 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_model
 
-# One prepared GPU run (benchmarks/gpu_check.py): one table + benchmarks/results/gpu_check.json.
-# ARGS='--cpu --tiny' runs it end to end on a CPU.
-gpu-check: $(STAMP)
-	$(PY) -m benchmarks.gpu_check $(ARGS)
+# One prepared GPU run (benchmarks/gpu_check.py): one table + benchmarks/results/gpu_check.json, with the machine's
+# own python3 and no network: benchmarks/gpu_offline.sh installs what it lacks from wheels/gpu-check (made by
+# `make gpu-wheels` where PyPI is reachable; TORCH_VERSION=2.11 picks the matching torchvision), no venv.
+# ARGS='--cpu --tiny' runs it end to end on a CPU; PYTHON=.venv/bin/python uses this checkout's venv.
+gpu-check:
+	PYTHON=$(PYTHON) bash benchmarks/gpu_offline.sh run $(ARGS)
+
+gpu-wheels:
+	PYTHON=$(PYTHON) bash benchmarks/gpu_offline.sh fetch
 
 bench-data: $(STAMP)
 	$(PY) -m benchmarks.bench_data

@@ -26,13 +26,14 @@ def _model(name, **kw):
     return MODELS[name](**kw)
 
 
-def _clips(seed=0):
+def _clips(seed=0, n=2):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(3, 4, 56, 56, generator=g), torch.randn(3, 2, 112, 112, generator=g)]
+    return [torch.randn(3, 4, 56, 56, generator=g), torch.randn(3, 2, 112, 112, generator=g),
+            torch.randn(3, 4, 56, 56, generator=g)][:n]
 
 
 def _loss(model, budgets):
-    return model(_clips(), num_tokens=budgets).float().square().mean()
+    return model(_clips(n=len(budgets)), num_tokens=budgets).float().square().mean()
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -78,17 +79,18 @@ def test_blocks_trace_as_one_graph(name):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_compiled_blocks_match_eager_training_and_reuse_graphs_for_new_grids(name):
     """Regional compilation (traced through AOT autograd, as inductor sees it) gives the eager loss and
-    gradients (same stochastic-depth draws), and a second grid/budget mix compiles nothing new (the token
-    count is marked dynamic from the first call)."""
+    gradients (same stochastic-depth draws), and a second grid/budget mix, then a batch of three views,
+    compile nothing new (the token count is marked dynamic from the first call; the blocks read the view
+    count as a size, not as a host int to specialise on)."""
     eager = _model(name, drop_path_rate=0.2).train()
     compiled = copy.deepcopy(eager)
     compiled.compile_blocks(backend="aot_eager")
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # names unchanged (no _orig_mod)
     graphs = []
-    for budgets in ([None, 40], [30, None]):
+    for budgets in ([None, 40], [30, None], [20, None, 10]):
         _assert_same_training_step(eager, compiled, budgets)
         graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs[1] == graphs[0]
+    assert graphs[2] == graphs[1] == graphs[0]
 
 
 def _assert_same_training_step(eager, compiled, budgets):

@@ -125,3 +125,20 @@ def test_record_backends_counts_the_resolved_kernel():
         attention.varlen_attention(q, q, q, attention.PackedSeqs([2, 3]), backend="math")
         attention.varlen_attention(q, q, q, attention.PackedSeqs([5]))
     assert used == {"math": 1, "segments": 1}
+
+
+def test_torch_varlen_without_a_scale_keyword_gets_the_scale_through_q():
+    """Some PyTorch releases' ``varlen_attn`` take no ``scale``: the adapter folds a non-default scale into q
+    (checked here against the math reference with a CPU stand-in of that older signature)."""
+    lengths = [3, 5]
+    pack = attention.PackedSeqs(lengths)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(8, 2, 16, generator=g) for _ in range(3))
+
+    def old_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        return attention._math(query, key, value, pack, query.shape[-1] ** -0.5)
+
+    fn = attention._varlen_with_scale(old_varlen_attn)
+    for scale in (None, 16 ** -0.5, 0.5):
+        want = attention._math(q, k, v, pack, 16 ** -0.5 if scale is None else scale)
+        torch.testing.assert_close(fn(q, k, v, pack.cu_seqlens, pack.cu_seqlens, 5, 5, scale=scale), want)

@@ -177,9 +177,27 @@ def _load_flash():
 
 
 def _load_torch_varlen():
-    from torch.nn.attention.varlen import varlen_attn
+    from torch.nn.attention import varlen
 
-    return varlen_attn
+    return _varlen_with_scale(varlen.varlen_attn)
+
+
+def _varlen_with_scale(varlen_attn: Callable) -> Callable:
+    """PyTorch's ``varlen_attn`` as ``fn(q, k, v, cu_q, cu_k, max_q, max_k, scale=...)`` on every release that
+    has it: releases whose ``varlen_attn`` takes no ``scale`` keyword use head_dim ** -0.5, so another scale
+    is applied to q (softmax(s * q k^T) = softmax((s / s0) q * s0 k^T), exact)."""
+    import inspect
+
+    if "scale" in inspect.signature(varlen_attn).parameters:
+        return varlen_attn
+
+    def with_scale(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
+        default = q.shape[-1] ** -0.5
+        if scale is not None and scale != default:
+            q = q * (scale / default)
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k)
+
+    return with_scale
 
 
 def _load_flex():

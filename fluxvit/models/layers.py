@@ -185,9 +185,12 @@ class Block(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor, pack: PackedSeqs) -> torch.Tensor:
-        seg, n = pack.seg, pack.num_seqs
-        x = x + packed_drop_path(self.ls1(self.attn(self.norm1(x), pack)), seg, n, self.drop_path, self.training)
-        return x + packed_drop_path(self.ls2(self.mlp(self.norm2(x))), seg, n, self.drop_path, self.training)
+        # The view count is read as a size of cu_seqlens where it is used (not a host int held across the
+        # attention call): compiled blocks then do not specialise on it.
+        x = x + packed_drop_path(self.ls1(self.attn(self.norm1(x), pack)), pack.seg, pack.cu_seqlens.shape[0] - 1,
+                                 self.drop_path, self.training)
+        return x + packed_drop_path(self.ls2(self.mlp(self.norm2(x))), pack.seg, pack.cu_seqlens.shape[0] - 1,
+                                    self.drop_path, self.training)
 
 
 class PackedBlockStack:
