@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .decoders import DecodeError, clean_reason, decode_clips, rotate_frames
+from .decoders import DAMAGED_FRAMES, NOT_A_VIDEO, DecodeError, clean_reason, decode_clips, rotate_frames
 from .shards import VIDEO_EXTENSIONS, VIDEO_KEYS, iter_tar_samples
 
 __all__ = ["Encoding", "LabelMap", "encode_video", "make_shards", "prepare_sample", "read_classes"]
@@ -77,8 +77,9 @@ def encode_video(data: bytes, enc: Encoding) -> bytes:
 
     try:
         src = av.open(io.BytesIO(data))
-    except Exception as exc:  # PyAV raises several error types for bad containers
-        raise DecodeError(f"cannot open: {clean_reason(exc)}") from None
+    except Exception as exc:  # PyAV raises several error types for bad containers: its words go to the debug log
+        log.debug("PyAV could not open the input: %s", clean_reason(exc))
+        raise DecodeError(NOT_A_VIDEO) from None
     buf = io.BytesIO()
     try:
         with src, av.open(buf, mode="w", format="mp4") as out:
@@ -130,7 +131,8 @@ def encode_video(data: bytes, enc: Encoding) -> bytes:
     except DecodeError:
         raise
     except Exception as exc:
-        raise DecodeError(clean_reason(exc)) from None
+        log.debug("re-encoding failed: %s", clean_reason(exc))
+        raise DecodeError(DAMAGED_FRAMES) from None
     return buf.getvalue()
 
 
@@ -219,8 +221,10 @@ def prepare_sample(job: tuple) -> tuple[int, dict | None, str]:
         if not enc.copy:
             data = encode_video(data, enc)
         verify_video(data)
-    except (OSError, DecodeError) as exc:
-        return index, None, f"{path}: {clean_reason(exc)}"
+    except DecodeError as exc:
+        return index, None, f"{path}: {exc}"
+    except OSError as exc:
+        return index, None, f"{path}: cannot read the file ({exc.strerror or clean_reason(exc)})"
     key = f"{index:09d}"
     caption = item.get("caption")
     meta = {"key": key, "status": "success", "url": str(item["video"])}
