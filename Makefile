@@ -114,7 +114,7 @@ pretrain: $(STAMP) $(if $(DATA),,$(SYNTH)/corpus.json)
 	  $(if $(DATA),--set data.source=shards --set data.shards=$(DATA),--set data.root=$(SYNTH)) $(TEACHER_SETS) $(ARGS) $(ARGS1)
 	$(ACCEL) -m fluxvit.stages.videotext --preset $(word 2,$(PRETRAIN_PRESETS)) \
 	  --set train.run_dir=$(PRETRAIN_DIR)/videotext \
-	  --set train.init_from=$(PRETRAIN_DIR)/distill/student.safetensors \
+	  --set model.init=$(PRETRAIN_DIR)/distill/student.safetensors \
 	  $(if $(DATA),--set data.source=shards --set data.shards=$(DATA),--set data.root=$(SYNTH)) \
 	  $(if $(TEXT),--set text.spec=$(TEXT)) $(ARGS) $(ARGS2)
 	@echo "pretrained video-text model: $(PRETRAIN_DIR)/videotext/videotext.safetensors (make retrieval-eval)"

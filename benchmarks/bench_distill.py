@@ -86,7 +86,7 @@ def _config(case: str, teacher_depth: int, student_depth: int, full: bool):
     aligned = min(6, s_depth, t_depth)
     interval = 3.34 if t_depth == 40 else max(1.0, (t_depth - 1) / max(aligned - 1, 1))
     cfg = build_config("paper_s", [
-        f"student.name={name}", f"student.overrides={{\"depth\": {s_depth}}}",
+        f"model.name={name}", f"model.overrides={{\"depth\": {s_depth}}}",
         f"teacher.overrides={{\"depth\": {t_depth}}}", "teacher.budget=2048",
         f"loss.num_layers={aligned}", f"loss.teacher_interval={interval}", "loss.budgets=[2048,1536,1024]",
         "data.source=synthetic", "data.batch_size=1", "data.grid=[[8,224]]", "data.num_workers=0",
@@ -141,7 +141,7 @@ def bench_case(case: str, reps: int, device: torch.device, teacher_depth: int, s
             teach.append(teacher_time[0])
             tokens.append(out.tokens)
     step_s, teacher_s = statistics.median(steps), statistics.median(teach)
-    row = {"case": case, "device": str(device), "student": cfg.student.name, "budgets": list(cfg.loss.budgets),
+    row = {"case": case, "device": str(device), "student": cfg.model.name, "budgets": list(cfg.loss.budgets),
            "batch": cfg.data.batch_size, "reps": reps, "measured_step_s": round(step_s, 3),
            "measured_teacher_s": round(teacher_s, 3), "student_tokens_per_step": int(statistics.median(tokens))}
     if depths is None:

@@ -407,7 +407,7 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             base = run / f"start{si}_seed{seed}"
             dirs = {m: base / m for m in ("multi", "single")}
-            common = [f"train.seed={seed}", f"train.steps={args.steps}", f"train.init_from={start}",
+            common = [f"train.seed={seed}", f"train.steps={args.steps}", f"model.init={start}",
                       f"loss.single_budget={args.single_budget}", f"loss.single_head={args.single_head}",
                       *args.extra_finetune]
             exports = {m: d / "model.safetensors" for m, d in dirs.items()}

@@ -87,10 +87,10 @@ def test_stage3_init_from_another_architecture_exits_2_in_one_line(tmp_path, cap
     path = tmp_path / "deeper.pth"
     torch.save({"model": _micro(depth=3, num_classes=0).state_dict()}, path)
     with pytest.raises(SystemExit) as exc:
-        run_cli(lambda: main(_finetune_args(tmp_path, f"train.init_from={path}")))
+        run_cli(lambda: main(_finetune_args(tmp_path, f"model.init={path}")))
     assert exc.value.code == 2
     err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
-    assert len(err) == 1 and "train.init_from:" in err[0] and "unexpected 15 (blocks.2." in err[0]
+    assert len(err) == 1 and "model.init:" in err[0] and "unexpected 15 (blocks.2." in err[0]
 
 
 def test_label_at_or_above_num_classes_names_the_sample_and_the_class_count(tmp_path):

@@ -56,7 +56,7 @@ def test_distill_presets_resolve():
     assert {"smoke", "paper_s", "paper_b", "umt_b16", "umt_l14"} <= set(presets.names())
     b = build_config("paper_b")
     assert b.optim.lr == 1e-3 and tuple(b.optim.betas) == (0.9, 0.98) and b.optim.weight_decay == 0.05
-    assert b.optim.warmup_fraction == 0.2 and b.student.drop_path_rate == 0.05
+    assert b.optim.warmup_fraction == 0.2 and b.model.drop_path_rate == 0.05
     assert b.teacher.budget == 2048 and tuple(b.loss.budgets) == (2048, 1536, 1024) and b.loss.num_layers == 6
     s = build_config("smoke", ["loss.budgets=[64]", "teacher.budget=0"])
     assert s.loss.budgets == (64,) and s.teacher.budget == 0

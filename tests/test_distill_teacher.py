@@ -240,7 +240,7 @@ def test_sample_visible():
 def test_presets_follow_their_source_recipes():
     for name, student in (("paper_s", "fluxvit_small_patch14"), ("paper_b", "fluxvit_base_patch14")):
         c = build_config(name)
-        assert c.student.name == student and c.teacher.kind == "internvideo2" and c.teacher.budget == 2048
+        assert c.model.name == student and c.teacher.kind == "internvideo2" and c.teacher.budget == 2048
         assert (c.loss.num_layers, c.loss.teacher_interval, c.loss.student_interval) == (6, 3.34, 1.0)
         assert c.loss.sampling == "clip" and c.loss.decoder == "mlp" and c.loss.pooled_weight == c.loss.token_weight
         assert tuple(c.loss.budgets) == (2048, 1536, 1024) and c.optim.lr == 1e-3 and c.scale_lr
@@ -249,7 +249,7 @@ def test_presets_follow_their_source_recipes():
     for name, tower, student in (("umt_b16", "ViT-B-16", "fluxvit_base_patch14"),
                                  ("umt_l14", "ViT-L-14", "fluxvit_large_patch14")):
         c = build_config(name)
-        assert c.teacher.kind == "open_clip" and c.teacher.name == tower and c.student.name == student
+        assert c.teacher.kind == "open_clip" and c.teacher.name == tower and c.model.name == student
         assert c.loss.sampling == "frame" and c.loss.decoder == "linear" and c.loss.teacher_interval == 1.0
         assert c.loss.pooled_weight == 0 and tuple(c.loss.budgets) == (416,) and tuple(c.optim.betas) == (0.9, 0.95)
         assert c.loss.decoder_pos_fixed and c.loss.decoder_norm and c.scale_lr and c.optim.lr == 1.5e-4

@@ -70,7 +70,7 @@ def test_init_from_loads_student_weights_only(tmp_path):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     second = main(["--preset", "smoke", "--set", "train.steps=1", "--set", f"train.run_dir={tmp_path / 'b'}",
-                   "--set", "train.eval_every=0", "--set", f"train.init_from={first.export_path}",
+                   "--set", "train.eval_every=0", "--set", f"model.init={first.export_path}",
                    "--set", "optim.lr=0", "--set", "optim.min_lr=0", *QUIET])
     a, b = load_model(first.export_path), load_model(second.export_path)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -131,7 +131,19 @@ def test_stage3_builds_the_architecture_stored_in_a_previous_stage_export(tmp_pa
 
     path = save_model(create_model("fluxvit_tiny_patch14", depth=2, embed_dim=96, num_heads=3, num_classes=0),
                       tmp_path / "student.safetensors")
-    cfg = build_config("smoke", [f"train.init_from={path}"])
+    cfg = build_config("smoke", [f"model.init={path}"])
     net = FinetuneTask(cfg).model.net
     assert (len(net.blocks), net.config.embed_dim, net.config.num_classes) == (2, 96, 8)
     assert len(FinetuneTask(build_config("smoke")).model.net.blocks) == 6  # no export: model.name's depth (tiny: 6)
+
+
+def test_budgets_are_declared_once_and_the_heads_must_agree():
+    """loss.budgets name the budgets; the model's head budgets (what evaluation picks a head by) must match them."""
+    from fluxvit.stages.common.config import ConfigError
+    from fluxvit.stages.finetune.task import FinetuneTask
+
+    for name in ("smoke", "micro_multi", "k400_small"):
+        task = FinetuneTask(build_config(name))
+        assert [task.model.net.config.head_budgets[h] for h in task.heads] == [b or 0 for b in task.budgets]
+    with pytest.raises(ConfigError, match=r"loss trains head 0 at 100 tokens .* head_budgets \(192, 128, 64\)"):
+        FinetuneTask(build_config("smoke", ["loss.budgets=[100,128,64]"]))

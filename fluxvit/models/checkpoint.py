@@ -350,7 +350,7 @@ def load_model(path: Union[str, os.PathLike], map_location: Union[str, torch.dev
     meta = read_metadata(path)
     if "fluxvit_videotext" in meta:
         raise ValueError(f"{path} is a stage-2 video-text export (video tower + projections), not a FluxViT; rebuild "
-                         f"it with fluxvit.stages.videotext.task.load_videotext or use it as train.init_from")
+                         f"it with fluxvit.stages.videotext.task.load_videotext or use it as model.init")
     if CONFIG_KEY not in meta:
         raise ValueError(f"{path} has no embedded FluxViT config; was it written by fluxvit.models.save_model?")
     cfg = json.loads(meta[CONFIG_KEY])

@@ -70,7 +70,7 @@ def run_cli(main: Callable[[], Any], prog: str = "fluxvit") -> Any:
     except (ConfigError, DistributedMismatchError) as err:
         fail(str(err), 2, prog)
     except CheckpointMismatchError as err:
-        fail(f"train.init_from: {err}", 2, prog)
+        fail(f"model.init: {err}", 2, prog)
     except CheckpointError as err:
         fail(str(err), 1, prog)
 

@@ -11,14 +11,14 @@ import dataclasses
 import json
 import logging
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from fluxvit.datasets import DataConfig  # the stages' data section (one class for the loader and the stages)
 
 __all__ = [
-    "ConfigError", "DataConfig", "OptimConfig", "PresetRegistry", "RESUME_MAY_CHANGE", "TrainConfig", "apply_overrides",
+    "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "PresetRegistry", "RESUME_MAY_CHANGE", "TrainConfig", "apply_overrides",
     "check_resume_config", "config_to_dict", "parse_value", "resolve_schedule", "save_config",
 ]
 
@@ -49,13 +49,38 @@ class OptimConfig:
 
 
 @dataclass
+class ModelConfig:
+    """The ``model`` section of every stage: a registered model name plus ``create_model`` overrides, and the
+    weights it starts from.
+
+    Attributes:
+        name, overrides: ``create_model(name, num_classes=..., drop_path_rate=..., **overrides)``.
+        drop_path_rate: stochastic depth of the trained model.
+        num_classes: classifier classes (0: none, stages 1-2).
+        init: weights to start from (not a resume): a previous stage's export (``.safetensors`` from
+            ``save_model``; its stored architecture is the one built) or an official checkpoint
+            (``.pth``/``.pt``/``.bin``; weights under ``model``/``module`` or bare).
+        init_strict: the weights must fit the model, except a classifier head of another class count, which keeps
+            its initialisation (reported); false loads what fits and warns about the rest.
+        init_class_map: stage 3: the classifier rows of ``init`` to keep for this model's classes (``first``: the
+            first ``num_classes`` rows, as the release slices K710 -> K400; or a JSON list file of row indices).
+    """
+
+    name: str = "fluxvit_small_patch14"
+    drop_path_rate: float = 0.1
+    num_classes: int = 0
+    overrides: dict = field(default_factory=dict)
+    init: str = ""
+    init_strict: bool = True
+    init_class_map: str = ""
+
+
+@dataclass
 class TrainConfig:
     """Loop settings shared by every stage.
 
     ``resume`` restores an exact training state (a checkpoint directory or "auto" for the newest intact one in
-    ``run_dir``); ``init_from`` loads student weights only (e.g. a previous stage's export). With ``init_strict``
-    (default) those weights must fit the model, except a classifier head of another class count, which keeps
-    its initialisation and is reported; ``init_strict=false`` loads what fits and warns about the rest.
+    ``run_dir``); starting weights (not a resume) are ``model.init``.
     """
 
     run_dir: str = "runs/default"
@@ -68,8 +93,6 @@ class TrainConfig:
     ckpt_every: int = 0  # 0: only at the end
     keep_last: int = 2
     resume: str = ""
-    init_from: str = ""
-    init_strict: bool = True
     max_bad_steps: int = 10  # consecutive non-finite steps that stop the run
     eval_every: int = 0
     export_name: str = "student.safetensors"
@@ -239,10 +262,10 @@ def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
 
 # Fields a resumed run may change: they steer the run (its length, cadence, output, evaluation) without changing
 # what a training step computes. ``train.steps`` takes effect through the schedule: the cosine is recomputed over
-# the new total from the resumed step on. ``train.init_from`` has no effect on resume (the checkpoint's weights
+# the new total from the resumed step on. ``model.init`` has no effect on resume (the checkpoint's weights
 # win). Entries ending in "." cover a whole section (the evaluation settings of stages 1-3).
 RESUME_MAY_CHANGE = frozenset({
-    "train.steps", "train.run_dir", "train.resume", "train.init_from", "train.init_strict", "train.log_every",
+    "train.steps", "train.run_dir", "train.resume", "model.init", "model.init_strict", "train.log_every",
     "train.ckpt_every", "train.keep_last", "train.eval_every", "train.progress", "train.tensorboard",
     "train.max_bad_steps", "train.export_name", "data.num_workers", "eval.", "retrieval.", "eval_grid",
 })
@@ -302,7 +325,7 @@ def check_resume_config(cfg: Any, ckpt_dir: str | Path) -> list[str]:
         raise ConfigError(
             f"resume from {ckpt_dir}: a resumed run keeps its checkpoint's hyperparameters, but "
             f"{'; '.join(changed[:6])}{' ...' if len(changed) > 6 else ''} changed; drop the override(s) or start "
-            f"a new run directory with train.init_from=<an export>")
+            f"a new run directory with model.init=<an export>")
     for item in allowed:
         if not item.startswith("train.resume"):
             logging.getLogger("fluxvit.train").info("resume: %s (takes effect)", item)

@@ -92,7 +92,8 @@ def fit(config: Any, task: TrainTask, source: BatchSource, accelerator) -> Train
     """Train ``task.model`` for ``config.train.steps`` optimizer steps.
 
     Args:
-        config: the stage config (dataclass with ``train: TrainConfig`` and ``optim: OptimConfig``).
+        config: the stage config (dataclass with ``train: TrainConfig`` and ``optim: OptimConfig``; its
+            ``model.init``, when it has a ``model`` section, is loaded before training and on resume).
         task: the stage task (trainable module + loss).
         source: the batch source of this rank.
         accelerator: from ``runtime.build_accelerator``.
@@ -118,8 +119,9 @@ def fit(config: Any, task: TrainTask, source: BatchSource, accelerator) -> Train
     if acc.is_main_process:
         save_config(config, run_dir)
 
-    if tcfg.init_from:  # also on resume: a stage-1 export can define the architecture (stage 2)
-        task.load_init(tcfg.init_from)
+    init = config.model.init if hasattr(config, "model") else ""
+    if init:  # also on resume: a previous stage's export can define the architecture
+        task.load_init(init)
     task.to_device(acc.device)
     _apply_model_options(task, tcfg)
     # A task may supply its own parameter groups (e.g. stage 3's layer-wise lr decay).

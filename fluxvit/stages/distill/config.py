@@ -19,19 +19,10 @@ from dataclasses import dataclass, field
 
 from fluxvit.datasets import DataConfig
 
-from ..common.config import OptimConfig, PresetRegistry, TrainConfig
+from ..common.config import ModelConfig, OptimConfig, PresetRegistry, TrainConfig
 from ..common.teacher import TeacherConfig
 
-__all__ = ["DistillConfig", "LossConfig", "StudentConfig", "TeacherConfig", "presets"]
-
-
-@dataclass
-class StudentConfig:
-    """The FluxViT student: a registered name plus ``create_model`` overrides."""
-
-    name: str = "fluxvit_small_patch14"
-    drop_path_rate: float = 0.05
-    overrides: dict = field(default_factory=dict)
+__all__ = ["DistillConfig", "LossConfig", "ModelConfig", "TeacherConfig", "presets"]
 
 
 @dataclass
@@ -84,7 +75,7 @@ class DistillConfig:
     ``optim.lr``, ``optim.min_lr`` and ``optim.warmup_lr`` are per ``lr_batch`` (256) clips and are multiplied by
     ``total batch * num_sample / lr_batch`` at start, with the real number of processes."""
 
-    student: StudentConfig = field(default_factory=StudentConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(drop_path_rate=0.05))  # the FluxViT student
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(grid="distill"))
@@ -107,7 +98,7 @@ TINY_INTERNVIDEO2 = dict(embed_dim=96, depth=4, num_heads=4, mlp_ratio=4.0, img_
 def smoke() -> DistillConfig:
     """Tiny student, tiny random InternVideo2 teacher, synthetic clips: about a minute on a CPU."""
     return DistillConfig(
-        student=StudentConfig(name="fluxvit_tiny_patch14", drop_path_rate=0.0),
+        model=ModelConfig(name="fluxvit_tiny_patch14", drop_path_rate=0.0),
         teacher=TeacherConfig(kind="internvideo2", name="internvideo2_1b_patch14", pretrained="", budget=256,
                               overrides=dict(TINY_INTERNVIDEO2)),
         loss=LossConfig(num_layers=2, teacher_interval=2.0, student_interval=1.0, budgets=(192, 128),
@@ -141,7 +132,7 @@ def demo() -> DistillConfig:
     synthetic mp4 corpus (``data.root``), at the Flux grids stage 2's demo uses; about two minutes on 2 cores.
     A random teacher teaches no semantics: this run exercises the pipeline and initialises stage 2."""
     cfg = smoke()
-    cfg.student = StudentConfig(name="fluxvit_tiny_patch14", drop_path_rate=0.0, overrides={"depth": 4})
+    cfg.model = ModelConfig(name="fluxvit_tiny_patch14", drop_path_rate=0.0, overrides={"depth": 4})
     cfg.teacher.budget = 128
     cfg.loss = LossConfig(num_layers=2, teacher_interval=2.0, budgets=(128, 96, 64), sampling="clip")
     cfg.data = DataConfig(source="synthetic-corpus", root="data/synthetic", batch_size=16, num_workers=1,
@@ -164,7 +155,7 @@ def _paper(student: str) -> DistillConfig:
     # eps 1e-6 and clip_grad 5.0 (scripts/distillation/S14_dist_1B_stage2.sh); lr, min lr (1e-5) per 256 clips,
     # scaled by the total batch (run_distill.py): Table 14's lr is that per-256 flag, as Table 15's is (RECIPES.md).
     return DistillConfig(
-        student=StudentConfig(name=student, drop_path_rate=0.05),
+        model=ModelConfig(name=student, drop_path_rate=0.05),
         teacher=TeacherConfig(kind="internvideo2", name="internvideo2_1b_patch14", pretrained="", budget=2048),
         loss=LossConfig(num_layers=6, teacher_interval=3.34, student_interval=1.0, budgets=(2048, 1536, 1024),
                         sampling="clip", decoder="mlp", decoder_pos_embed=True, pooled_weight=1.0),
@@ -203,7 +194,7 @@ def _umt(student: str, teacher: str, drop_path: float) -> DistillConfig:
     # ViT-L/14 ran at 196 px for UMT's /16 student; image_size 0 gives it the /14 student's grid instead.
     # UMT's student has no LayerScale (init_values 0); the FluxViT student always has one: it starts at 1.0 here.
     return DistillConfig(
-        student=StudentConfig(name=student, drop_path_rate=drop_path, overrides={"init_values": 1.0}),
+        model=ModelConfig(name=student, drop_path_rate=drop_path, overrides={"init_values": 1.0}),
         teacher=TeacherConfig(kind="open_clip", name=teacher, pretrained="openai", budget=0,
                               embed_dim=512 if teacher == "ViT-B-16" else 768),
         loss=LossConfig(num_layers=6, teacher_interval=1.0, student_interval=1.0, budgets=(416,), sampling="frame",

@@ -172,7 +172,7 @@ class DistillTask:
 
     def __init__(self, cfg: DistillConfig, rank: int = 0, world_size: int = 1):
         self.cfg, self.rank, self.world = cfg, rank, world_size
-        s, lc = cfg.student, cfg.loss
+        s, lc = cfg.model, cfg.loss
         student = create_model(s.name, num_classes=0, drop_path_rate=s.drop_path_rate, **s.overrides)
         self.teacher = build_teacher(cfg.teacher, input_norm=cfg.data.normalize)
         self.pairs = align_layers(len(student.blocks), self.teacher.depth, lc.num_layers, lc.teacher_interval,
@@ -193,8 +193,8 @@ class DistillTask:
 
     def load_init(self, path: str) -> None:
         """Student weights only (e.g. a previous export); they must fit the student unless
-        ``train.init_strict=false`` (a classifier head in the file is ignored)."""
-        load_official_checkpoint(self.model.student, path, strict=self.cfg.train.init_strict,
+        ``model.init_strict=false`` (a classifier head in the file is ignored)."""
+        load_official_checkpoint(self.model.student, path, strict=self.cfg.model.init_strict,
                                  classifier_may_differ=True)
 
     def build_optimizer(self, ocfg: OptimConfig) -> torch.optim.Optimizer:

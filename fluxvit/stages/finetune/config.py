@@ -17,28 +17,9 @@ from dataclasses import dataclass, field
 
 from fluxvit.datasets import DataConfig
 
-from ..common.config import OptimConfig, PresetRegistry, TrainConfig
+from ..common.config import ModelConfig, OptimConfig, PresetRegistry, TrainConfig
 
 __all__ = ["AugConfig", "EvalConfig", "FinetuneConfig", "FluxLossConfig", "ModelConfig", "presets"]
-
-
-@dataclass
-class ModelConfig:
-    """The FluxViT classifier: a registered name plus ``create_model`` overrides.
-
-    ``init``: "" (random), a stage-1/2/3 export (``.safetensors`` from ``save_model``) or an official FluxViT
-    checkpoint (``.pth``/``.pt``/``.bin``; weights under ``model``/``module`` or bare). Heads whose shape does not
-    match (another number of classes) are left at their initialisation, unless ``init_class_map`` names a JSON list
-    with, for each of the ``num_classes`` classes, its row in the checkpoint's classifier, or is ``"first"``: the
-    checkpoint's first ``num_classes`` rows (the release takes K400's classes from a K710 classifier this way).
-    """
-
-    name: str = "fluxvit_small_patch14"
-    num_classes: int = 400
-    drop_path_rate: float = 0.1
-    init: str = ""
-    init_class_map: str = ""
-    overrides: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -102,7 +83,7 @@ class FinetuneConfig:
     json ``label``).
     """
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(num_classes=400))
     loss: FluxLossConfig = field(default_factory=FluxLossConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(grid="distill"))
@@ -185,7 +166,7 @@ def micro_scratch() -> FinetuneConfig:
 
 @presets.register
 def micro_multi() -> FinetuneConfig:
-    """Flux-Multi finetuning of the micro FluxViT (set ``train.init_from``, e.g. ``micro_scratch``'s export):
+    """Flux-Multi finetuning of the micro FluxViT (set ``model.init``, e.g. ``micro_scratch``'s export):
     budgets 96 / 64 / 32 with heads 0 / 1 / 2 on Flux grids of 6-8 frames x 56-70 px (96-200 tokens), cosine lr
     1e-3 -> 1e-5, 1500 steps. ``--set loss.mode=single`` is the Flux-Single baseline (budget 64, head 1)."""
     return _micro("multi", MICRO_BUDGETS, [[6, 56], [8, 56], [6, 70], [8, 70]], 1500, 1e-5, "runs/micro_multi")

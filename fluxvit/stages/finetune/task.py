@@ -88,13 +88,13 @@ def map_classifier_rows(state: dict, class_map: str, num_classes: int) -> dict:
 
 def build_classifier(m, init: str = "") -> FluxViT:
     """The stage-3 FluxViT: the architecture stored in ``init`` when it is a stage-1/2/3 export (so a student of
-    another depth or width finetunes as it was trained; ``model.num_classes`` and ``model.drop_path_rate`` apply),
-    else ``model.name`` with ``model.overrides``."""
+    another depth or width finetunes as it was trained), with ``model.overrides`` (e.g. ``head_budgets``),
+    ``model.num_classes`` and ``model.drop_path_rate`` on top; else ``model.name`` with ``model.overrides``."""
     stored = read_model_config(init) if init else None
     if stored is None:
         return create_model(m.name, num_classes=m.num_classes, drop_path_rate=m.drop_path_rate, **m.overrides)
-    stored.update(num_classes=m.num_classes, drop_path_rate=m.drop_path_rate)
-    log.info("finetune: architecture of %s (depth %d, width %d); model.name / model.overrides not used", init,
+    stored.update(**dict(m.overrides), num_classes=m.num_classes, drop_path_rate=m.drop_path_rate)
+    log.info("finetune: architecture of %s (depth %d, width %d) with model.overrides; model.name not used", init,
              stored.get("depth", 0), stored.get("embed_dim", 0))
     return FluxViT(FluxViTConfig(**stored))
 
@@ -116,7 +116,7 @@ class FinetuneTask:
             raise ValueError(f"loss.selection must be 'dynamic' or 'random', got {lc.selection!r}")
         if len(lc.heads) != len(lc.budgets):
             raise ValueError(f"loss.heads {lc.heads} and loss.budgets {lc.budgets} differ in length")
-        net = build_classifier(m, cfg.train.init_from or m.init)
+        net = build_classifier(m, m.init)
         self.model = FinetuneModel(net)
         if any(int(b) < 0 for b in (*lc.budgets, lc.single_budget)):
             raise ValueError(f"loss.budgets must be >= 0 (0 = every token), got {lc.budgets}")
@@ -126,6 +126,13 @@ class FinetuneTask:
         self.heads = [int(h) for h in heads]
         if max(self.heads) >= len(net.clip_projector):
             raise ValueError(f"loss heads {self.heads} exceed the model's {len(net.clip_projector)} pooling heads")
+        # The budgets are declared once (loss.budgets); the heads' nominal budgets, which evaluation uses to pick the
+        # head nearest a view's token count, must agree with them.
+        for b, h in zip(budgets, self.heads):
+            if int(b) and net.config.head_budgets[h] != int(b):
+                raise ConfigError(f"loss trains head {h} at {int(b)} tokens but the model's head_budgets "
+                                  f"{tuple(net.config.head_budgets)} give head {h} {net.config.head_budgets[h]}: set "
+                                  f"model.overrides.head_budgets (or loss.budgets / loss.heads) so that they agree")
         # Every parameter gets a gradient each step when the step uses every pooling head and classifier and, in
         # Flux-Multi, every alignment decoder: DDP then need not search for unused ones (and warns when asked to).
         n_dec = len(net.final_clip_decoder_for_projs)
@@ -146,12 +153,12 @@ class FinetuneTask:
 
     def load_init(self, path: str) -> None:
         """Weights of a stage-1/2/3 export or an official FluxViT checkpoint. They must fit the model unless
-        ``train.init_strict=false``; classifier heads of another class count keep their initialisation (reported),
+        ``model.init_strict=false``; classifier heads of another class count keep their initialisation (reported),
         or, with ``model.init_class_map``, their rows are picked for this model's classes."""
         src = path
         if self.cfg.model.init_class_map:
             src = map_classifier_rows(read_state_dict(path), self.cfg.model.init_class_map, self.cfg.model.num_classes)
-        load_official_checkpoint(self.model.net, src, strict=self.cfg.train.init_strict, classifier_may_differ=True)
+        load_official_checkpoint(self.model.net, src, strict=self.cfg.model.init_strict, classifier_may_differ=True)
 
     def peak_lr(self, ocfg: OptimConfig) -> float:
         """``optim.lr``, scaled as the release does with ``scale_lr``: x total batch x num_sample / lr_batch

@@ -33,11 +33,8 @@ def parse_args(argv: Sequence[str] | None = None):
 
 
 def build_config(preset: str, overrides: Sequence[str] = ()) -> FinetuneConfig:
-    """The named preset with ``key.sub=value`` overrides applied (``model.init`` feeds ``train.init_from``)."""
-    cfg = resolve_config(presets, preset, overrides)
-    if cfg.model.init and not cfg.train.init_from:
-        cfg.train.init_from = cfg.model.init
-    return cfg
+    """The named preset with ``key.sub=value`` overrides applied."""
+    return resolve_config(presets, preset, overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> TrainResult | None:

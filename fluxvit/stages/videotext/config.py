@@ -9,23 +9,10 @@ from dataclasses import dataclass, field
 
 from fluxvit.datasets import DataConfig
 
-from ..common.config import OptimConfig, PresetRegistry, TrainConfig
+from ..common.config import ModelConfig, OptimConfig, PresetRegistry, TrainConfig
 from ..common.teacher import TeacherConfig
 
-__all__ = ["ContrastConfig", "RetrievalEvalConfig", "TeacherAlignConfig", "TextConfig", "VideoConfig", "VideoTextConfig", "presets"]
-
-
-@dataclass
-class VideoConfig:
-    """The FluxViT video tower (a registered name + overrides; ``train.init_from`` loads a stage-1 export,
-    whose embedded config then defines the architecture). ``budgets``: token budgets per step;
-    ``budget_mode``: "sample" one budget per step, or "all" every budget in one packed pass."""
-
-    name: str = "fluxvit_small_patch14"
-    drop_path_rate: float = 0.1
-    overrides: dict = field(default_factory=dict)
-    budgets: tuple = (2048,)
-    budget_mode: str = "sample"
+__all__ = ["ContrastConfig", "RetrievalEvalConfig", "TeacherAlignConfig", "TextConfig", "VideoTextConfig", "presets"]
 
 
 @dataclass
@@ -50,7 +37,9 @@ class ContrastConfig:
 
     ``vision_proj``: "linear" (pooled -> embed_dim) or "ln_linear" (LayerNorm then Linear, InternVideo2's
     ``vision_align``). ``text_proj``: "linear" (trained) or "none" (the tower's own output is the joint space,
-    as InternVideo2's small CLIP uses MobileCLIP-B's frozen 512-d projection; needs tower dim == embed_dim)."""
+    as InternVideo2's small CLIP uses MobileCLIP-B's frozen 512-d projection; needs tower dim == embed_dim).
+    ``budgets``: the video tower's token budgets per step; ``budget_mode``: "sample" one budget per step, or
+    "all" every budget in one packed pass."""
 
     embed_dim: int = 512
     temperature: float = 0.07
@@ -59,6 +48,8 @@ class ContrastConfig:
     max_temperature: float = 0.0
     vision_proj: str = "linear"
     text_proj: str = "linear"
+    budgets: tuple = (2048,)
+    budget_mode: str = "sample"
 
 
 @dataclass
@@ -89,7 +80,7 @@ class RetrievalEvalConfig:
 
 @dataclass
 class VideoTextConfig:
-    video: VideoConfig = field(default_factory=VideoConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the FluxViT video tower
     text: TextConfig = field(default_factory=TextConfig)
     contrast: ContrastConfig = field(default_factory=ContrastConfig)
     align: TeacherAlignConfig = field(default_factory=TeacherAlignConfig)
@@ -114,9 +105,8 @@ def smoke() -> VideoTextConfig:
     """Seconds on a CPU: tiny tower, in-memory clips with made-up captions replaced by the synthetic corpus
     when ``data.source=synthetic-corpus``; used by tests."""
     cfg = VideoTextConfig()
-    cfg.video = VideoConfig(name="fluxvit_tiny_patch14", drop_path_rate=0.0, overrides={"depth": 2},
-                            budgets=(64, 32))
-    cfg.contrast.embed_dim = 64
+    cfg.model = ModelConfig(name="fluxvit_tiny_patch14", drop_path_rate=0.0, overrides={"depth": 2})
+    cfg.contrast.embed_dim, cfg.contrast.budgets = 64, (64, 32)
     cfg.data = DataConfig(source="synthetic-corpus", root="data/synthetic", batch_size=8,
                           grid=[[4, 56], [2, 84]], normalize="imagenet", num_val_clips=16)
     cfg.retrieval = RetrievalEvalConfig(budgets=(64,), settings=[[4, 56]], max_videos=32)
@@ -130,9 +120,9 @@ def smoke() -> VideoTextConfig:
 def demo() -> VideoTextConfig:
     """`make pretrain`'s stage 2 on the synthetic corpus: a few minutes on a 2-core CPU."""
     cfg = VideoTextConfig()
-    cfg.video = VideoConfig(name="fluxvit_tiny_patch14", drop_path_rate=0.0, overrides={"depth": 4},
-                            budgets=(128, 96, 64), budget_mode="sample")
-    cfg.contrast = ContrastConfig(embed_dim=256, temperature=0.07, learnable_temperature=True)
+    cfg.model = ModelConfig(name="fluxvit_tiny_patch14", drop_path_rate=0.0, overrides={"depth": 4})
+    cfg.contrast = ContrastConfig(embed_dim=256, temperature=0.07, learnable_temperature=True,
+                                  budgets=(128, 96, 64), budget_mode="sample")
     cfg.data = DataConfig(source="synthetic-corpus", root="data/synthetic", batch_size=32,
                           grid=[[8, 56], [4, 84], [6, 70]], normalize="imagenet", num_workers=1)
     cfg.retrieval = RetrievalEvalConfig(budgets=(128, 64), settings=[[8, 56], [4, 84]])
@@ -153,12 +143,13 @@ PAPER_PROCESSES = 64  # data.batch_size is per process: 64 processes x 64 = the 
 def _flux_clip(model: str, phase: str) -> VideoTextConfig:
     base = model.endswith("base_patch14")
     cfg = VideoTextConfig()
-    cfg.video = VideoConfig(name=model, drop_path_rate=0.1, budgets=(2048, 1024), budget_mode="sample")
+    cfg.model = ModelConfig(name=model, drop_path_rate=0.1)
     cfg.text = TextConfig(spec="open_clip:MobileCLIP-B:datacompdr_lt", freeze=True, max_length=77)
     # InternVideo2's small CLIP: a learnable temperature starting at 1/100, clamped below at 1/100 before every
     # forward (models/internvideo2_clip_small.py), so it can only rise.
     cfg.contrast = ContrastConfig(embed_dim=512, temperature=0.01, learnable_temperature=True, min_temperature=0.01,
-                                  max_temperature=0.0, vision_proj="ln_linear", text_proj="none")
+                                  max_temperature=0.0, vision_proj="ln_linear", text_proj="none",
+                                  budgets=(2048, 1024), budget_mode="sample")
     if phase == "25m":
         global_batch, lr, epochs, warmup, corpus = 4096, 4e-4, 3, 0.6, CORPUS_25M
     else:  # the 2.5 M post-pretraining phase, initialised from the 25 M phase's export
@@ -182,7 +173,7 @@ def _flux_clip(model: str, phase: str) -> VideoTextConfig:
 def paper_s() -> VideoTextConfig:
     """Flux-CLIP for FluxViT-S, 25 M phase (Table 16): frozen MobileCLIP-B text tower, joint dim 512, VTC only,
     learnable temperature from 1/100 (clamped below at 1/100), AdamW (0.9, 0.98) wd 0.02, lr 4e-4, 3 epochs, warmup 0.6 epoch. Set ``data.shards``,
-    ``train.init_from`` (the stage-1 export) and, offline, ``text.weights``. Then ``paper_s_2m5``."""
+    ``model.init`` (the stage-1 export) and, offline, ``text.weights``. Then ``paper_s_2m5``."""
     return _flux_clip("fluxvit_small_patch14", "25m")
 
 
@@ -195,7 +186,7 @@ def paper_b() -> VideoTextConfig:
 @presets.register
 def paper_s_2m5() -> VideoTextConfig:
     """Flux-CLIP for FluxViT-S, 2.5 M phase (S-MiT, InternVid2M, COCO): lr 2e-5, 1 epoch, no warmup; set
-    ``train.init_from`` to ``paper_s``'s export."""
+    ``model.init`` to ``paper_s``'s export."""
     return _flux_clip("fluxvit_small_patch14", "2m5")
 
 
@@ -214,7 +205,7 @@ def _umt(model: str) -> VideoTextConfig:
     cfg.text = TextConfig(spec="hf:bert-base-uncased", freeze=False, pooling="cls", max_length=32, num_layers=9)
     cfg.contrast = ContrastConfig(embed_dim=512, temperature=0.07, learnable_temperature=True,
                                   min_temperature=0.001, max_temperature=0.5, vision_proj="linear",
-                                  text_proj="linear")
+                                  text_proj="linear", budgets=(2048, 1024), budget_mode="sample")
     cfg.train.run_dir = f"runs/umt_{model}"
     cfg.retrieval = RetrievalEvalConfig(budgets=(2048, 1024, 512), settings=[[8, 224]], dual_softmax=False)
     return cfg

@@ -180,8 +180,8 @@ class VideoTextModel(nn.Module):
 
 
 def _build_video(cfg: VideoTextConfig) -> FluxViT:
-    return create_model(cfg.video.name, num_classes=0, drop_path_rate=cfg.video.drop_path_rate,
-                        **dict(cfg.video.overrides))
+    return create_model(cfg.model.name, num_classes=0, drop_path_rate=cfg.model.drop_path_rate,
+                        **dict(cfg.model.overrides))
 
 
 class VideoTextTask:
@@ -233,16 +233,16 @@ class VideoTextTask:
             own = self.model.state_dict()
             loadable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
             off = sorted(set(own) - set(loadable)) + sorted(set(state) - set(own))
-            if off and self.cfg.train.init_strict:
+            if off and self.cfg.model.init_strict:
                 raise CheckpointMismatchError(
                     f"{path} does not fit the model: {len(loadable)} of {len(own)} tensors match; first "
-                    f"mismatches: {', '.join(off[:4])} (another architecture? train.init_strict=false loads what fits)")
+                    f"mismatches: {', '.join(off[:4])} (another architecture? model.init_strict=false loads what fits)")
             self.model.load_state_dict(loadable, strict=False)
             (log.warning if off else log.info)("init from stage-2 export %s (%d of %d tensors)%s", path,
                                                len(loadable), len(own), f"; not loaded: {off[:6]}" if off else "")
             return
         cfg = json.loads(meta["fluxvit_config"])
-        cfg.update(num_classes=0, drop_path_rate=self.cfg.video.drop_path_rate)
+        cfg.update(num_classes=0, drop_path_rate=self.cfg.model.drop_path_rate)
         video = FluxViT(FluxViTConfig(**cfg))
         missing, unexpected = video.load_state_dict(
             {k: v for k, v in state.items() if not k.startswith("head.")}, strict=False)
@@ -259,7 +259,7 @@ class VideoTextTask:
         log.info("video tower initialised from stage-1 export %s", path)
 
     def _budgets(self, step: int):
-        v = self.cfg.video
+        v = self.cfg.contrast
         if v.budget_mode == "all" and len(v.budgets) > 1:
             return list(v.budgets)
         return random.Random(f"budget-{self.cfg.train.seed}-{step}").choice(list(v.budgets))

@@ -1,7 +1,7 @@
 """Stage 2 entry point: build config, task and data, then run the shared loop.
 
     accelerate launch --config_file launch/cpu.yaml -m fluxvit.stages.videotext --preset demo \
-        --set train.init_from=runs/pretrain/distill/student.safetensors
+        --set model.init=runs/pretrain/distill/student.safetensors
     python -m fluxvit.stages.videotext --preset smoke --set data.root=/tmp/synth
 """
 from __future__ import annotations
