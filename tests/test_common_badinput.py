@@ -13,13 +13,7 @@ from fluxvit.stages.common.config import ConfigError
 MICRO = dict(depth=2, embed_dim=64, num_heads=2, clip_embed_dim=64, attn_pool_num_heads=4, head_budgets=[192, 128, 64])
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _micro(**kw):

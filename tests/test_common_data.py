@@ -1,6 +1,8 @@
 """LoaderSource resumes by seeking, not by decoding every batch before the saved position."""
 import pytest
 
+from fluxvit import logs
+
 from fluxvit.datasets import loader as loader_mod
 from fluxvit.datasets.synth import make_synthetic_corpus
 from fluxvit.datasets import DataConfig
@@ -53,13 +55,12 @@ def test_set_overrides_reach_the_loader_and_the_saved_config(corpus, tmp_path):
 
 
 def test_no_val_shards_skips_held_out_once_and_never_reads_training_shards(corpus, caplog, monkeypatch):
-    from fluxvit.stages.common import data as common_data
 
     cfg = DataConfig(source="shards", shards=corpus["splits"]["train"]["shards"], batch_size=4, grid=[[2, 28]],
                      num_workers=0, decoder="pyav")
     before = dict(vars(cfg))
     source = LoaderSource(cfg)
-    common_data._ONCE.clear()
+    logs._SEEN.clear()  # fluxvit.logs.warn_once: forget earlier warnings
     with caplog.at_level("WARNING", logger="fluxvit.train"):
         assert source.held_out() == [] and source.held_out() == []
     assert sum("held-out evaluation is skipped" in r.message for r in caplog.records) == 1

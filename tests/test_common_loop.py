@@ -1,12 +1,12 @@
 """The shared loop on a toy task: NaN skipping, abort, checkpoints kept/atomic, exact resume after a crash."""
 import json
 import logging
-from dataclasses import dataclass, field
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import ToyConfig, ToySource, reset_accelerate_state
 from fluxvit.stages.common import (NonFiniteLossError, OptimConfig, StepOutput, TrainConfig, build_accelerator,
                                    find_latest, fit)
 from fluxvit.stages.common.checkpoint import CheckpointError, verify_checkpoint
@@ -14,31 +14,10 @@ from fluxvit.stages.common.config import ConfigError
 from fluxvit.stages.common.runtime import append_metrics, read_metrics
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
-@dataclass
-class _Cfg:
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-
-
-class _Source:
-    skipped = 0
-
-    def batches(self, start):
-        n = start
-        while True:
-            g = torch.Generator().manual_seed(n)
-            x = torch.randn(8, 4, generator=g)
-            yield {"x": x, "y": x.sum(1, keepdim=True)}
-            n += 1
+_Cfg, _Source = ToyConfig, ToySource  # conftest.py: the shared toy config and batch source
 
 
 class _Task:
@@ -277,10 +256,7 @@ def test_grad_accum_k_micro_batches_equal_one_step_on_k_times_b(tmp_path, k, eps
     cfg_acc.optim.eps, cfg_acc.optim.clip_grad = eps, clip
     acc = build_accelerator(cfg_acc.train, 8, cfg_acc.optim.clip_grad)
     a = fit(cfg_acc, _DeterministicTask(), _Source(), acc)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     cfg_big = _cfg(tmp_path / "big", steps=3)
     cfg_big.optim.eps, cfg_big.optim.clip_grad = eps, clip
     acc = build_accelerator(cfg_big.train, 8 * k, cfg_big.optim.clip_grad)

@@ -4,6 +4,8 @@ import subprocess
 import sys
 
 import pytest
+
+from fluxvit import logs
 import torch
 
 from data_fixtures import make_video
@@ -80,7 +82,7 @@ def test_bad_input_raises_quietly(backend, data, capfd):
 
 def test_missing_backend_falls_back_with_warning(monkeypatch, caplog):
     monkeypatch.setitem(decoders._AVAILABLE, "decord", False)
-    monkeypatch.setattr(decoders, "_WARNED", set())
+    monkeypatch.setattr(logs, "_SEEN", set())  # fluxvit.logs.warn_once: forget earlier warnings
     with caplog.at_level(logging.WARNING, logger="fluxvit.datasets.decoders"):
         assert decoders.resolve_backend("decord") == "pyav"
     assert "falling back to PyAV" in caplog.text

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import reset_accelerate_state
 from fluxvit.models import load_model
 from fluxvit.stages.distill import main
 
@@ -21,10 +22,7 @@ QUIET = ["--set", "train.progress=false", "--set", "train.tensorboard=false"]
 
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     # One intra-op thread: on a shared CPU box, oversubscribed OpenMP threads slow these runs ~10x.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -65,10 +63,7 @@ def test_two_steps_in_process_and_export(tmp_path):
 def test_init_from_loads_student_weights_only(tmp_path):
     first = main(["--preset", "smoke", "--set", "train.steps=1", "--set", f"train.run_dir={tmp_path / 'a'}",
                   "--set", "train.eval_every=0", *QUIET])
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     second = main(["--preset", "smoke", "--set", "train.steps=1", "--set", f"train.run_dir={tmp_path / 'b'}",
                    "--set", "train.eval_every=0", "--set", f"model.init={first.export_path}",
                    "--set", "optim.lr=0", "--set", "optim.min_lr=0", *QUIET])

@@ -14,13 +14,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import ToyConfig, ToySource, reset_accelerate_state
 from fluxvit.stages.common import OptimConfig, StepOutput, TrainConfig, build_accelerator, find_latest, fit
 from fluxvit.stages.common.checkpoint import CheckpointError
 from fluxvit.stages.common.runtime import read_metrics
@@ -29,23 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
 
 
-@dataclass
-class _Cfg:
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-
-
-class _Source:
-    """Micro-batch n is a fixed function of n: a resumed run sees the same stream."""
-
-    skipped = 0
-
-    def batches(self, start):
-        n = start
-        while True:
-            x = torch.randn(8, 4, generator=torch.Generator().manual_seed(n))
-            yield {"x": x, "y": x.sum(1, keepdim=True)}
-            n += 1
+_Cfg, _Source = ToyConfig, ToySource  # conftest.py: the shared toy config and batch source
 
 
 class _Task:
@@ -85,10 +69,7 @@ def _cfg(run_dir, **train):
 
 
 def _run(cfg, task, source=None):
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     acc = build_accelerator(cfg.train, 8, cfg.optim.clip_grad)
     return fit(cfg, task, source or _Source(), acc)
 

@@ -6,7 +6,7 @@ import torch
 
 from fluxvit.metrics import aggregate_views, topk_accuracy
 from fluxvit.models import create_model
-from fluxvit.stages.finetune.eval import eval_head, view_tokens
+from fluxvit.stages.finetune.eval import view_tokens
 from fluxvit.stages.common import OptimConfig
 from fluxvit.stages.common.optim import cosine_lr, layer_decay_optimizer, scale_lr
 from fluxvit.stages.finetune.loss import flux_multi_loss, smooth_targets, soft_cross_entropy
@@ -88,8 +88,8 @@ def test_multi_view_aggregation_hand_built():
 
 def test_eval_head_and_tokens(net):
     assert view_tokens(8, 56, 0) == 128 and view_tokens(8, 56, 64) == 64 and view_tokens(2, 56, 64) == 32
-    assert eval_head(net, 96) == 0 and eval_head(net, 60) == 1 and eval_head(net, 10) == 2
-    assert eval_head(net, 10, trained_heads=[0]) == 0  # Flux-Single: only head 0 was trained
+    assert net.nearest_head(96) == 0 and net.nearest_head(60) == 1 and net.nearest_head(10) == 2
+    assert net.nearest_head(10, [0]) == 0  # Flux-Single: only head 0 was trained
 
 
 def test_tokenopt_search_space():
@@ -183,9 +183,9 @@ def test_eval_head_ties_go_to_the_earlier_head(net):
     for a, b in zip(range(len(budgets)), range(1, len(budgets))):
         mid = budgets[a] + budgets[b]
         if mid % 2 == 0:  # an exact tie
-            assert eval_head(net, mid // 2) == a
-        assert eval_head(net, mid // 2 + 1) == a and eval_head(net, (mid + 1) // 2 - 1) == b
-    assert eval_head(net, (budgets[0] + budgets[2]) // 2, trained_heads=[2, 0]) == 0  # order of the list is irrelevant
+            assert net.nearest_head(mid // 2) == a
+        assert net.nearest_head(mid // 2 + 1) == a and net.nearest_head((mid + 1) // 2 - 1) == b
+    assert net.nearest_head((budgets[0] + budgets[2]) // 2, [2, 0]) == 0  # order of the list is irrelevant
 
 
 def test_init_class_map_picks_classifier_rows(tmp_path):

@@ -10,13 +10,7 @@ from torch import nn
 from fluxvit.stages.common import OptimConfig, StepOutput, TrainConfig, build_accelerator, fit
 from host_syncs import SyncCounter
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @dataclass

@@ -45,8 +45,10 @@ def test_overrides_reach_the_architecture():
     assert m.blocks[-1].drop_path == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("name", ["fluxvit_tiny_patch14", "fluxvit_small_patch14", "fluxvit_base_patch14",
-                                  "fluxvit_large_patch14"])
+FLUXVIT_MODELS = [n for n in list_models() if n.startswith("fluxvit_")]  # the teacher: tests/test_internvideo2.py
+
+
+@pytest.mark.parametrize("name", FLUXVIT_MODELS)
 def test_every_registered_model_forward_backward(name):
     # Full width, one block: the real per-model shapes at CPU-test cost.
     m = create_model(name, depth=1, num_classes=5, drop_path_rate=0.1).train()

@@ -37,6 +37,8 @@ __all__ = [
     "decode_clips", "quiet_stderr", "clean_reason", "slot_frames", "choose_backend", "rotate_frames",
 ]
 
+from fluxvit.logs import warn_once
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("decord", "pyav", "torchcodec")
@@ -73,7 +75,6 @@ def _import_backend(name: str):
 
 
 _AVAILABLE: dict[str, bool] = {}
-_WARNED: set[str] = set()
 
 
 def _is_available(name: str) -> bool:
@@ -98,9 +99,7 @@ def resolve_backend(name: str) -> str:
         raise ValueError(f"unknown decoder {name!r}; choose from {BACKENDS}")
     if _is_available(name):  # imports only this backend (torchcodec alone takes about a second)
         return name
-    if name not in _WARNED:
-        _WARNED.add(name)
-        log.warning("decoder %r is not installed (%s); falling back to PyAV", name, _INSTALL_HINT[name])
+    warn_once(log, "decoder %r is not installed (%s); falling back to PyAV", name, _INSTALL_HINT[name])
     if not _is_available("pyav"):
         raise ImportError(f"no video decoder available; install one: {_INSTALL_HINT['pyav']}")
     return "pyav"

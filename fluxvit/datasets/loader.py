@@ -46,6 +46,8 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from fluxvit.logs import warn_once
+
 from .config import DataConfig
 from .decoders import DecodeError, clean_reason, decode_clips, resolve_backend
 from .shards import IMAGE_EXTENSIONS, VIDEO_KEYS, ShardReader, parse_shard_spec, shard_sizes
@@ -635,9 +637,7 @@ class VideoLoader:
                           **kwargs)
 
     def _warn_once(self, kind: str, msg: str, *args: Any) -> None:
-        if kind not in self._warned:
-            self._warned.add(kind)
-            log.warning(msg, *args)
+        warn_once(log, msg, *args, key=kind, seen=self._warned)  # once per loader and kind
 
     def _check_balance(self) -> None:
         """Warn (once per loader) when this rank's streams hold fewer samples than their share of a training epoch:

@@ -172,10 +172,11 @@ class FluxViT(PackedBlockStack, nn.Module):
         return len(self.clip_projector)
 
     # ------------------------------------------------------------- utilities
-    def nearest_head(self, num_tokens: int) -> int:
-        """Index of the pooling head whose budget is nearest ``num_tokens`` (first on ties)."""
+    def nearest_head(self, num_tokens: int, heads: Sequence[int] | None = None) -> int:
+        """Index of the pooling head whose budget is nearest ``num_tokens`` (first on ties), among ``heads``
+        (default: all; a Flux-Single model has only its trained head)."""
         budgets = self.config.head_budgets
-        return min(range(len(budgets)), key=lambda i: abs(budgets[i] - num_tokens))
+        return min(heads or range(len(budgets)), key=lambda i: (abs(budgets[i] - num_tokens), i))
 
     def pos_embed_for(self, frames: int, height: int, width: int) -> torch.Tensor:
         """Global PE for a (frames, height, width) patch grid: (1 + frames*height*width, dim), cls row first."""

@@ -38,6 +38,7 @@ from fluxvit.datasets.augment import build_train_transform, repeated_views
 from fluxvit.datasets.shards import shard_classes
 from fluxvit.datasets.synth import CLASSES, SPLITS, draw_clip_spec, ensure_synthetic_corpus, render_clip
 from fluxvit.datasets.transforms import NORMALIZE
+from fluxvit.logs import warn_once
 
 from .config import ConfigError
 
@@ -73,15 +74,9 @@ def draw_grids(rng: random.Random, grids: Sequence[tuple[int, int]], batch_size:
     return [rng.choice(grids)] * batch_size
 
 
-_ONCE: set[str] = set()
-
-
 def log_once(message: str, *args) -> None:
-    """Log ``message`` at warning level the first time it is seen in this process."""
-    text = message % args if args else message
-    if text not in _ONCE:
-        _ONCE.add(text)
-        log.warning(text)
+    """Log ``message`` at warning level the first time it is seen in this process (``fluxvit.logs.warn_once``)."""
+    warn_once(log, message, *args)
 
 
 # ------------------------------------------------------------------------------------------------ registry

@@ -21,9 +21,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from accelerate.utils import extract_model_from_parallel
 
 from fluxvit.models import FluxViT, create_model, load_official_checkpoint, save_model
 
+from ..common.data import as_clips
 from ..common.config import OptimConfig
 from ..common.loop import StepOutput
 from ..common.optim import build_optimizer, peak_lr
@@ -214,7 +216,7 @@ class DistillTask:
 
     def targets(self, video) -> list[tuple[torch.Tensor, TeacherOutput, int]]:
         """Teacher outputs per clip: list of (clip (3,T,H,W), TeacherOutput of its shape group, row)."""
-        clips = list(video.unbind(0)) if isinstance(video, torch.Tensor) else list(video)
+        clips = as_clips(video)
         groups: dict = {}
         for i, c in enumerate(clips):
             groups.setdefault(tuple(c.shape), []).append(i)
@@ -286,7 +288,7 @@ class DistillTask:
         ``val_cos_tok`` (last aligned layer, visible tokens) and ``val_cos_pool``."""
         if not self.held_out:
             return {}
-        inner = getattr(model, "module", model)
+        inner = extract_model_from_parallel(model)
         g = torch.Generator(device=self.device).manual_seed(1234)
         tok, pool = [], []
         for clip in self.held_out:

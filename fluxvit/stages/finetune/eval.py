@@ -33,17 +33,9 @@ from ..common.config import ConfigError
 from .config import presets
 from .data import eval_views, has_held_out
 
-__all__ = ["check_label_map", "eval_head", "evaluate", "load_classifier", "main", "view_tokens"]
+__all__ = ["check_label_map", "evaluate", "load_classifier", "main", "view_tokens"]
 
 log = logging.getLogger("fluxvit.eval")
-
-
-def eval_head(net: FluxViT, tokens: int, trained_heads: Sequence[int] | None = None) -> int:
-    """The pooling head whose budget is nearest ``tokens`` among ``trained_heads`` (all heads when None;
-    a Flux-Single model has only head 0 trained)."""
-    budgets = net.config.head_budgets
-    heads = list(trained_heads) if trained_heads else list(range(len(budgets)))
-    return min(heads, key=lambda h: (abs(budgets[h] - tokens), h))
 
 
 def view_tokens(frames: int, resolution: int, budget: int, patch: int = 14) -> int:
@@ -101,7 +93,7 @@ def evaluate(net: FluxViT, data: DataConfig, *, split: str = "val", frames: int 
         index = batch["video_index"].to(device)
         for b in budgets:
             tokens = view_tokens(T, H, b, p)
-            head = eval_head(net, tokens, trained_heads)
+            head = net.nearest_head(tokens, trained_heads)
             if selection == "random" and tokens < T * (H // p) * (W // p):
                 keep = [k.to(device) for k in _random_keeps(V, (T, H // p, W // p), tokens, g)]
                 feats = net.forward_features(video, head=head, keep=keep)
@@ -121,7 +113,7 @@ def evaluate(net: FluxViT, data: DataConfig, *, split: str = "val", frames: int 
     for b in budgets:
         tokens = view_tokens(frames, resolution, b, p)
         acc = topk_accuracy(torch.cat(probs[b]), labels, (1, 5))
-        out.append({"budget": b, "tokens": tokens, "head": eval_head(net, tokens, trained_heads), "frames": frames,
+        out.append({"budget": b, "tokens": tokens, "head": net.nearest_head(tokens, trained_heads), "frames": frames,
                     "resolution": resolution, "views": num_clips * num_crops, "videos": int(labels.numel()),
                     "selection": selection, **acc,
                     "gflops": fluxvit_gflops(tokens, cfg.embed_dim, cfg.depth)})

@@ -12,6 +12,8 @@ from timm.models import group_parameters
 
 from fluxvit.models import FluxViT
 
+from ..common.data import as_clips
+
 __all__ = ["FinetuneModel", "random_keep"]
 
 
@@ -62,7 +64,7 @@ class FinetuneModel(nn.Module):
         if keeps is None:
             feats = net.forward_multi(video, list(budgets), list(heads))
         else:
-            clips = list(video.unbind(0)) if isinstance(video, torch.Tensor) else list(video)
+            clips = as_clips(video)
             B = len(clips)
             feats = net.forward_features(clips * len(budgets), keep=keeps,
                                          head=[h for h in heads for _ in range(B)])

@@ -21,11 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from accelerate.utils import extract_model_from_parallel
 
 from fluxvit.datasets.shards import shard_classes
 from fluxvit.models import FluxViT, FluxViTConfig, create_model, load_official_checkpoint, read_state_dict, save_model
 from fluxvit.models.checkpoint import read_model_config
 
+from ..common.data import as_clips
 from ..common.config import ConfigError, OptimConfig
 from ..common.loop import StepOutput
 from ..common.optim import layer_decay_optimizer, peak_lr
@@ -204,7 +206,7 @@ class FinetuneTask:
         if self.cfg.loss.selection != "random":
             return None
         p = self.model.net.config.patch_size
-        clips = list(video.unbind(0)) if isinstance(video, torch.Tensor) else list(video)
+        clips = as_clips(video)
         return [random_keep((c.shape[1], c.shape[2] // p, c.shape[3] // p), b or math.inf, generator)
                 for b in self.budgets for c in clips]
 
@@ -237,7 +239,7 @@ class FinetuneTask:
         # `python -m fluxvit.stages.finetune.eval` warn (runpy's RuntimeWarning).
         from .eval import evaluate
 
-        inner = getattr(model, "module", model)
+        inner = extract_model_from_parallel(model)
         e = self.cfg.eval
         res = evaluate(inner.net, self.cfg.data, split=e.split, frames=e.frames, resolution=e.resolution,
                        budgets=e.budgets, num_clips=e.num_clips, num_crops=e.num_crops, max_videos=e.max_videos,

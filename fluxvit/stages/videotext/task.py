@@ -16,10 +16,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from accelerate.utils import extract_model_from_parallel
 
 from fluxvit.models import FluxViT, FluxViTConfig, create_model
 from fluxvit.models.checkpoint import CheckpointMismatchError, read_metadata, read_state_dict, set_default_mode
 
+from ..common.data import as_clips
 from ..common.loop import StepOutput
 from ..common.teacher import build_teacher
 from .config import VideoTextConfig
@@ -211,7 +213,7 @@ class VideoTextTask:
 
     def _teacher_pooled(self, video) -> torch.Tensor:
         """The frozen teacher's pooled feature of every (unmasked) clip: (B, pooled_dim)."""
-        clips = list(video) if isinstance(video, (list, tuple)) else list(video.unbind(0))
+        clips = as_clips(video)
         out = [None] * len(clips)
         groups: dict = {}
         for i, c in enumerate(clips):
@@ -294,10 +296,10 @@ class VideoTextTask:
     def evaluate(self, model: nn.Module, step: int) -> dict:
         if self.evaluator is None:
             return {}
-        return self.evaluator(getattr(model, "module", model), self.text_tower)
+        return self.evaluator(extract_model_from_parallel(model), self.text_tower)
 
     def export(self, model: nn.Module, path: Path) -> Path:
-        return save_videotext(getattr(model, "module", model), self.text_tower, self.cfg, path)
+        return save_videotext(extract_model_from_parallel(model), self.text_tower, self.cfg, path)
 
 
 def save_videotext(model: VideoTextModel, text_tower: TextTower, cfg: VideoTextConfig, path) -> Path:
