@@ -44,8 +44,8 @@ INVALID = [
     ("distill", "data.epoch_size=0", "data.epoch_size must be >= 1 or None, got 0"),
     ("distill", "data.grid=nonesuch", "data.grid"),
     ("distill", "data.num_val_clips=-1", "data.num_val_clips=-1: must be an integer >= 0"),
-    ("distill", "student.drop_path_rate=1.0", "student.drop_path_rate=1.0"),
-    ("videotext", "video.budgets=[]", "video.budgets=[]: must be a non-empty list"),
+    ("distill", "model.drop_path_rate=1.0", "model.drop_path_rate=1.0"),
+    ("videotext", "contrast.budgets=[]", "contrast.budgets=[]: must be a non-empty list"),
     ("videotext", "contrast.temperature=0", "contrast.temperature=0.0: must be a finite number > 0"),
     ("videotext", "optim.warmup_fraction=1.0", "optim.warmup_fraction=1.0: must be a finite number >= 0 and < 1"),
 ]

@@ -9,7 +9,7 @@ from fluxvit.models import read_state_dict
 from fluxvit.stages.finetune import build_config, main
 from fluxvit.stages.finetune import tokenopt
 
-MICRO = '{"head_budgets": [192, 128, 64], "depth": 2, "embed_dim": 64, "num_heads": 2, "clip_embed_dim": 64, ' \
+MICRO = '{"head_budgets": [96, 64, 32], "depth": 2, "embed_dim": 64, "num_heads": 2, "clip_embed_dim": 64, ' \
         '"attn_pool_num_heads": 4}'
 
 

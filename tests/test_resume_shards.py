@@ -9,7 +9,7 @@ import torch
 from fluxvit.models import read_state_dict
 from fluxvit.stages.finetune import main
 
-MICRO = '{"head_budgets": [64, 48, 32], "depth": 1, "embed_dim": 32, "num_heads": 2, "clip_embed_dim": 32, ' \
+MICRO = '{"head_budgets": [16, 12, 8], "depth": 1, "embed_dim": 32, "num_heads": 2, "clip_embed_dim": 32, ' \
         '"attn_pool_num_heads": 2}'
 
 

@@ -97,10 +97,10 @@ RULES: dict[str, Rule] = {
     "aug.label_smoothing": number(0.0, 1.0, hi_open=True),
     "eval.batch_size": POSITIVE, "eval.num_clips": POSITIVE, "eval.num_crops": POSITIVE,
     "eval.max_videos": NON_NEGATIVE, "eval.budgets": each(NON_NEGATIVE),
-    "model.num_classes": POSITIVE, "model.drop_path_rate": DROP_RATE, "loss.budgets": each(NON_NEGATIVE),  # 0: every token
+    "model.num_classes": NON_NEGATIVE, "model.drop_path_rate": DROP_RATE,  # num_classes 0: no classifier (stages 1-2)
+    "loss.budgets": each(NON_NEGATIVE),  # 0: every token
     # stages 1-2
-    "video.budgets": each(POSITIVE, nonempty=True), "video.drop_path_rate": DROP_RATE,
-    "student.drop_path_rate": DROP_RATE, "retrieval.budgets": each(NON_NEGATIVE),
+    "contrast.budgets": each(POSITIVE, nonempty=True), "retrieval.budgets": each(NON_NEGATIVE),
     "retrieval.max_videos": NON_NEGATIVE, "contrast.temperature": number(0.0, lo_open=True),
 }
 
@@ -136,6 +136,8 @@ def config_problems(cfg: Any) -> list[str]:
     if steps == 0 and not (_is_num(epochs) and epochs > 0):
         problems.append("train.steps=0: must be an integer >= 1" + (" (or set epochs > 0)" if epochs is not _ABSENT
                                                                      else ""))
+    if _get(cfg, "eval.budgets") is not _ABSENT and _get(cfg, "model.num_classes") == 0:  # stage 3 classifies
+        problems.append("model.num_classes=0: must be an integer >= 1 (stage 3 trains a classifier)")
     data = _get(cfg, "data")
     most = None
     if callable(getattr(data, "validate", None)):
@@ -145,7 +147,7 @@ def config_problems(cfg: Any) -> list[str]:
         except ValueError as err:
             problems.append(str(err))
     if most is not None:
-        for key in ("loss.budgets", "video.budgets"):
+        for key in ("loss.budgets", "contrast.budgets"):
             budgets = _get(cfg, key)
             if budgets is _ABSENT or not isinstance(budgets, (list, tuple)):
                 continue
