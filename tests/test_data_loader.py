@@ -10,6 +10,7 @@ import torch
 from data_fixtures import make_video, truncate_inside, video_sample, write_sizes, write_tar
 from fluxvit.datasets import DataConfig, FluxGrid, loader_state, stats
 from fluxvit.datasets import build_video_loader as _build_video_loader
+from fluxvit.datasets import accounting
 from fluxvit.datasets import loader as loader_mod
 
 SHARDS, PER_SHARD = 6, 4
@@ -279,7 +280,7 @@ def test_skip_warnings_rate_limited_across_passes(tmp_path, monkeypatch, caplog)
     write_tar(tmp_path / "00000.tar", [video_sample("good", video)] + [video_sample(f"bad{i}", b"junk" * 50)
                                                                      for i in range(9)])
     write_sizes(tmp_path, {"00000.tar": 10})
-    monkeypatch.setattr(loader_mod, "_SKIP_LOG", loader_mod._RateLimitedLog())
+    monkeypatch.setattr(loader_mod, "skip_log", accounting._RateLimitedLog())
     loader = build_video_loader(cfg(str(tmp_path / "00000.tar"), batch_size=2, decoder="pyav"), rank=0,
                                 world_size=1)
     with caplog.at_level("WARNING", logger="fluxvit.datasets.loader"):

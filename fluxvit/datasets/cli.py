@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 
 from .config import DataConfig
 from .decoders import BACKENDS
-from .loader import SampleError, process_sample
+from .samples import SampleError, process_sample
 from .prepare import Encoding, make_shards, read_classes
 from .shards import VIDEO_EXTENSIONS, ShardReader, parse_shard_spec, shard_sizes
 from .synth import make_synthetic_corpus

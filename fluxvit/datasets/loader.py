@@ -1,4 +1,6 @@
-"""Streaming video loader over WebDataset shards: split, shuffle, decode, Flux-sample, augment, batch.
+"""Streaming video loader over WebDataset shards: the shard schedule (epoch list, rank and worker split, passes,
+resampling, resume) and the DataLoader around it. One sample's decoding is :mod:`.samples`, batching
+:mod:`.batching`, skip accounting :mod:`.accounting`.
 
 Data flow per rank and DataLoader worker (one *stream*), webdataset's stages marked (wds)::
 
@@ -10,7 +12,7 @@ Data flow per rank and DataLoader worker (one *stream*), webdataset's stages mar
 Batching happens inside the worker because the Flux grid draws one ``(T, H)`` per batch (as released): every
 clip of a batch is decoded at that frame count and resized to that resolution. A sample that cannot be read, and
 a shard that cannot be opened or is truncated, is counted and skipped; the counts and keys travel with the batches
-to the main process, which logs them under one process-wide rate limit (:data:`_SKIP_LOG`: 5 lines, then one per
+to the main process, which logs them under one process-wide rate limit (:data:`~fluxvit.datasets.accounting.skip_log`: 5 lines, then one per
 30 s, across epochs, passes and loaders) and exposes them as :attr:`VideoLoader.stats` and :func:`stats`.
 
 **Equal steps on every rank.** In training every stream takes the same number of batches per epoch,
@@ -32,15 +34,11 @@ resume at batch ``n``.
 """
 from __future__ import annotations
 
-import json
-import logging
 import itertools
+import logging
 import math
 import os
 import random
-import time
-from collections import Counter, deque
-from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -48,11 +46,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fluxvit.logs import warn_once
 
+from .accounting import DataStats, flush_report, new_report, skip_log, stats
+from .batching import batch_buffer, collate_videos
 from .config import DataConfig
-from .decoders import DecodeError, clean_reason, decode_clips, resolve_backend
-from .shards import IMAGE_EXTENSIONS, VIDEO_KEYS, ShardReader, parse_shard_spec, shard_sizes
-from .augment import flatten_repeats, train_views
-from .transforms import EvalTransform
+from .decoders import resolve_backend
+from .samples import SampleError, process_sample
+from .shards import ShardReader, parse_shard_spec, shard_sizes
+from .augment import flatten_repeats
 
 __all__ = [
     "DataStats", "SampleError", "VideoShardDataset", "VideoLoader", "build_video_loader", "collate_videos",
@@ -60,227 +60,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class SampleError(Exception):
-    """A sample was skipped; ``str(err)`` is the reason."""
-
-
-@dataclass
-class DataStats:
-    """Counters the training loop logs: delivered and skipped samples, shard errors, skip reasons.
-
-    ``skipped`` counts every sample that could not be used plus, per pass over a broken shard (truncated, garbage
-    or unreadable), the samples it lost when ``sizes.json`` gives its size and one skip otherwise, so a corrupt
-    shard anywhere in the list shows in ``skipped_samples``;
-    ``shard_errors`` counts the broken shards alone."""
-
-    samples: int = 0
-    skipped: int = 0
-    shard_errors: int = 0
-    reasons: Counter = field(default_factory=Counter)
-    recent: deque = field(default_factory=lambda: deque(maxlen=32))  # (key, reason) of the last skips
-
-    def update(self, report: dict) -> None:
-        """Merge a per-batch report ``{"samples", "skipped": {reason: n}, "shard_errors", "keys"}``."""
-        self.samples += int(report.get("samples", 0))
-        for reason, n in report.get("skipped", {}).items():
-            self.skipped += n
-            self.reasons[reason] += n
-        self.shard_errors += int(report.get("shard_errors", 0))
-        self.recent.extend(report.get("keys", ()))
-
-    def as_dict(self, prefix: str = "data/") -> dict[str, int]:
-        """Flat scalars for a tracker: ``{prefix+"samples", prefix+"skipped", prefix+"shard_errors"}``."""
-        return {f"{prefix}samples": self.samples, f"{prefix}skipped": self.skipped,
-                f"{prefix}shard_errors": self.shard_errors}
-
-
-_STATS = DataStats()
-
-
-def stats() -> DataStats:
-    """Process-wide counters summed over every :class:`VideoLoader` iterated in this process."""
-    return _STATS
-
-
-class _RateLimitedLog:
-    """Log the first ``burst`` skips, then at most one line per ``interval`` seconds with the count in between.
-
-    One instance per process (``_SKIP_LOG``) used by the main process for every loader, epoch and pass, so the
-    limit holds across them (DataLoader workers only report their skips)."""
-
-    def __init__(self, burst: int = 5, interval: float = 30.0) -> None:
-        self.burst, self.interval = burst, interval
-        self.count, self.suppressed, self.last = 0, 0, 0.0
-
-    def __call__(self, msg: str, *args: Any) -> bool:
-        """Log ``msg % args`` unless rate-limited; returns whether a line was written."""
-        self.count += 1
-        now = time.monotonic()
-        if self.count <= self.burst or now - self.last >= self.interval:
-            extra = f" ({self.suppressed} more skipped since the last message)" if self.suppressed else ""
-            log.warning(msg + extra, *args)
-            self.last, self.suppressed = now, 0
-            return True
-        self.suppressed += 1
-        return False
-
-    def suppress(self, n: int) -> None:
-        """Count ``n`` skips that were reported without a key (beyond a report's 32 keys)."""
-        self.count += n
-        self.suppressed += n
-
-
-_SKIP_LOG = _RateLimitedLog()
-
-
-def _caption(sample: dict, meta: dict, rng: random.Random, train: bool) -> str:
-    """Several captions (a list in the json, UMT style): a random one in training, the first in evaluation;
-    otherwise ``KEY.txt``, then the json's ``caption``, then ``""``."""
-    cap = meta.get("caption")
-    if isinstance(cap, list) and cap:
-        return str(rng.choice(cap) if train else cap[0])
-    if "txt" in sample:
-        return sample["txt"].decode("utf-8", "replace").strip()
-    return str(cap or "")
-
-
-def _label(sample: dict, meta: dict) -> int:
-    for raw in (sample.get("cls"), meta.get("label")):
-        if raw is None:
-            continue
-        try:
-            return int(raw.decode().strip() if isinstance(raw, bytes) else raw)
-        except (ValueError, TypeError):
-            continue
-    return -1
-
-
-def process_sample(sample: dict, cfg: DataConfig, *, num_frames: int, size: int, rng: random.Random,
-                   train: bool = True, eval_clips: int = 1, eval_crops: int = 1, flip_allowed: bool = True,
-                   out: torch.Tensor | None = None) -> dict:
-    """Turn one raw tar sample into a training / evaluation example.
-
-    Args:
-        sample: ``{"__key__", ext: bytes}`` from :func:`~fluxvit.datasets.shards.iter_tar_samples`.
-        cfg: decoder and augmentation settings.
-        num_frames: frames ``T``; size: output side ``S``.
-        train: training (TSN sampling, the training transform) or evaluation (segment-middle sampling,
-            ``eval_clips`` temporal clips x ``eval_crops`` (1 or 3) spatial crops).
-        rng: randomness for frame sampling, crops, flips and caption choice.
-        flip_allowed: whether this sample's source may be flipped.
-        out: optional float32 tensor of the output's shape to write the video into (a slot of a batch buffer,
-            which saves a copy when batching).
-
-    Returns:
-        ``{"video", "caption", "label", "key"}``; ``video`` is ``(3, T, S, S)`` float, or ``(V, 3, T, S, S)`` in
-        evaluation with ``eval_clips * eval_crops = V > 1`` views (clip-major) and in training with repeated
-        augmentation (``num_sample = V > 1`` augmented clips; the training transform is
-        :func:`fluxvit.datasets.augment.train_views`: RandAugment, crop, flip, erasing as configured). An image sample (jpg, png,
-        webp; no video member) becomes a 1-frame video ``(3, 1, S, S)`` written to its own tensor, not ``out``.
-
-    Raises:
-        SampleError: no video or image member, empty or undecodable video.
-    """
-    ext = next((e for e in VIDEO_KEYS if e in sample), None)
-    if ext is None:
-        image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-        if image_ext is None:
-            raise SampleError("no video")
-        return _process_image(sample, image_ext, cfg, size=size, rng=rng, train=train, eval_crops=eval_crops,
-                              flip_allowed=flip_allowed)
-    data = sample[ext]
-    if not data:
-        raise SampleError("empty video")
-    meta: dict = {}
-    if "json" in sample:
-        try:
-            meta = json.loads(sample["json"])
-            meta = meta if isinstance(meta, dict) else {}
-        except ValueError:
-            meta = {}
-    try:
-        if train:
-            clips = decode_clips(data, num_frames, backend=cfg.decoder, sampling="tsn", rng=rng,
-                                 num_threads=cfg.decoder_threads)
-            video = train_views(cfg, clips[0], size, rng, flip_allowed, out=out)
-        else:
-            clips = decode_clips(data, num_frames, backend=cfg.decoder, sampling="middle", num_clips=eval_clips,
-                                 num_threads=cfg.decoder_threads)
-            views = EvalTransform(eval_crops, cfg.normalize)
-            if out is None:
-                out = torch.empty((len(clips) * eval_crops, 3, num_frames, size, size))
-            flat = out.view(len(clips) * eval_crops, 3, num_frames, size, size)
-            for k, clip in enumerate(clips):
-                views(clip, size, out=flat[k * eval_crops:(k + 1) * eval_crops])
-            video = out
-    except DecodeError as exc:
-        raise SampleError(f"decode error: {exc}") from None
-    except (ValueError, RuntimeError) as exc:
-        raise SampleError(f"decode error: {clean_reason(exc)}") from None
-    return {"video": video, "caption": _caption(sample, meta, rng, train), "label": _label(sample, meta),
-            "key": sample["__key__"]}
-
-
-def _read_meta(sample: dict) -> dict:
-    try:
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-    except ValueError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def _process_image(sample: dict, ext: str, cfg: DataConfig, *, size: int, rng: random.Random, train: bool,
-                   eval_crops: int, flip_allowed: bool) -> dict:
-    """An image-text sample as a 1-frame video: (3, 1, S, S) (or (V, 3, 1, S, S) with several eval crops)."""
-    from torchvision.io import ImageReadMode, decode_image
-
-    data = sample[ext]
-    if not data:
-        raise SampleError("empty image")
-    try:
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as exc:
-        raise SampleError(f"decode error: {clean_reason(exc)}") from None
-    clip = image.permute(1, 2, 0).unsqueeze(0).contiguous()  # (1, H, W, 3) uint8
-    if train:
-        video = train_views(cfg, clip, size, rng, flip_allowed)
-    else:
-        views = EvalTransform(eval_crops, cfg.normalize)(clip, size)
-        video = views[0] if len(views) == 1 else torch.stack(views)
-    meta = _read_meta(sample)
-    return {"video": video, "caption": _caption(sample, meta, rng, train), "label": _label(sample, meta),
-            "key": sample["__key__"]}
-
-
-def collate_videos(examples: list[dict], video: torch.Tensor | None = None) -> dict:
-    """Batch examples: ``video`` stacks to ``(B, 3, T, H, W)`` (or ``(B, V, 3, T, H, W)``) when all shapes agree,
-    otherwise stays a list of ``B`` tensors (the packed input the model accepts); ``caption`` list[str],
-    ``label`` LongTensor ``(B,)`` (-1 = none), ``key`` list[str]. ``video``: the batch tensor the examples were
-    already written into (no stacking)."""
-    videos = [e["video"] for e in examples]
-    if video is None:
-        same = all(v.shape == videos[0].shape for v in videos)
-        video = torch.stack(videos) if same else videos
-    return {
-        "video": video,
-        "caption": [e["caption"] for e in examples],
-        "label": torch.tensor([e["label"] for e in examples], dtype=torch.long),
-        "key": [e["key"] for e in examples],
-    }
-
-
-def _batch_buffer(shape: tuple[int, ...], in_worker: bool) -> torch.Tensor:
-    """An uninitialised float32 batch tensor; in a DataLoader worker it lives in shared memory (as
-    ``default_collate`` does), so handing it to the main process copies nothing."""
-    if in_worker:
-        try:
-            storage = torch.empty(0)._typed_storage()._new_shared(math.prod(shape))
-            return torch.empty(0).new(storage).view(shape)
-        except (AttributeError, RuntimeError):  # private API moved: fall back to a private buffer
-            pass
-    return torch.empty(shape)
 
 
 def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -294,19 +73,6 @@ def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
 def _worker_batches_delivered(batches_per_rank: int, worker: int, num_workers: int) -> int:
     """Batches worker ``worker`` delivered when its rank consumed ``batches_per_rank`` (DataLoader round-robin)."""
     return max(0, math.ceil((batches_per_rank - worker) / num_workers))
-
-
-def _new_report() -> dict:
-    return {"samples": 0, "skipped": Counter(), "shard_errors": 0, "keys": [], "events": 0, "passes": 0}
-
-
-def _flush(report: dict) -> dict:
-    """A picklable copy of ``report`` for the main process; ``report`` is reset in place."""
-    out = {**report, "skipped": dict(report["skipped"]), "keys": report["keys"][:32]}
-    passes = report["passes"]
-    report.update(_new_report())
-    report["passes"] = passes
-    return out
 
 
 class VideoShardDataset(IterableDataset):
@@ -500,7 +266,7 @@ class VideoShardDataset(IterableDataset):
             quota = max(0, quota - delivered)
             if quota == 0:
                 return
-        report = _new_report()
+        report = new_report()
         progress = {"good": 0}
         samples = self.stream_samples(worker, num_workers, delivered * cfg.batch_size, report, progress)
         made = 0
@@ -519,7 +285,7 @@ class VideoShardDataset(IterableDataset):
                 # repeated augmentation (training) and multi-view evaluation write (B, V, 3, T, S, S)
                 n_views = cfg.num_sample if self.train else self.eval_clips * self.eval_crops
                 views = (n_views,) if n_views > 1 else ()
-                buf = _batch_buffer((cfg.batch_size, *views, 3, frames, size, size), in_worker=info is not None)
+                buf = batch_buffer((cfg.batch_size, *views, 3, frames, size, size), in_worker=info is not None)
             # Unknown epoch length: an epoch is one pass, its last partial batch completed from the next pass.
             progress["more"] = quota is not None or made == 0
             progress["short"] = quota is not None or made == 0
@@ -549,13 +315,13 @@ class VideoShardDataset(IterableDataset):
             if self.train and cfg.num_sample > 1:
                 out = flatten_repeats(out, cfg.num_sample)
             report["samples"] = len(batch)
-            out["_report"] = _flush(report)
+            out["_report"] = flush_report(report)
             made += 1
             yield out
             if len(batch) < cfg.batch_size:
                 break
         if report["events"] or report["passes"]:  # skips after the last batch still reach the counters
-            yield {"_report": _flush(report)}
+            yield {"_report": flush_report(report)}
 
 
 def loader_state(epoch: int, samples_seen: int) -> dict[str, int]:
@@ -664,13 +430,13 @@ class VideoLoader:
 
     def _report(self, report: dict) -> None:
         self.stats.update(report)
-        _STATS.update(report)
+        stats().update(report)
         keys = report.get("keys", ())
         for key, reason in keys:
-            _SKIP_LOG("skipped %s: %s", key, reason)
+            skip_log("skipped %s: %s", key, reason)
         missing = int(report.get("events", len(keys))) - len(keys)
         if missing > 0:
-            _SKIP_LOG.suppress(missing)
+            skip_log.suppress(missing)
         if report.get("passes") and self.train:
             self._warn_once("short", "rank %d: a data stream ran out of samples and re-read its shards (pass %d) to "
                             "fill its share of the epoch (shards smaller than the epoch share, or skipped samples)",
