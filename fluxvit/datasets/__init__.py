@@ -15,7 +15,7 @@ Typical use (the training stages)::
 Modules: :mod:`.shards` (spec syntax, tar reading/writing), :mod:`.decoders` (decord / PyAV / torchcodec),
 :mod:`.sampling` (frame indices), :mod:`.transforms` (crops, eval views), :mod:`.augment` (the release's training
 augmentation from timm's pieces: RandAugment, RandomResizedCrop, RandomErasing, repeated augmentation), :mod:`.grid`
-(Flux), :mod:`.loader` (streaming, resume), :mod:`.synth` (synthetic corpus), :mod:`.cli` (``fluxvit-data``).
+(Flux), :mod:`.loader` (shard schedule, streaming, resume), :mod:`.samples` (decoding one sample), :mod:`.batching`, :mod:`.accounting` (skip counts), :mod:`.synth` (synthetic corpus), :mod:`.cli` (``fluxvit-data``).
 decord, torchcodec and PyAV are imported only when a video is decoded.
 """
 from .config import DataConfig, resolve_grid
