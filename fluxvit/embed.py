@@ -52,7 +52,7 @@ import torch
 from .datasets.cli import read_csv_list, read_folder, read_json_list
 from .datasets.config import DataConfig
 from .datasets.decoders import DecodeError, decode_clips
-from .datasets.loader import SampleError, _caption, _label, process_sample
+from .datasets.samples import SampleError, _caption, _label, process_sample
 from .datasets.shards import VIDEO_EXTENSIONS, VIDEO_KEYS, ShardReader, parse_shard_spec, shard_sizes
 from .datasets.transforms import normalize_stats
 from .encoders import load_encoder

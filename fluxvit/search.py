@@ -27,7 +27,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from .datasets.loader import SampleError
+from .datasets.samples import SampleError
 from .embed import EmbedSettings, _decode, done_parts
 from .encoders import load_encoder
 from .stages.common.cli import OneLineParser, fail
