@@ -143,6 +143,16 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
+def resize_frames(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, C, T, *size): every frame resized bicubically (float32); unchanged at that size."""
+    B, C, T, H, W = video.shape
+    if (H, W) == tuple(size):
+        return video
+    frames = F.interpolate(video.transpose(1, 2).reshape(B * T, C, H, W).float(), size=size, mode="bicubic",
+                           align_corners=False)
+    return frames.view(B, T, C, *size).transpose(1, 2)
+
+
 class _FrozenTeacher(nn.Module):
     def freeze(self) -> "_FrozenTeacher":
         self.eval()
@@ -152,6 +162,11 @@ class _FrozenTeacher(nn.Module):
 
     def train(self, mode: bool = True):  # a teacher never leaves eval mode
         return super().train(False)
+
+    def input_size(self, hs: int, ws: int) -> tuple[int, int]:
+        """The teacher's frame size for a student grid of ``hs x ws`` patches: the same grid at the teacher's patch
+        size, or the fixed ``image_size``."""
+        return (hs * self.patch, ws * self.patch) if not self.image_size else (self.image_size, self.image_size)
 
 
 class OpenCLIPTeacher(_FrozenTeacher):
@@ -243,7 +258,7 @@ class OpenCLIPTeacher(_FrozenTeacher):
         """video (B, 3, T, H, W) normalised with ``input_norm``; student_grid (T, h, w); layers: teacher blocks."""
         B, _, T, H, W = video.shape
         _, hs, ws = student_grid
-        size = (hs * self.patch, ws * self.patch) if not self.image_size else (self.image_size, self.image_size)
+        size = self.input_size(hs, ws)
         frames = video.transpose(1, 2).reshape(B * T, 3, H, W).float()
         frames = _renormalize(frames, self.input_norm, self.mean, self.std)
         if (H, W) != size:
@@ -328,11 +343,8 @@ class FluxViTTeacher(_FrozenTeacher):
         """Same contract as ``OpenCLIPTeacher.forward``."""
         B, _, T, H, W = video.shape
         _, hs, ws = student_grid
-        size = (hs * self.patch, ws * self.patch) if not self.image_size else (self.image_size, self.image_size)
-        if (H, W) != size:
-            frames = video.transpose(1, 2).reshape(B * T, 3, H, W)
-            frames = F.interpolate(frames.float(), size=size, mode="bicubic", align_corners=False)
-            video = frames.view(B, T, 3, *size).transpose(1, 2)
+        size = self.input_size(hs, ws)
+        video = resize_frames(video, size)
         gh, gw = size[0] // self.patch, size[1] // self.patch
         L = gh * gw
         last = self.depth - 1
@@ -424,15 +436,12 @@ class InternVideo2Teacher(_FrozenTeacher):
         """video (B, 3, T, H, W) normalised with ``input_norm``; student_grid (T, h, w); layers: teacher blocks."""
         B, _, T, H, W = video.shape
         _, hs, ws = student_grid
-        size = (hs * self.patch, ws * self.patch) if not self.image_size else (self.image_size, self.image_size)
+        size = self.input_size(hs, ws)
         if self.input_norm != "imagenet":
             frames = video.transpose(1, 2).reshape(B * T, 3, H, W).float()
             frames = _renormalize(frames, self.input_norm, *_MEANS["imagenet"])
             video = frames.view(B, T, 3, H, W).transpose(1, 2)
-        if (H, W) != size:
-            frames = video.transpose(1, 2).reshape(B * T, 3, H, W).float()
-            frames = F.interpolate(frames, size=size, mode="bicubic", align_corners=False)
-            video = frames.view(B, T, 3, *size).transpose(1, 2)
+        video = resize_frames(video, size)
         gh, gw = size[0] // self.patch, size[1] // self.patch
         L = gh * gw
         layers = sorted(set(layers))
