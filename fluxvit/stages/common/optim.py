@@ -160,7 +160,8 @@ class ModelEMA:
 
     Holds a detached fp32 copy (same device; fp32 also when the model runs in bf16, as under DeepSpeed bf16,
     where an update of (1 - d) * w would round away); ``state_dict``/``load_state_dict`` make it checkpointable
-    with ``accelerator.register_for_checkpointing``.
+    with ``accelerator.register_for_checkpointing``. Why not timm's ``ModelEmaV3``: it keeps the average in the
+    model's dtype and lerps tensors of one dtype, so a bf16 model's average would round the small updates away.
     """
 
     def __init__(self, model: nn.Module, decay: float):
