@@ -111,7 +111,8 @@ def smoke() -> FinetuneConfig:
     return FinetuneConfig(
         model=ModelConfig(name="fluxvit_tiny_patch14", num_classes=8, drop_path_rate=0.0,
                           overrides={"head_budgets": _TINY_BUDGETS}),
-        loss=FluxLossConfig(mode="multi", budgets=_TINY_BUDGETS, heads=(0, 1, 2)),
+        loss=FluxLossConfig(mode="multi", budgets=_TINY_BUDGETS, heads=(0, 1, 2), single_budget=_TINY_BUDGETS[1],
+                            single_head=1),
         aug=AugConfig(mixup=0.0, cutmix=0.0, label_smoothing=0.1),
         data=DataConfig(source="synthetic-motion", batch_size=4, grid=[[4, 84], [8, 56], [6, 70], [8, 70]],
                         flip=False, num_clips=400, num_val_clips=16),
