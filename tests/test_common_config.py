@@ -60,3 +60,44 @@ def test_distill_presets_resolve():
     assert b.teacher.budget == 2048 and tuple(b.loss.budgets) == (2048, 1536, 1024) and b.loss.num_layers == 6
     s = build_config("smoke", ["loss.budgets=[64]", "teacher.budget=0"])
     assert s.loss.budgets == (64,) and s.teacher.budget == 0
+
+
+@pytest.mark.parametrize("text,want", [("0", False), ("1", True), ("false", False), ("TRUE", True), ("off", False),
+                                       ("on", True), ("no", False), ("yes", True)])
+def test_booleans_at_every_spelling(text, want):
+    """Each spelling, 0 and 1 included, reads as its boolean (a string would always be truthy)."""
+    cfg = apply_overrides(_Cfg(), [f"train.tensorboard={text}", f"train.progress={text}"])
+    assert cfg.train.tensorboard is want and cfg.train.progress is want
+
+
+def test_a_float_field_with_an_int_default_reads_a_float():
+    @dataclass
+    class _Sec:
+        rate: float = 0
+
+    @dataclass
+    class _Top:
+        sec: _Sec = field(default_factory=_Sec)
+
+    cfg = apply_overrides(_Top(), ["sec.rate=2"])
+    assert cfg.sec.rate == 2.0 and isinstance(cfg.sec.rate, float)
+
+
+def test_one_step_runs_and_zero_steps_without_epochs_is_refused():
+    from fluxvit.stages.common.config import resolve_schedule
+    from fluxvit.stages.finetune import build_config
+
+    assert resolve_schedule(build_config("smoke", ["train.steps=1"]), world_size=1).train.steps == 1
+    cfg = build_config("smoke")
+    cfg.train.steps = 0
+    with pytest.raises(ValueError, match="train.steps"):
+        resolve_schedule(cfg, world_size=1)
+
+
+def test_resume_check_takes_an_old_scalar_where_a_section_is_now_as_absent(tmp_path):
+    """A checkpoint whose config.json held a plain value where the code now has a section (an older layout)
+    is read as 'not in the checkpoint', not a crash."""
+    from fluxvit.stages.common.config import check_resume_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"optim": 3, "train": ["x"], "data": "shards"}))
+    assert check_resume_config(_Cfg(), tmp_path) == []

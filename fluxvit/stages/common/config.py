@@ -186,10 +186,11 @@ def parse_value(text: str, current: Any, hint: Any = None) -> Any:
         if not isinstance(val, list):
             val = [val]
         return tuple(val) if isinstance(current, tuple) else val
+    # The declared type wins over the current value's: ``rate: float = 0`` holds an int until overridden.
+    if hint is float or (hint is not int and isinstance(current, float)):
+        return float(text)
     if isinstance(current, int) or hint is int:
         return int(float(text)) if float(text).is_integer() else _bad(text, "an integer")
-    if isinstance(current, float) or hint is float:
-        return float(text)
     if isinstance(current, str) or hint is str:
         return text
     return _auto(text)
