@@ -101,3 +101,17 @@ def test_resume_check_takes_an_old_scalar_where_a_section_is_now_as_absent(tmp_p
 
     (tmp_path / "config.json").write_text(json.dumps({"optim": 3, "train": ["x"], "data": "shards"}))
     assert check_resume_config(_Cfg(), tmp_path) == []
+
+
+def test_comma_lists_keep_their_element_type():
+    @dataclass
+    class _Sec:
+        names: tuple = ("a", "b")
+        sizes: tuple = (1, 2)
+
+    @dataclass
+    class _Top:
+        sec: _Sec = field(default_factory=_Sec)
+
+    cfg = apply_overrides(_Top(), ["sec.names=1,x", "sec.sizes=3,4"])
+    assert cfg.sec.names == ("1", "x") and cfg.sec.sizes == (3, 4)  # "1" stays a name, not the number 1

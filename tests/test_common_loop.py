@@ -337,3 +337,25 @@ def test_nan_loss_in_any_micro_batch_skips_the_whole_step_without_clipping(tmp_p
     assert res.skipped_steps == 1
     weights = torch.load(res.export_path)
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_logged_loss_is_the_mean_of_the_micro_batch_losses(tmp_path, k):
+    """The logged value of a term is exactly the mean of what the task returned over the step's micro-batches (no
+    offset, no sum), checked against the task's own record."""
+
+    class _Recording(_DeterministicTask):
+        def __init__(self):
+            super().__init__()
+            self.seen = {}
+
+        def compute_loss(self, model, batch, step):
+            out = super().compute_loss(model, batch, step)
+            self.seen.setdefault(step, []).append(float(out.loss))
+            return out
+
+    task = _Recording()
+    res = _run(_cfg(tmp_path, steps=3, grad_accum=k), task)
+    for h in res.history:
+        parts = task.seen[h["step"] - 1]
+        assert len(parts) == k and h["loss"] == pytest.approx(sum(parts) / k, rel=1e-6)
