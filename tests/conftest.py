@@ -39,10 +39,11 @@ def reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def fresh_accelerate_state():
-    """Each test that builds an accelerator starts from a fresh accelerate state
-    (``pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")``)."""
+    """Every test starts from a fresh accelerate state: accelerate keeps one per process, and a test that built an
+    accelerator with other settings (bf16, fp16, ...) would make the next one's ``Accelerator()`` refuse them, so
+    the outcome would depend on which tests ran before."""
     reset_accelerate_state()
     yield
 

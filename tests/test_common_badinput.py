@@ -13,7 +13,6 @@ from fluxvit.stages.common.config import ConfigError
 MICRO = dict(depth=2, embed_dim=64, num_heads=2, clip_embed_dim=64, attn_pool_num_heads=4, head_budgets=[64, 48, 32])
 
 
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _micro(**kw):

@@ -14,7 +14,6 @@ from fluxvit.stages.common.config import ConfigError
 from fluxvit.stages.common.runtime import append_metrics, read_metrics
 
 
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 _Cfg, _Source = ToyConfig, ToySource  # conftest.py: the shared toy config and batch source

@@ -10,7 +10,6 @@ from torch import nn
 from fluxvit.stages.common import OptimConfig, StepOutput, TrainConfig, build_accelerator, fit
 from host_syncs import SyncCounter
 
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @dataclass
