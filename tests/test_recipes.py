@@ -17,13 +17,15 @@ REGISTRIES = {"Stage 3": finetune_presets, "Stage 2": videotext_presets, "Stage 
 NOT_RECIPES = {"smoke", "smoke_corpus", "demo", "micro_scratch", "micro_multi"}
 # Run plumbing, not hyperparameters: where and how often to write, where the data lives, how it is decoded.
 PLUMBING = ("train.run_dir", "train.log_every", "train.ckpt_every", "train.keep_last", "train.resume",
-            "train.init_from", "train.init_strict", "train.max_bad_steps", "train.eval_every", "train.export_name",
+            "train.max_bad_steps", "train.eval_every", "train.export_name",
             "train.tensorboard",
             "train.find_unused_parameters", "train.deterministic", "train.progress", "train.seed",
             "data.source", "data.shards", "data.val_shards", "data.root", "data.num_clips", "data.num_val_clips",
             "data.decoder", "data.decoder_threads", "data.num_workers", "data.epoch_size", "data.shuffle_buffer",
             "data.pin_memory", "data.prefetch_factor", "data.resampled", "data.num_frames", "data.img_size",
             "eval.split", "eval.max_videos", "eval.batch_size", "retrieval.max_videos", "align.teacher.")
+# The in-memory synthetic sources' own knob (refused with shards, which every recipe reads).
+PLUMBING += ("data.motion_curriculum",)
 # Speed / memory switches that leave the math unchanged (compiled and checkpointed steps equal eager ones).
 PLUMBING += ("train.compile", "train.grad_checkpointing")
 SOURCE = re.compile(r"Table \d+|release (script|code|factory|eval|Flux-Single)|InternVideo2|UMT|\[inferred\]|"

@@ -62,6 +62,11 @@ class DataConfig:
         root: folder of the synthetic corpus.
         num_clips: clips of the in-memory synthetic sources' training split.
         num_val_clips: held-out clips evaluated during training.
+        motion_curriculum: ``[hold, ramp]`` in micro-batches, the in-memory synthetic sources only: the moving
+            shape starts at the frame centre for the first ``hold`` batches, then its start window widens linearly
+            to the whole frame over ``ramp`` batches (held-out and evaluation clips always start anywhere). With a
+            fixed start a direction can be read from where the shape is; the widening window makes the model read
+            it from the displacement. ``[]``: off (the corpus as generated).
 
     Clip shape:
         grid: the Flux grid drawn per batch (:func:`resolve_grid`: a preset name or ``[[frames, resolution],
@@ -97,6 +102,7 @@ class DataConfig:
     root: str = ""
     num_clips: int = 256
     num_val_clips: int = 16
+    motion_curriculum: tuple = ()
     grid: Any = None
     per_sample_grid: bool = False
     num_frames: int = 8
@@ -159,4 +165,12 @@ class DataConfig:
                              f"{self.randaug!r}")
         if self.epoch_size is not None and self.epoch_size < 1:
             raise ValueError(f"data.epoch_size must be >= 1 or None, got {self.epoch_size}")
+        if self.motion_curriculum:
+            cur = list(self.motion_curriculum)
+            if len(cur) != 2 or any(isinstance(v, bool) or int(v) != v for v in cur) or cur[0] < 0 or cur[1] < 1:
+                raise ValueError(f"data.motion_curriculum must be [hold, ramp] with hold >= 0 and ramp >= 1 batches, "
+                                 f"got {self.motion_curriculum!r}")
+            if self.source not in ("synthetic", "synthetic-motion"):
+                raise ValueError(f"data.motion_curriculum applies to the in-memory synthetic sources (synthetic, "
+                                 f"synthetic-motion), not data.source={self.source!r}")
         self.flux_grid()  # a bad grid fails here, with its one-line message

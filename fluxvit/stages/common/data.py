@@ -117,15 +117,21 @@ def _labelled(entry) -> bool:
 
 # ----------------------------------------------------------------------------------- the synthetic corpus
 def corpus_clip(split: str, index: int, num_frames: int = CLIP_FRAMES, size: int = 128, corpus_seed: int = 0,
-                indices=None) -> tuple[torch.Tensor, int, str]:
+                indices=None, start_spread: float = 1.0) -> tuple[torch.Tensor, int, str]:
     """Clip ``index`` of ``split`` of the synthetic corpus, as the corpus generator draws it (the one renderer of
     every synthetic source). ``indices`` renders only those frames of the ``num_frames``-frame clip.
+    ``start_spread`` < 1 pulls the shape's start position towards the frame centre by that factor (0: every clip
+    starts at the centre; 1: the corpus's uniform start), appearance and label unchanged: the curriculum of
+    ``data.motion_curriculum``.
 
     Returns:
         (uint8 (num_frames or len(indices), size, size, 3) frames, motion label in [0, 8), caption).
     """
     rng = np.random.default_rng([corpus_seed, SPLITS.index(split), index])
     spec = draw_clip_spec(rng, label=index % len(CLASSES), size=size)
+    if start_spread != 1.0:
+        c = size / 2
+        spec = dataclasses.replace(spec, x0=c + (spec.x0 - c) * start_spread, y0=c + (spec.y0 - c) * start_spread)
     return torch.from_numpy(render_clip(spec, num_frames, size, indices)), spec.label, spec.caption()
 
 
@@ -133,6 +139,15 @@ def corpus_clip(split: str, index: int, num_frames: int = CLIP_FRAMES, size: int
 def _eval_clip(split: str, index: int) -> tuple[torch.Tensor, int, str]:
     # Evaluation renders the same few videos at many settings (Token Optimization): keep them (1.5 MB each).
     return corpus_clip(split, index)
+
+
+def motion_start_spread(curriculum, n: int) -> float:
+    """The start spread of micro-batch ``n`` under ``data.motion_curriculum`` ``(hold, ramp)``: 0 for the first
+    ``hold`` batches, then rising linearly to 1 over ``ramp`` batches; 1 without a curriculum."""
+    if not curriculum:
+        return 1.0
+    hold, ramp = (int(v) for v in curriculum)
+    return min(1.0, max(0.0, (n + 1 - hold) / ramp))
 
 
 @register_source("synthetic", labels=False)
@@ -143,7 +158,8 @@ class SyntheticClips:
     Micro-batch ``n`` of rank ``r`` draws one Flux (F, R) from ``cfg.grid_pairs()`` (one per clip with
     ``per_sample_grid``) and ``batch_size`` clip ids below ``num_clips`` from a generator seeded by (seed, n, r),
     renders the TSN-sampled F of the clip's 32 frames and applies the data section's training transform
-    (``fluxvit.datasets.augment``: crop, flip, RandAugment, erasing, ``num_sample`` repeated views).
+    (``fluxvit.datasets.augment``: crop, flip, RandAugment, erasing, ``num_sample`` repeated views). With
+    ``data.motion_curriculum`` the shapes of early batches start near the frame centre (:func:`motion_start_spread`).
 
     Args:
         cfg: the data section; seed: base seed; rank, world_size: this process and the number of processes.
@@ -169,11 +185,13 @@ class SyntheticClips:
         rng = random.Random(f"{self.seed}-{n}-{self.rank}")
         grids = draw_grids(rng, self.grids, self.cfg.batch_size, self.cfg.per_sample_grid)
         ids = [rng.randrange(self.cfg.num_clips) for _ in range(self.cfg.batch_size)]
+        spread = motion_start_spread(self.cfg.motion_curriculum, n)
         clips, labels, captions, keys = [], [], [], []
         n_rep = self.cfg.num_sample
         for i, (frames, size) in zip(ids, grids):
             # Only the TSN-sampled frames of the 32-frame clip are rendered (4x cheaper at 8 frames).
-            video, label, caption = corpus_clip("train", i, indices=sample_tsn_indices(CLIP_FRAMES, frames, rng))
+            video, label, caption = corpus_clip("train", i, indices=sample_tsn_indices(CLIP_FRAMES, frames, rng),
+                                                start_spread=spread)
             # repeated augmentation: num_sample differently augmented clips of the video, at its one Flux grid
             clips.extend(repeated_views(self.transform, video, size, rng, n_rep, flip_allowed=True))
             labels.extend([label if self.labelled else -1] * n_rep)
