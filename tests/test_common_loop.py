@@ -350,7 +350,7 @@ def test_logged_loss_is_the_mean_of_the_micro_batch_losses(tmp_path, k):
 
         def compute_loss(self, model, batch, step):
             out = super().compute_loss(model, batch, step)
-            self.seen.setdefault(step, []).append(float(out.loss))
+            self.seen.setdefault(step, []).append(float(out.loss.detach()))
             return out
 
     task = _Recording()
