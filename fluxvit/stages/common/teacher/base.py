@@ -86,3 +86,9 @@ class _FrozenTeacher(nn.Module):
         """The teacher's frame size for a student grid of ``hs x ws`` patches: the same grid at the teacher's patch
         size, or the fixed ``image_size``."""
         return (hs * self.patch, ws * self.patch) if not self.image_size else (self.image_size, self.image_size)
+
+    def resized(self, video: torch.Tensor, student_grid: tuple[int, int, int]) -> tuple[torch.Tensor, int, int]:
+        """The student's clip at the teacher's frame size: ``video`` (B, 3, T, H, W) -> (B, 3, T, H', W') with
+        (H', W') = ``input_size`` of the student grid (T, h, w), and the teacher's patch grid (gh, gw) on it."""
+        size = self.input_size(*student_grid[1:])
+        return resize_frames(video, size), size[0] // self.patch, size[1] // self.patch

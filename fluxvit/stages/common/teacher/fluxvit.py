@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from fluxvit.models import FluxViT, create_model, load_model
 
-from .base import TeacherOutput, _autocast, _FrozenTeacher, map_to_student_grid, resize_frames
+from .base import TeacherOutput, _autocast, _FrozenTeacher, map_to_student_grid
 
 __all__ = ["FluxViTTeacher"]
 
@@ -46,11 +46,9 @@ class FluxViTTeacher(_FrozenTeacher):
     @torch.no_grad()
     def forward(self, video: torch.Tensor, student_grid: tuple[int, int, int], layers: Sequence[int]) -> TeacherOutput:
         """Same contract as ``OpenCLIPTeacher.forward``."""
-        B, _, T, H, W = video.shape
+        B, _, T = video.shape[:3]
         _, hs, ws = student_grid
-        size = self.input_size(hs, ws)
-        video = resize_frames(video, size)
-        gh, gw = size[0] // self.patch, size[1] // self.patch
+        video, gh, gw = self.resized(video, student_grid)
         L = gh * gw
         last = self.depth - 1
         with _autocast(video.device, self.bf16):

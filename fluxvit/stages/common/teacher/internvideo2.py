@@ -9,7 +9,7 @@ import torch
 from fluxvit.datasets.transforms import NORMALIZE as _MEANS
 from fluxvit.models import InternVideo2, create_model, load_official_checkpoint
 
-from .base import TeacherOutput, _autocast, _FrozenTeacher, _renormalize, map_to_student_grid, resize_frames
+from .base import TeacherOutput, _autocast, _FrozenTeacher, _renormalize, map_to_student_grid
 
 __all__ = ["INTERNVIDEO2_1B_FILE", "InternVideo2Teacher"]
 
@@ -77,13 +77,11 @@ class InternVideo2Teacher(_FrozenTeacher):
         """video (B, 3, T, H, W) normalised with ``input_norm``; student_grid (T, h, w); layers: teacher blocks."""
         B, _, T, H, W = video.shape
         _, hs, ws = student_grid
-        size = self.input_size(hs, ws)
         if self.input_norm != "imagenet":
             frames = video.transpose(1, 2).reshape(B * T, 3, H, W).float()
             frames = _renormalize(frames, self.input_norm, *_MEANS["imagenet"])
             video = frames.view(B, T, 3, H, W).transpose(1, 2)
-        video = resize_frames(video, size)
-        gh, gw = size[0] // self.patch, size[1] // self.patch
+        video, gh, gw = self.resized(video, student_grid)
         L = gh * gw
         layers = sorted(set(layers))
         with _autocast(video.device, self.bf16):
