@@ -48,6 +48,19 @@ def test_per_budget_verdicts_and_spread():
     assert not one["ladder"]["64"]["level"] and one["ladder"]["64"]["holds"] is False
 
 
+def test_runs_without_token_optimization():
+    """--no-tokenopt runs (measure leaves ``c`` empty) still give the ladder, (a) and (b), and say (c) was not
+    measured instead of printing an empty table."""
+    runs = [_run({64: 80.0}, {64: 78.0}, 46.0, 27.0, (0.0, 0.0)), _run({64: 82.0}, {64: 79.0}, 47.0, 28.0, (0.0, 0.0))]
+    for r in runs:
+        r["c"] = {}
+    s = summarize(runs)
+    assert s["c"] == {} and s["ladder"]["64"]["diff"]["mean"] == 2.5 and s["a"]["holds"]
+    md = markdown({"summary": s, "runs": runs, "starts": [], "start_tries": [], "seeds": [0, 1], "steps": 1500,
+                   "single": [64, 1], "videos": 400})
+    assert "(c) Token Optimization: not measured in this run" in md and "| budget | plain | TO |" not in md
+    assert "| 64 | 81.0 ± 1.4 [80.0, 82.0] | 78.5 ± 0.7 [78.0, 79.0] |" in md
+
 def test_ship_and_check_starts_round_trip(tmp_path):
     import torch
     from safetensors.torch import save_file
