@@ -26,7 +26,7 @@ help:
 	@echo "make test            the CPU test suite (bootstraps .venv)"
 	@echo "make bench           model benchmarks (selector cost, packed vs padded)"
 	@echo "make bench-data      data pipeline benchmark"
-	@echo "make bench-finetune  stage-3 claims on the synthetic corpus (the 3 shipped starts x 2 seeds, ~1.5 h on 2 cores; CLAIMS_ARGS=--tiny: 1 min)"
+	@echo "make bench-finetune  stage-3 claims on the synthetic corpus (the 3 shipped starts x 2 seeds, ~2 h on 2 cores; CLAIMS_ARGS=--tiny: 1 min)"
 	@echo "make gpu-check       one GPU check: gpu tests, backends, S/B train steps, MFU, teacher, decode (<= 8 min)"
 	@echo "make gpu-wheels      the wheels gpu-check installs offline on a bare GPU machine (wheels/gpu-check)"
 

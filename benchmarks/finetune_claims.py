@@ -30,7 +30,7 @@ default kernels (so they take effect); other machines were not available to chec
 tensors is reported: equal hashes mean the same start, whatever the machine.
 
     .venv/bin/python -m benchmarks.finetune_claims                       # find 2 starts, 3 seeds each: hours
-    .venv/bin/python -m benchmarks.finetune_claims --shipped-starts --seeds 0 1   # the README's figures, ~1.5 h
+    .venv/bin/python -m benchmarks.finetune_claims --shipped-starts --seeds 0 1   # the README's figures, ~2 h
     .venv/bin/python -m benchmarks.finetune_claims --start runs/finetune_claims/start_seed1/model.safetensors
     .venv/bin/python -m benchmarks.finetune_claims --tiny                # the pipeline in about a minute
 """
