@@ -274,7 +274,7 @@ def summarize(runs: list) -> dict:
                      "robust": all(d >= 0 for d in diff), "level": _level(diff)}
     a_diff = [r["a"]["dynamic"] - r["a"]["random"] for r in runs]
     c = {}
-    for K in runs[0].get("c") or {}:
+    for K in runs[0]["c"]:
         gains = [r["c"][K]["gain"] for r in runs]
         c[K] = {"plain": _stats([r["c"][K]["plain"][2] for r in runs]), "to": _stats([r["c"][K]["to"][2] for r in runs]),
                 "gain": _stats(gains), "holds": statistics.mean(gains) > 0, "robust": all(g > 0 for g in gains),
@@ -327,9 +327,8 @@ def markdown(res: dict) -> str:
     else:
         lines += ["(c) Token Optimization on the Multi model (searched on val, reported on test):", "",
                   "| budget | plain | TO | gain | claim |", "|---|---|---|---|---|"]
-    for K, v in s["c"].items():
-        lines.append(f"| {K} | {_cell(v['plain'])} | {_cell(v['to'])} | {_cell(v['gain'])} | "
-                     f"{_verdict(v)} |")
+        lines += [f"| {K} | {_cell(v['plain'])} | {_cell(v['to'])} | {_cell(v['gain'])} | {_verdict(v)} |"
+                  for K, v in s["c"].items()]
     lines += ["", "(b) at the trained budgets: " + "; ".join(f"{k}: {_verdict(s['ladder'][str(k)])}" for k in BUDGETS)
               + f". Mean of Multi at least Single's along the ladder at: {', '.join(s['b']['ladder_held']) or 'none'}."]
     return "\n".join(lines) + "\n"

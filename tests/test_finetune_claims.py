@@ -61,6 +61,7 @@ def test_runs_without_token_optimization():
     assert "(c) Token Optimization: not measured in this run" in md and "| budget | plain | TO |" not in md
     assert "| 64 | 81.0 ± 1.4 [80.0, 82.0] | 78.5 ± 0.7 [78.0, 79.0] |" in md
 
+
 def test_ship_and_check_starts_round_trip(tmp_path):
     import torch
     from safetensors.torch import save_file
