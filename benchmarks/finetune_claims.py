@@ -33,6 +33,8 @@ tensors is reported: equal hashes mean the same start, whatever the machine.
     .venv/bin/python -m benchmarks.finetune_claims --shipped-starts --seeds 0 1   # the README's figures, ~2 h
     .venv/bin/python -m benchmarks.finetune_claims --start runs/finetune_claims/start_seed1/model.safetensors
     .venv/bin/python -m benchmarks.finetune_claims --tiny                # the pipeline in about a minute
+    # seeds side by side (or on two machines), each with its own --out, then one result:
+    .venv/bin/python -m benchmarks.finetune_claims --merge seed0.json seed1.json
 """
 from __future__ import annotations
 
@@ -334,10 +336,48 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(res: dict, out: str, t_start: float, complete: bool) -> str:
+PROTOCOL_KEYS = ("steps", "budgets", "single", "videos", "eval_input", "deterministic_env", "tiny")
+
+
+def merge(parts: list[dict]) -> dict:
+    """One result from partial runs of the same protocol (e.g. ``--seeds 0`` and ``--seeds 1`` run side by side).
+
+    Every part must finetune the same starts (by sha256) under the same protocol (steps, budgets, Flux-Single,
+    clips, eval input, kernels) and either all measure (c) or none; a (start, seed) pair may appear once only.
+    Returns the combined result without its summary (``_write`` adds it).
+    """
+    if not parts:
+        raise ValueError("nothing to merge")
+    first = parts[0]
+    hashes = [st["sha256"] for st in first["starts"]]
+    for i, part in enumerate(parts[1:], 1):
+        if [st["sha256"] for st in part["starts"]] != hashes:
+            raise ValueError(f"part {i} finetunes other starts than part 0: cannot merge")
+        for key in PROTOCOL_KEYS:
+            if part.get(key) != first.get(key):
+                raise ValueError(f"part {i} differs from part 0 in {key!r} ({part.get(key)!r} vs "
+                                 f"{first.get(key)!r}): not the same protocol")
+    runs, seen = [], set()
+    for part in parts:
+        for r in part["runs"]:
+            if (r["start"], r["seed"]) in seen:
+                raise ValueError(f"start {r['start']} seed {r['seed']} appears in two parts")
+            seen.add((r["start"], r["seed"]))
+            runs.append(r)
+    if len({bool(r["c"]) for r in runs}) > 1:
+        raise ValueError("some parts measured claim (c) and others did not (--no-tokenopt): cannot merge")
+    runs.sort(key=lambda r: (r["seed"], r["start"]))
+    seeds = sorted({s for part in parts for s in part["seeds"]})
+    out = {k: v for k, v in first.items() if k not in ("runs", "summary", "seconds", "complete")}
+    out.update(seeds=seeds, runs=runs, merged_from=len(parts),
+               part_seconds=[part.get("seconds") for part in parts])
+    return out
+
+
+def _write(res: dict, out: str, seconds: float, complete: bool) -> str:
     """Summarise the runs so far and write the JSON and Markdown results; returns the Markdown."""
     res["summary"] = summarize(res["runs"])
-    res["seconds"] = round(time.perf_counter() - t_start, 1)
+    res["seconds"] = round(seconds, 1)
     res["complete"] = complete
     md = markdown(res)
     if not complete:
@@ -374,7 +414,16 @@ def main(argv=None) -> dict:
                         "measurement); the ladder, (a) and (b) as always")
     p.add_argument("--run-dir", default="runs/finetune_claims")
     p.add_argument("--out", default="benchmarks/results/finetune_claims.json")
+    p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                   help="combine the results of partial runs of one protocol (e.g. --seeds 0 and --seeds 1 run side "
+                        "by side with their own --out) into --out; trains and measures nothing")
     args = p.parse_args(argv)
+    if args.merge:
+        res = merge([json.loads(Path(x).read_text()) for x in args.merge])
+        done = len(res["runs"]) == len(res["starts"]) * len(res["seeds"])
+        md = _write(res, args.out, max(x or 0 for x in res["part_seconds"]), complete=done)  # side by side
+        print(md)
+        return res
     args.extra_start, args.extra_finetune, args.to_frames = [], [], [2, 4, 6, 8, 12, 16]
     if args.tiny:
         args.steps, args.start_steps, args.videos, args.starts, args.start_threshold = 4, 4, 16, 1, 0.0
@@ -434,7 +483,7 @@ def main(argv=None) -> dict:
             log(f"start {si} seed {seed}: Multi " + " / ".join(f"{row['ladder']['multi'][str(k)]:.1f}" for k in BUDGETS)
                 + ", Single " + " / ".join(f"{row['ladder']['single'][str(k)]:.1f}" for k in BUDGETS))
             done = len(res["runs"]) == len(starts) * len(args.seeds)
-            md = _write(res, args.out, t_start, complete=done)  # after every run: an interrupted run keeps its rows
+            md = _write(res, args.out, time.perf_counter() - t_start, complete=done)  # after every run: an interrupted run keeps its rows
     print(md)
     log(f"total {res['seconds'] / 60:.1f} min")
     return res

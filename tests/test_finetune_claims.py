@@ -62,6 +62,45 @@ def test_runs_without_token_optimization():
     assert "| 64 | 81.0 ± 1.4 [80.0, 82.0] | 78.5 ± 0.7 [78.0, 79.0] |" in md
 
 
+def _part(seeds: list, starts: int = 2, steps: int = 1500, tokenopt: bool = True) -> dict:
+    runs = []
+    for seed in seeds:
+        for si in range(starts):
+            r = _run({64: 80.0 + seed + si}, {64: 78.0}, 46.0, 27.0, (0.0, 5.0))
+            r.update(start=si, seed=seed)
+            if not tokenopt:
+                r["c"] = {}
+            runs.append(r)
+    return {"starts": [{"path": f"s{i}", "sha256": f"{i}" * 64} for i in range(starts)], "start_tries": [],
+            "seeds": seeds, "steps": steps, "budgets": [96, 64, 32], "single": [64, 1], "videos": 400,
+            "eval_input": [8, 56], "deterministic_env": {}, "tiny": False, "runs": runs, "seconds": 100.0 * len(seeds)}
+
+
+def test_merge_partial_runs(tmp_path):
+    """Seeds run side by side with their own --out combine into one result; other protocols or starts refuse."""
+    from benchmarks.finetune_claims import main, merge
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_part([1])))
+    b.write_text(json.dumps(_part([0])))
+    res = main(["--merge", str(a), str(b), "--out", str(tmp_path / "all.json")])
+    assert [(r["seed"], r["start"]) for r in res["runs"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert res["seeds"] == [0, 1] and res["complete"] and res["seconds"] == 100.0
+    # 64 tokens: Multi 80 / 81 / 81 / 82 against 78 in every run
+    assert res["summary"]["ladder"]["64"]["diff"]["mean"] == 3.0 and res["summary"]["ladder"]["64"]["ahead"] == 4
+    assert json.loads((tmp_path / "all.json").read_text())["summary"]["c"]["32"]["gain"]["mean"] == 5.0
+    assert "4 runs per recipe" in (tmp_path / "all.md").read_text()
+    with pytest.raises(ValueError, match="appears in two parts"):
+        merge([_part([0]), _part([0, 1])])
+    with pytest.raises(ValueError, match="'steps'"):
+        merge([_part([0]), _part([1], steps=1000)])
+    with pytest.raises(ValueError, match="other starts"):
+        merge([_part([0]), _part([1], starts=3)])
+    with pytest.raises(ValueError, match="claim \\(c\\)"):
+        merge([_part([0]), _part([1], tokenopt=False)])
+
+
+
 def test_ship_and_check_starts_round_trip(tmp_path):
     import torch
     from safetensors.torch import save_file
