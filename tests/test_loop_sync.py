@@ -1,5 +1,5 @@
-"""The loop's step body: one host-device synchronisation per optimizer step, a non-finite micro-batch skips
-its whole accumulated step, accumulation equals one big batch, DeepSpeed + accumulation is refused."""
+"""The loop's step body: one host-device synchronisation per optimizer step, what each stage's loss reads back,
+a non-finite micro-batch skips its whole accumulated step, accumulation equals one big batch, DeepSpeed + accumulation is refused."""
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -161,6 +161,37 @@ def test_stage3_step_reads_only_the_host_labels():
         out.loss.backward()
     assert counter.count == 1
     assert isinstance(out.tokens, int) and out.tokens > 0
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_stage2_step_reads_nothing_of_its_own(freeze, monkeypatch):
+    """A stage-2 contrastive loss (smoke: micro video tower, MiniLM text tower, frozen or trained) reads nothing
+    back itself; the one read is transformers' own check whether the captions' padding mask is all ones
+    (``masking_utils``, before it picks the SDPA kernel), outside this code."""
+    import traceback
+
+    from fluxvit.stages.videotext import VideoTextTask, build_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    task = VideoTextTask(build_config("smoke", [f"text.freeze={str(freeze).lower()}"]))
+    task.to_device(torch.device("cpu"))
+    video = torch.randn(2, 3, 4, 56, 56, generator=torch.Generator().manual_seed(0))
+    where = []
+
+    class Located(SyncCounter):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            before = self.count
+            out = super().__torch_function__(func, types, args, kwargs)
+            if self.count > before:
+                where.append(any("/transformers/" in f.filename for f in traceback.extract_stack()))
+            return out
+
+    with Located():
+        out = task.compute_loss(task.model, {"video": video, "caption": ["a red circle", "a blue square"]}, step=0)
+        out.loss.backward()
+    assert where.count(False) == 0  # none from the loss, the towers' own code or the projections
+    assert where.count(True) <= 1
+    assert isinstance(out.tokens, int) and out.tokens == 2 * 4 * (56 // 14) ** 2
 
 
 def _fp16_accelerator():
