@@ -1,6 +1,6 @@
 """GPU-shaped packed forward on CPU, for FluxViT and the InternVideo2 teacher: no host reads inside the blocks,
 blocks that trace as one graph, regional compilation that matches eager training and does not recompile for a
-new grid, and activation checkpointing that changes memory, not results."""
+new grid or a block's drop-path rate, and activation checkpointing that changes memory, not results."""
 import copy
 
 import pytest
@@ -14,10 +14,10 @@ from fluxvit.models.layers import Block
 from host_syncs import SyncCounter
 
 MODELS = {
-    "fluxvit": lambda **kw: create_model("fluxvit_tiny_patch14", depth=2, num_classes=5, **kw),
-    "internvideo2": lambda **kw: create_model("internvideo2_1b_patch14", embed_dim=64, depth=2, num_heads=4,
-                                              attn_pool_num_heads=4, clip_embed_dim=32, img_size=56,
-                                              num_frames=4, **kw),
+    "fluxvit": lambda **kw: create_model("fluxvit_tiny_patch14", **{"depth": 2, "num_classes": 5, **kw}),
+    "internvideo2": lambda **kw: create_model("internvideo2_1b_patch14", **{
+        "embed_dim": 64, "depth": 2, "num_heads": 4, "attn_pool_num_heads": 4, "clip_embed_dim": 32, "img_size": 56,
+        "num_frames": 4, **kw}),
 }
 
 
@@ -41,9 +41,9 @@ def test_no_host_reads_inside_blocks(name, monkeypatch):
     """A training forward and backward on a mixed pack reads nothing back to the host inside the blocks."""
     counter = SyncCounter()
     for cls in (Block, InternVideo2Block):
-        def counted(self, x, pack, _forward=cls.forward):
+        def counted(self, x, pack, drop=None, _forward=cls.forward):
             with counter:
-                return _forward(self, x, pack)
+                return _forward(self, x, pack, drop)
 
         monkeypatch.setattr(cls, "forward", counted)
     model = _model(name, drop_path_rate=0.1).train()
@@ -91,6 +91,44 @@ def test_compiled_blocks_match_eager_training_and_reuse_graphs_for_new_grids(nam
         _assert_same_training_step(eager, compiled, budgets)
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[2] == graphs[1] == graphs[0]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_compiled_blocks_share_graphs_across_drop_path_rates(name):
+    """Stochastic depth gives every block its own rate (a linear ramp); the factors are drawn outside the
+    blocks, so the compiled blocks share their graphs: 10 blocks (more than dynamo's recompile limit of 8)
+    compile as many graphs as 2, and none falls back to eager."""
+    graphs = []
+    for depth in (2, 10):
+        torch._dynamo.reset()
+        counters.clear()
+        model = _model(name, depth=depth, drop_path_rate=0.3).train()
+        assert len({blk.drop_path for blk in model.blocks}) == depth  # a rate per block
+        model.compile_blocks(backend="eager")
+        _loss(model, [None, 40]).backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[0]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_drop_path_drawn_before_the_blocks_equals_drawn_inside(name):
+    """``run_blocks`` draws every block's stochastic-depth factors first; the blocks called one by one draw
+    their own: the same draws (same order), so the same output and the same generator state after."""
+    model = _model(name, depth=3, drop_path_rate=0.5).train()
+    pack = PackedSeqs([7, 5, 9, 3])
+    x = torch.randn(pack.total, model.config.embed_dim, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(11)
+    got, _ = model.run_blocks(x, pack)
+    after = torch.rand(4)
+    torch.manual_seed(11)
+    ref = x
+    for blk in model.blocks:
+        ref = blk(ref, pack)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert torch.equal(torch.rand(4), after)
+    # the draws are live: another seed drops other views
+    torch.manual_seed(12)
+    assert not torch.equal(model.run_blocks(x, pack)[0], got)
 
 
 def _assert_same_training_step(eager, compiled, budgets):

@@ -28,6 +28,7 @@ __all__ = [
     "Mlp",
     "PackedBlockStack",
     "RMSNorm",
+    "drop_path_scale",
     "packed_drop_path",
     "segment_ids",
 ]
@@ -39,12 +40,23 @@ def segment_ids(cu_seqlens: torch.Tensor, total: int | None = None) -> torch.Ten
     return torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths, output_size=total)
 
 
-def packed_drop_path(x: torch.Tensor, seg: torch.Tensor, num_seqs: int, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth per sequence (= per sample) on packed tokens x (N, D); seg (N,) from ``segment_ids``."""
-    if p == 0.0 or not training:
-        return x
-    keep = x.new_empty(num_seqs).bernoulli_(1.0 - p).div_(1.0 - p)
-    return x * keep[seg].unsqueeze(-1)
+def drop_path_scale(num_seqs: int, p: float, device: torch.device | str) -> torch.Tensor:
+    """One stochastic-depth draw: (num_seqs,) fp32 factors, 0 (dropped) or 1 / (1 - p) (kept, probability 1 - p)."""
+    return torch.empty(num_seqs, device=device).bernoulli_(1.0 - p).div_(1.0 - p)
+
+
+def packed_drop_path(x: torch.Tensor, seg: torch.Tensor, num_seqs: int, p: float, training: bool,
+                     scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Stochastic depth per sequence (= per sample) on packed tokens x (N, D); seg (N,) from ``segment_ids``.
+
+    ``scale`` (num_seqs,): factors drawn beforehand by ``drop_path_scale`` (``PackedBlockStack.run_blocks`` draws
+    every block's outside the blocks, so a compiled block reads no rate and one graph serves blocks of any rate);
+    when given, ``p`` and ``training`` are not read. Otherwise the block draws its own (the same draw)."""
+    if scale is None:
+        if p == 0.0 or not training:
+            return x
+        scale = drop_path_scale(num_seqs, p, x.device)
+    return x * scale.to(x.dtype)[seg].unsqueeze(-1)
 
 
 class RMSNorm(nn.Module):
@@ -184,13 +196,15 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values)
         self.drop_path = drop_path
 
-    def forward(self, x: torch.Tensor, pack: PackedSeqs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pack: PackedSeqs, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, dim) -> (N, dim); drop: None (draw stochastic depth here) or (2, views) factors of the attention
+        and MLP branches drawn beforehand (``PackedBlockStack.run_blocks``)."""
         # The view count is read as a size of cu_seqlens where it is used (not a host int held across the
         # attention call): compiled blocks then do not specialise on it.
         x = x + packed_drop_path(self.ls1(self.attn(self.norm1(x), pack)), pack.seg, pack.cu_seqlens.shape[0] - 1,
-                                 self.drop_path, self.training)
+                                 self.drop_path, self.training, None if drop is None else drop[0])
         return x + packed_drop_path(self.ls2(self.mlp(self.norm2(x))), pack.seg, pack.cu_seqlens.shape[0] - 1,
-                                    self.drop_path, self.training)
+                                    self.drop_path, self.training, None if drop is None else drop[1])
 
 
 class PackedBlockStack:
@@ -254,6 +268,26 @@ class PackedBlockStack:
             blk.compile(**compile_kwargs)
         self.blocks_compiled = True
 
+    def draw_drop_path(self, pack: PackedSeqs) -> list:
+        """Every block's stochastic-depth factors for this forward, drawn before the blocks run: per block None
+        (rate 0 or eval mode) or (2, views) fp32 (attention branch, MLP branch). The draws are the ones the
+        blocks would make themselves, in the same order (block 0's attention, its MLP, block 1's, ...), so
+        results do not change; the blocks then take them as inputs, and a compiled block neither specialises on
+        its rate (one graph for every block, where a rate per block hit dynamo's recompile limit after 8) nor
+        redraws when gradient checkpointing recomputes it."""
+        views = len(pack.lengths)
+        drops = []
+        for blk in self.blocks:
+            p = getattr(blk, "drop_path", 0.0)
+            if not (self.training and p > 0.0):
+                drops.append(None)
+                continue
+            d = torch.stack([drop_path_scale(views, p, pack.device), drop_path_scale(views, p, pack.device)])
+            if self.blocks_compiled:
+                torch._dynamo.maybe_mark_dynamic(d, 1)
+            drops.append(d)
+        return drops
+
     def run_blocks(self, x: torch.Tensor, pack: PackedSeqs, keep: set | dict = ()) -> tuple[torch.Tensor, dict]:
         """x (N, dim) through every block; returns (output, {i: output of block i for i in keep})."""
         if self.blocks_compiled:
@@ -263,10 +297,11 @@ class PackedBlockStack:
             if (self.config.attn_backend or "auto") in ("auto", "flex") and \
                     "flex" in available_backends(x.device, x.dtype, grad):
                 pack.flex_block_mask()  # built outside the compiled regions, reused by every block
+        drops = self.draw_drop_path(pack)
         outs = {}
         ckpt = self.grad_checkpointing and torch.is_grad_enabled()
-        for i, blk in enumerate(self.blocks):
-            x = checkpoint(blk, x, pack, use_reentrant=False) if ckpt else blk(x, pack)
+        for i, (blk, drop) in enumerate(zip(self.blocks, drops)):
+            x = checkpoint(blk, x, pack, drop, use_reentrant=False) if ckpt else blk(x, pack, drop)
             if i in keep:
                 outs[i] = x
         return x, outs
