@@ -215,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(json.dumps({"query": args.text if args.text is not None else args.video, "hits": hits}) + "\n")
     else:
         for h in hits:
-            sys.stdout.write(f"{h['rank']:>3}  {h['score']:.4f}  {h['key']}\n")
+            sys.stdout.write(f"{h['rank']:>3}  {h['score']:7.4f}  {h['key']}\n")
     return 0
 
 
