@@ -374,13 +374,14 @@ def merge(parts: list[dict]) -> dict:
     return out
 
 
-def _write(res: dict, out: str, seconds: float, complete: bool) -> str:
-    """Summarise the runs so far and write the JSON and Markdown results; returns the Markdown."""
+def _write(res: dict, out: str, seconds: float) -> str:
+    """Summarise the runs so far and write the JSON and Markdown results (complete when every start has every
+    seed); returns the Markdown."""
     res["summary"] = summarize(res["runs"])
     res["seconds"] = round(seconds, 1)
-    res["complete"] = complete
+    res["complete"] = len(res["runs"]) == len(res["starts"]) * len(res["seeds"])
     md = markdown(res)
-    if not complete:
+    if not res["complete"]:
         md = f"(partial: {len(res['runs'])} runs so far)\n\n" + md
     write_result(out, res)
     Path(out).with_suffix(".md").write_text(md)
@@ -420,8 +421,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.merge:
         res = merge([json.loads(Path(x).read_text()) for x in args.merge])
-        done = len(res["runs"]) == len(res["starts"]) * len(res["seeds"])
-        md = _write(res, args.out, max(x or 0 for x in res["part_seconds"]), complete=done)  # side by side
+        md = _write(res, args.out, max(x or 0 for x in res["part_seconds"]))  # the parts ran side by side
         print(md)
         return res
     args.extra_start, args.extra_finetune, args.to_frames = [], [], [2, 4, 6, 8, 12, 16]
@@ -482,8 +482,7 @@ def main(argv=None) -> dict:
             res["runs"].append(row)
             log(f"start {si} seed {seed}: Multi " + " / ".join(f"{row['ladder']['multi'][str(k)]:.1f}" for k in BUDGETS)
                 + ", Single " + " / ".join(f"{row['ladder']['single'][str(k)]:.1f}" for k in BUDGETS))
-            done = len(res["runs"]) == len(starts) * len(args.seeds)
-            md = _write(res, args.out, time.perf_counter() - t_start, complete=done)  # after every run: an interrupted run keeps its rows
+            md = _write(res, args.out, time.perf_counter() - t_start)  # after every run: an interrupted run keeps its rows
     print(md)
     log(f"total {res['seconds'] / 60:.1f} min")
     return res

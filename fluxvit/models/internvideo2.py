@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .attention import PackedSeqs, varlen_attention
-from .layers import AttentionPoolingHead, LayerScale, Mlp, PackedBlockStack, RMSNorm, packed_drop_path
+from .layers import AttentionPoolingHead, Block, LayerScale, Mlp, PackedBlockStack, RMSNorm
 from .pos_embed import resize_pos_grid
 from .selector import select_tokens
 
@@ -149,14 +149,9 @@ class InternVideo2Block(nn.Module):
         self.ls2 = LayerScale(D, cfg.init_values)
         self.drop_path = drop_path
 
-    def forward(self, x: torch.Tensor, pack: PackedSeqs, drop: torch.Tensor | None = None) -> torch.Tensor:
-        """x (N, D) -> (N, D); drop as ``layers.Block``'s (stochastic-depth factors drawn by ``run_blocks``)."""
-        # The view count is read as a size of cu_seqlens where it is used (not a host int held across the
-        # attention call): compiled blocks then do not specialise on it.
-        x = x + packed_drop_path(self.ls1(self.attn(self.norm1(x), pack)), pack.seg, pack.cu_seqlens.shape[0] - 1,
-                                 self.drop_path, self.training, None if drop is None else drop[0])
-        return x + packed_drop_path(self.ls2(self.mlp(self.norm2(x))), pack.seg, pack.cu_seqlens.shape[0] - 1,
-                                    self.drop_path, self.training, None if drop is None else drop[1])
+    # The same residual layout as FluxViT's block (norm1 / attn / ls1, norm2 / mlp / ls2, stochastic depth):
+    # x (N, D), PackedSeqs, drop -> (N, D).
+    forward = Block.forward
 
 
 class PatchEmbed3d(nn.Module):
